@@ -1,0 +1,321 @@
+"""The HumanIPHC benchmark spec: prompts, head conditions, identities and splits, read from
+`benchmark_data/humaniphc/` (or a folder of the user's own files with the same names).
+
+The paper did not release its lists; the shipped spec is a documented reconstruction (see the
+folder's README). Everything is validated on load; errors name the file and the field.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import yaml
+from PIL import Image
+
+from caphuman_bench.errors import BenchError
+
+DEFAULT_SPEC_DIR = Path(__file__).resolve().parents[1] / "benchmark_data" / "humaniphc"
+SPEC_ENV = "CAPHUMAN_BENCH_SPEC"
+NEUTRAL_SUBJECT = "a person"  # what scoring puts in the placeholder (CLIP score, prompt accuracy)
+PLACEHOLDER = "{subject}"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# DECA's coefficient sizes (decalib/deca.py, `param_dict`).
+N_SHAPE, N_TEX, N_EXP, N_POSE, N_CAM, N_LIGHT = 100, 50, 50, 6, 3, 27
+
+
+def euler_to_axis_angle(yaw: float, pitch: float, roll: float) -> np.ndarray:
+    """Head rotation in degrees → the axis-angle vector DECA/FLAME use for the global pose.
+
+    Convention (FLAME camera frame: x right, y up, z towards the camera): R = R_y(yaw) · R_x(pitch)
+    · R_z(roll). Positive yaw turns the face to the subject's left (image right), positive pitch
+    tilts the chin down, positive roll tilts the head counter-clockwise in the image.
+    """
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.from_euler("YXZ", [yaw, pitch, roll], degrees=True).as_rotvec()
+
+
+def axis_angle_to_euler(rotvec: np.ndarray) -> tuple[float, float, float]:
+    """Inverse of `euler_to_axis_angle`: (yaw, pitch, roll) in degrees."""
+    from scipy.spatial.transform import Rotation
+
+    yaw, pitch, roll = Rotation.from_rotvec(np.asarray(rotvec, dtype=np.float64)).as_euler("YXZ", degrees=True)
+    return float(yaw), float(pitch), float(roll)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str  # contains the subject placeholder exactly once
+    category: str
+
+    def fill(self, subject: str) -> str:
+        return self.text.replace(PLACEHOLDER, subject)
+
+
+@dataclass
+class HeadCondition:
+    """A head condition as explicit DECA/FLAME parameters (the exact target of the head-control metric)."""
+
+    id: str
+    description: str
+    yaw: float
+    pitch: float
+    roll: float
+    pose: np.ndarray  # [6]: global axis-angle (3) + jaw axis-angle (3)
+    exp: np.ndarray  # [50]
+    cam: np.ndarray  # [3]: orthographic scale, tx, ty
+    light: np.ndarray  # [9, 3] spherical-harmonics lighting
+    pose_image: str | None = None  # alternatively: a photo whose DECA code defines the condition
+
+    def coefficients(self) -> dict[str, np.ndarray]:
+        return {"pose": self.pose, "exp": self.exp, "cam": self.cam, "light": self.light}
+
+
+@dataclass(frozen=True)
+class Identity:
+    id: str
+    subject: str  # phrase put into the prompt at generation time: "a woman", "a man", "a person"
+    source: str  # celeba | package | folder
+    file: str  # CelebA file name, or "skimage:astronaut" / "matplotlib:grace_hopper.jpg"
+    sha256: str = ""
+    licence: str = ""
+
+
+@dataclass(frozen=True)
+class Split:
+    name: str
+    identities: tuple[str, ...]
+    prompts: tuple[str, ...]
+    conditions: tuple[str, ...]
+    samples: int
+
+
+@dataclass
+class Benchmark:
+    root: Path
+    version: str
+    prompts: dict[str, Prompt]
+    conditions: dict[str, HeadCondition]
+    identities: dict[str, Identity]
+    splits: dict[str, Split]
+    identities_dir: Path | None = None  # folder of <identity>.jpg (prepared CelebA, or the user's own)
+    _images: dict[str, Image.Image] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, root: str | os.PathLike | None = None, identities_dir: str | os.PathLike | None = None) -> "Benchmark":
+        root = Path(root or os.environ.get(SPEC_ENV, DEFAULT_SPEC_DIR))
+        if not root.is_dir():
+            raise BenchError(f"{root}: benchmark spec folder not found")
+        version = _read(root / "VERSION").strip()
+        prompts = _load_prompts(root / "prompts.yaml")
+        conditions = _load_conditions(root / "head_conditions.yaml")
+        identities = _load_identities(root / "identities.csv")
+        splits = _load_splits(root / "splits.yaml", prompts, conditions, identities)
+        return cls(root, version, prompts, conditions, identities, splits,
+                   Path(identities_dir) if identities_dir else None)
+
+    @cached_property
+    def spec_hash(self) -> str:
+        """sha256 over the spec files: two runs share a benchmark only if this matches."""
+        h = hashlib.sha256()
+        for name in ("VERSION", "prompts.yaml", "head_conditions.yaml", "identities.csv", "splits.yaml"):
+            h.update(name.encode() + b"\0" + (self.root / name).read_bytes())
+        return h.hexdigest()
+
+    def split(self, name: str) -> Split:
+        if name not in self.splits:
+            raise BenchError(f"{self.root / 'splits.yaml'}: unknown split {name!r}; splits: {', '.join(self.splits)}")
+        return self.splits[name]
+
+    def reference_image(self, identity_id: str) -> Image.Image:
+        """The identity's reference photo as RGB; errors name the identity and the file."""
+        if identity_id not in self._images:
+            self._images[identity_id] = self._load_reference(self.identities[identity_id])
+        return self._images[identity_id]
+
+    def _load_reference(self, ident: Identity) -> Image.Image:
+        from caphuman_bench.images import ImageError, load_rgb
+
+        if ident.source == "package":
+            return _package_image(ident)
+        if self.identities_dir is None:
+            raise BenchError(
+                f"identity {ident.id!r} ({ident.source} file {ident.file}) needs its photo: run "
+                f"`caphuman-bench data prepare --celeba-root DIR` or pass --identities-dir DIR"
+            )
+        path = _inside(self.identities_dir, f"{ident.id}.jpg")
+        if not path.exists():
+            raise BenchError(f"identity {ident.id!r}: reference photo {path} is missing")
+        try:
+            return load_rgb(path)
+        except ImageError as exc:
+            raise BenchError(f"identity {ident.id!r}: reference photo {path}: {exc}") from None
+
+
+def _package_image(ident: Identity) -> Image.Image:
+    """Public-domain reference photos that ship inside installed packages (the demo split)."""
+    package, _, name = ident.file.partition(":")
+    if package == "skimage":
+        from skimage import data
+
+        return Image.fromarray(getattr(data, name)()).convert("RGB")
+    if package == "matplotlib":
+        import matplotlib.cbook as cbook
+
+        with cbook.get_sample_data(name) as fh:
+            return Image.open(io.BytesIO(fh.read())).convert("RGB")
+    raise BenchError(f"identities.csv: identity {ident.id!r}: unknown package image source {ident.file!r}")
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder/name`, refusing names that would leave the folder."""
+    path = (folder / name).resolve()
+    if folder.resolve() not in path.parents:
+        raise BenchError(f"{folder}: file name {name!r} leaves its folder")
+    return path
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        raise BenchError(f"{path}: file missing from the benchmark spec") from None
+
+
+def _yaml(path: Path):
+    try:
+        return yaml.safe_load(_read(path))
+    except yaml.YAMLError as exc:
+        raise BenchError(f"{path}: not valid YAML: {exc}") from None
+
+
+def _check_id(path: Path, value, what: str) -> str:
+    if not isinstance(value, str) or not _ID_RE.match(value):
+        raise BenchError(f"{path}: {what} id {value!r} must be letters, digits, '_', '-', '.'")
+    return value
+
+
+def _load_prompts(path: Path) -> dict[str, Prompt]:
+    raw = _yaml(path)
+    rows = raw.get("prompts") if isinstance(raw, dict) else None
+    if not isinstance(rows, list):
+        raise BenchError(f"{path}: expected a mapping with a 'prompts' list")
+    prompts = {}
+    for i, row in enumerate(rows):
+        where = f"{path}: prompts[{i}]"
+        if not isinstance(row, dict) or set(row) != {"id", "text", "category"}:
+            raise BenchError(f"{where}: fields must be exactly id, text, category (got {sorted(row) if isinstance(row, dict) else row!r})")
+        pid = _check_id(path, row["id"], "prompt")
+        if row["text"].count(PLACEHOLDER) != 1:
+            raise BenchError(f"{where} ({pid}): field 'text' must contain {PLACEHOLDER} exactly once")
+        if pid in prompts:
+            raise BenchError(f"{where}: duplicate prompt id {pid!r}")
+        prompts[pid] = Prompt(pid, row["text"], str(row["category"]))
+    return prompts
+
+
+def _vector(where: str, name: str, value, size: int) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size != size:
+        raise BenchError(f"{where}: field {name!r} needs {size} numbers, got {arr.size}")
+    return arr.reshape(-1)
+
+
+def _load_conditions(path: Path) -> dict[str, HeadCondition]:
+    raw = _yaml(path)
+    rows = raw.get("conditions") if isinstance(raw, dict) else None
+    if not isinstance(rows, list):
+        raise BenchError(f"{path}: expected a mapping with a 'conditions' list")
+    allowed = {"id", "description", "yaw", "pitch", "roll", "global_axis_angle", "jaw", "exp", "cam", "light", "pose_image"}
+    conditions = {}
+    for i, row in enumerate(rows):
+        where = f"{path}: conditions[{i}]"
+        if not isinstance(row, dict):
+            raise BenchError(f"{where}: expected a mapping")
+        unknown = set(row) - allowed
+        if unknown:
+            raise BenchError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+        cid = _check_id(path, row.get("id"), "condition")
+        where = f"{where} ({cid})"
+        try:
+            yaw, pitch, roll = (float(row.get(k, 0.0)) for k in ("yaw", "pitch", "roll"))
+        except (TypeError, ValueError):
+            raise BenchError(f"{where}: yaw/pitch/roll must be numbers (degrees)") from None
+        glob = euler_to_axis_angle(yaw, pitch, roll)
+        if "global_axis_angle" in row:
+            stored = _vector(where, "global_axis_angle", row["global_axis_angle"], 3)
+            if np.abs(stored - glob).max() > 1e-4:
+                raise BenchError(f"{where}: field 'global_axis_angle' {stored.tolist()} disagrees with yaw/pitch/roll ({glob.round(6).tolist()})")
+        jaw = _vector(where, "jaw", row.get("jaw", [0, 0, 0]), 3)
+        exp = _vector(where, "exp", row.get("exp", [0.0] * N_EXP), N_EXP)
+        cam = _vector(where, "cam", row.get("cam"), N_CAM) if "cam" in row else None
+        light = _vector(where, "light", row.get("light"), N_LIGHT) if "light" in row else None
+        if cam is None or light is None:
+            raise BenchError(f"{where}: fields 'cam' and 'light' are required")
+        if cid in conditions:
+            raise BenchError(f"{where}: duplicate condition id")
+        conditions[cid] = HeadCondition(
+            cid, str(row.get("description", "")), yaw, pitch, roll,
+            np.concatenate([glob, jaw]), exp, cam, light.reshape(9, 3), row.get("pose_image"),
+        )
+    return conditions
+
+
+def _load_identities(path: Path) -> dict[str, Identity]:
+    text = _read(path)
+    reader = csv.DictReader(line for line in io.StringIO(text) if not line.startswith("#"))
+    needed = {"id", "subject", "source", "file", "sha256", "licence"}
+    if reader.fieldnames is None or not needed <= set(reader.fieldnames):
+        raise BenchError(f"{path}: header must have columns {', '.join(sorted(needed))}")
+    identities = {}
+    for line, row in enumerate(reader, start=2):
+        iid = _check_id(path, row["id"], "identity")
+        if row["source"] not in {"celeba", "package", "folder"}:
+            raise BenchError(f"{path}: row {line} ({iid}): field 'source' must be celeba, package or folder")
+        if "/" in row["file"] or "\\" in row["file"] or row["file"].startswith(".."):
+            raise BenchError(f"{path}: row {line} ({iid}): field 'file' {row['file']!r} must be a bare file name")
+        if iid in identities:
+            raise BenchError(f"{path}: row {line}: duplicate identity id {iid!r}")
+        identities[iid] = Identity(iid, row["subject"], row["source"], row["file"], row["sha256"], row["licence"])
+    return identities
+
+
+def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
+    raw = _yaml(path)
+    if not isinstance(raw, dict) or not isinstance(raw.get("splits"), dict):
+        raise BenchError(f"{path}: expected a mapping with a 'splits' mapping")
+    pools = {"identities": identities, "prompts": prompts, "conditions": conditions}
+    splits = {}
+    for name, row in raw["splits"].items():
+        where = f"{path}: split {name!r}"
+        if not isinstance(row, dict) or set(row) - {*pools, "samples", "description"}:
+            raise BenchError(f"{where}: fields are identities, prompts, conditions, samples, description")
+        chosen = {}
+        for key, pool in pools.items():
+            value = row.get(key, "all")
+            if value == "all":
+                chosen[key] = tuple(pool)
+            elif value == "celeba":
+                chosen[key] = tuple(k for k, v in pool.items() if getattr(v, "source", None) == "celeba")
+            elif isinstance(value, list):
+                unknown = [v for v in value if v not in pool]
+                if unknown:
+                    raise BenchError(f"{where}: field {key!r} names unknown id(s) {', '.join(map(str, unknown))}")
+                chosen[key] = tuple(value)
+            else:
+                raise BenchError(f"{where}: field {key!r} must be 'all', 'celeba' or a list of ids")
+        samples = row.get("samples", 3)
+        if not isinstance(samples, int) or samples < 1:
+            raise BenchError(f"{where}: field 'samples' must be a positive integer")
+        splits[name] = Split(name, chosen["identities"], chosen["prompts"], chosen["conditions"], samples)
+    return splits

@@ -1,0 +1,149 @@
+"""The metric interface: torchmetrics `Metric`s that also return one row per image.
+
+Each metric family subclasses `BenchMetric`, is decorated with `@register_metric`, and implements
+`measure(items) -> list[ItemScore]`. `update` records those rows (for `scores.parquet`) and adds
+them into sum-reducible states, so `compute()` gives the same aggregate on one process or after a
+`torch.distributed` reduction (torchmetrics syncs the states once, in `compute`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+from torchmetrics import Metric
+
+from caphuman_bench.registry import MetricInfo
+
+
+@dataclass
+class ScoreItem:
+    """One generated image and everything a metric may compare it with, read from the run directory."""
+
+    task_id: str
+    identity_id: str
+    prompt_id: str
+    condition_id: str
+    sample: int
+    image: Image.Image | None  # RGB, or None when it could not be read (see image_error)
+    reference: Image.Image  # the identity's reference photo, RGB
+    prompt: str  # the prompt with its subject placeholder filled by the neutral phrase
+    image_error: str | None = None
+    target: dict[str, np.ndarray] | None = None  # head-control target coefficients (shape, exp, pose, cam, light)
+
+
+@dataclass
+class ItemScore:
+    """The values one metric family gives one image. NaN marks a value that was not scored."""
+
+    values: dict[str, float]
+    status: str = "ok"  # ok | no_face | unreadable | error
+    reason: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ScoreContext:
+    """Run-wide settings shared by all metrics of a scoring pass."""
+
+    device: str = "cpu"
+    cache_dir: Path | None = None  # <run>/cache/metrics: reference-side features, once per identity
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. no_face=zero|skip, clip_model=ViT-L-14
+    weights: dict[str, Path] = field(default_factory=dict)  # resolved manifest id -> path
+    prompts: list[str] = field(default_factory=list)  # the benchmark's prompt set, placeholder filled
+
+
+class BenchMetric(Metric):
+    """Base for metric families. Subclasses set nothing but `measure` (and optionally `__init__`)."""
+
+    full_state_update = False
+    metric_name: ClassVar[str]
+    info: ClassVar[MetricInfo]
+
+    def __init__(self, context: ScoreContext | None = None) -> None:
+        super().__init__()
+        self.context = context or ScoreContext()
+        self.value_names = list(self.info.higher_is_better)
+        k = len(self.value_names)
+        self.add_state("value_sum", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("value_sumsq", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("value_count", torch.zeros(k, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("items_seen", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("items_ok", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.last_rows: list[ItemScore] = []
+        self._reference_memo: dict[str, Any] = {}
+
+    # -- what a subclass implements -------------------------------------------------------------
+    def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
+        raise NotImplementedError
+
+    # -- torchmetrics protocol ------------------------------------------------------------------
+    def update(self, items: list[ScoreItem]) -> None:
+        rows = self.measure(items)
+        if len(rows) != len(items):
+            raise RuntimeError(f"{self.metric_name}: measure returned {len(rows)} rows for {len(items)} items")
+        add_sum = torch.zeros_like(self.value_sum)
+        add_sq = torch.zeros_like(self.value_sum)
+        add_n = torch.zeros_like(self.value_sum)
+        for row in rows:
+            for i, name in enumerate(self.value_names):
+                v = row.values.get(name, math.nan)
+                if v is not None and not math.isnan(v):
+                    add_sum[i] += v
+                    add_sq[i] += v * v
+                    add_n[i] += 1
+        self.value_sum += add_sum
+        self.value_sumsq += add_sq
+        self.value_count += add_n
+        self.items_seen += len(rows)
+        self.items_ok += sum(r.status == "ok" for r in rows)
+        self.last_rows = rows
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for i, name in enumerate(self.value_names):
+            n = float(self.value_count[i])
+            mean = float(self.value_sum[i] / n) if n else math.nan
+            var = float(self.value_sumsq[i] / n - mean * mean) if n > 1 else math.nan
+            std = math.sqrt(max(var, 0.0) * n / (n - 1)) if n > 1 else math.nan
+            out[name] = {"mean": mean, "std": std, "n": int(n)}
+        out["_items"] = {"seen": int(self.items_seen), "ok": int(self.items_ok)}
+        return out
+
+    # -- helpers shared by families -------------------------------------------------------------
+    @property
+    def device_name(self) -> str:
+        return self.context.device
+
+    def option(self, key: str, default: Any) -> Any:
+        return self.context.options.get(key, default)
+
+    def reference_features(self, identity_id: str, image: Image.Image, compute) -> Any:
+        """Features of a reference photo, computed once per identity and cached under the run.
+
+        `compute(image)` must return a numpy array (or None when it found nothing); the cache is
+        an `.npy` file per metric and identity, so a resumed or sharded scoring pass reuses it.
+        """
+        if identity_id in self._reference_memo:
+            return self._reference_memo[identity_id]
+        path = None
+        if self.context.cache_dir is not None:
+            path = Path(self.context.cache_dir) / self.metric_name / f"{identity_id}.npy"
+            if path.exists():
+                value = np.load(path, allow_pickle=False)
+                value = None if value.size == 0 else value
+                self._reference_memo[identity_id] = value
+                return value
+        value = compute(image)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp.npy")
+            np.save(tmp, np.zeros(0) if value is None else np.asarray(value))
+            tmp.replace(path)
+        self._reference_memo[identity_id] = value
+        return value

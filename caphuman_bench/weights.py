@@ -1,0 +1,153 @@
+"""One resolver for every weights file: explicit path, $CAPHUMAN_BENCH_WEIGHTS, the Hugging Face cache,
+or the installed package that ships it.
+
+Nothing here downloads unless `fetch()` is called (the `weights fetch` command); tests run with
+HF_HUB_OFFLINE=1 and never reach it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+
+from caphuman_bench.errors import BenchError, MissingWeightsError
+
+MANIFEST_PATH = Path(__file__).with_name("weights_manifest.yaml")
+WEIGHTS_ENV = "CAPHUMAN_BENCH_WEIGHTS"
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    id: str
+    file: str
+    source: str
+    licence: str
+    size: str
+    used_by: tuple[str, ...]
+    hf_repo: str | None = None
+    hf_file: str | None = None
+    packaged: str | None = None
+    sha256: str | None = None
+
+    def describe_missing(self) -> str:
+        return (
+            f"missing weights {self.id!r}: file {self.file!r} not found (looked in explicit path, "
+            f"${WEIGHTS_ENV}, Hugging Face cache{', installed package' if self.packaged else ''}). "
+            f"Source: {self.source}. Licence: {self.licence}. Put it at ${WEIGHTS_ENV}/{self.file}."
+        )
+
+
+@lru_cache(maxsize=1)
+def manifest() -> dict[str, WeightsEntry]:
+    raw = yaml.safe_load(MANIFEST_PATH.read_text())
+    entries = {}
+    for key, row in raw.items():
+        try:
+            entries[key] = WeightsEntry(id=key, used_by=tuple(row.pop("used_by", ())), **row)
+        except TypeError as exc:
+            raise BenchError(f"{MANIFEST_PATH}: entry {key!r}: {exc}") from None
+    return entries
+
+
+def entry(weights_id: str) -> WeightsEntry:
+    try:
+        return manifest()[weights_id]
+    except KeyError:
+        raise BenchError(f"unknown weights id {weights_id!r}; known: {', '.join(manifest())}") from None
+
+
+def _packaged_path(spec: str) -> Path | None:
+    package, _, rel = spec.partition("/")
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        return None
+    path = Path(list(found.submodule_search_locations)[0]) / rel
+    return path if path.exists() else None
+
+
+def _hf_cache_path(e: WeightsEntry) -> Path | None:
+    if not (e.hf_repo and e.hf_file):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        return None
+    hit = try_to_load_from_cache(repo_id=e.hf_repo, filename=e.hf_file)
+    return Path(hit) if isinstance(hit, str) else None
+
+
+def locate(weights_id: str, path: str | os.PathLike | None = None) -> Path | None:
+    """Where the file is, or None. Never downloads."""
+    e = entry(weights_id)
+    if path is not None:
+        p = Path(path).expanduser()
+        return p if p.exists() else None
+    root = os.environ.get(WEIGHTS_ENV)
+    if root:
+        for candidate in (Path(root) / e.file, Path(root) / weights_id / e.file):
+            if candidate.exists():
+                return candidate
+    hit = _hf_cache_path(e)
+    if hit is not None:
+        return hit
+    if e.packaged:
+        return _packaged_path(e.packaged)
+    return None
+
+
+def resolve(weights_id: str, path: str | os.PathLike | None = None) -> Path:
+    """The local path of a weights file; raise MissingWeightsError naming file, source and licence."""
+    found = locate(weights_id, path)
+    if found is None:
+        e = entry(weights_id)
+        where = f" (explicit path {path} does not exist)" if path is not None else ""
+        raise MissingWeightsError(e.describe_missing() + where)
+    return found
+
+
+def require(weights_ids: list[str] | tuple[str, ...], overrides: dict[str, str] | None = None) -> dict[str, Path]:
+    """Resolve all ids at once and report every missing one in one error, before any work starts."""
+    overrides = overrides or {}
+    missing, found = [], {}
+    for wid in weights_ids:
+        p = locate(wid, overrides.get(wid))
+        if p is None:
+            missing.append(entry(wid).describe_missing())
+        else:
+            found[wid] = p
+    if missing:
+        raise MissingWeightsError("\n".join(missing))
+    return found
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(weights_id: str) -> Path:
+    """Download a Hugging Face-hosted file into the HF cache (the only code path that downloads)."""
+    e = entry(weights_id)
+    if not (e.hf_repo and e.hf_file):
+        raise BenchError(f"{weights_id!r} is not on the Hugging Face hub; get it from {e.source} ({e.licence})")
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo_id=e.hf_repo, filename=e.hf_file))
+
+
+def status_rows() -> list[dict]:
+    rows = []
+    for wid, e in manifest().items():
+        p = locate(wid)
+        rows.append({"id": wid, "file": e.file, "present": p is not None, "path": str(p) if p else "",
+                     "used_by": ", ".join(e.used_by), "licence": e.licence, "source": e.source, "size": e.size})
+    return rows
