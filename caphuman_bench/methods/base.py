@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -59,3 +60,12 @@ class MethodAdapter:
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         raise NotImplementedError
+
+    def head_target(self, identity_id: str, reference: Image.Image, condition: HeadCondition) -> dict[str, np.ndarray] | None:
+        """The head-control target this method was steered to (shape, exp, pose, cam, light), if it knows it.
+
+        The generate stage stores it under `<run>/targets/` so the head-control metric compares with
+        exactly what the method was asked for (e.g. after CapHuman's coefficient mixing). Methods
+        without head control return None; scoring then takes the condition's own parameters.
+        """
+        return None

@@ -84,9 +84,14 @@ class BenchMetric(Metric):
 
     # -- torchmetrics protocol ------------------------------------------------------------------
     def update(self, items: list[ScoreItem]) -> None:
-        rows = self.measure(items)
-        if len(rows) != len(items):
-            raise RuntimeError(f"{self.metric_name}: measure returned {len(rows)} rows for {len(items)} items")
+        """Score a batch. Unreadable images get status `unreadable` here, so `measure` sees only images."""
+        readable = [item for item in items if item.image is not None]
+        measured = iter(self.measure(readable) if readable else [])
+        rows = [next(measured) if item.image is not None else
+                ItemScore({name: math.nan for name in self.value_names}, "unreadable", item.image_error or "unreadable image")
+                for item in items]
+        if next(measured, None) is not None or len(rows) != len(items):
+            raise RuntimeError(f"{self.metric_name}: measure returned a wrong number of rows")
         add_sum = torch.zeros_like(self.value_sum)
         add_sq = torch.zeros_like(self.value_sum)
         add_n = torch.zeros_like(self.value_sum)

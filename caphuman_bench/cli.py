@@ -1,0 +1,404 @@
+"""`caphuman-bench`: a thin Typer layer over the stages (plan → generate → score → report)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from caphuman_bench.errors import BenchError
+
+app = typer.Typer(help="HumanIPHC: the benchmark of identity-preserving, head-controllable portrait generation "
+                  "(CapHuman, CVPR 2024).", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+weights_app = typer.Typer(help="Weights files: what is present, where it comes from, its licence.", no_args_is_help=True)
+data_app = typer.Typer(help="The benchmark data: prepare CelebA identities, inspect the spec.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Root of all run directories.")]
+Spec = Annotated[Optional[Path], typer.Option("--spec", help="Benchmark spec folder (default: the shipped benchmark_data/humaniphc).")]
+IdentitiesDir = Annotated[Optional[Path], typer.Option("--identities-dir", help="Folder of <identity>.jpg reference photos.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (GPU of this rank when present).")]
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _parse_pairs(values: list[str] | None, what: str) -> dict:
+    pairs = {}
+    for value in values or []:
+        key, sep, raw = value.partition("=")
+        if not sep or not key:
+            raise BenchError(f"{what} {value!r}: expected KEY=VALUE")
+        pairs[key.strip()] = yaml.safe_load(raw)
+    return pairs
+
+
+def _score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None) -> dict:
+    if no_face not in ("zero", "skip"):
+        raise BenchError(f"--no-face {no_face!r}: expected zero or skip")
+    options = {"no_face": no_face, "weights_paths": {k: str(v) for k, v in _parse_pairs(weight_paths, "--weights").items()}}
+    if clip_model:
+        options["clip_model"] = clip_model
+    return options
+
+
+def _print_scores(summary) -> None:
+    for name, reason in summary.skipped.items():
+        console.print(f"[yellow]skipped metric {name}[/]: {reason}")
+
+
+def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard, force, generate_only, metrics,
+             options, batch_size):
+    from caphuman_bench.runner import pick_device, plan_run
+    from caphuman_bench.stages.generate import generate
+    from caphuman_bench.stages.report import aggregate_run
+    from caphuman_bench.stages.score import score
+
+    planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
+    device = pick_device(device)
+    console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
+    with _progress() as progress:
+        gen = generate(planned.run, bench, card, planned.params, device=device, shard=shard, force=force,
+                       weights_paths=options["weights_paths"], progress=progress)
+    console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard")
+    for failure in gen.failures[:5]:
+        console.print(f"[red]failed[/] {failure}")
+    if generate_only:
+        return planned.run, None
+    with _progress() as progress:
+        summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
+                        batch_size=batch_size, progress=progress)
+    _print_scores(summary)
+    results = aggregate_run(planned.run)
+    return planned.run, results
+
+
+@app.command()
+def run(
+    method: Annotated[str, typer.Option("--method", "-m", help="Method card name (see `caphuman-bench methods`).")],
+    preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="full, identity, prompt, pose or demo (default: demo for --preset smoke, else full).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    spec: Spec = None,
+    identities_dir: IdentitiesDir = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/n: this process does every n-th task from i (default: RANK/WORLD_SIZE).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Regenerate and rescore finished tasks.")] = False,
+    device: Device = "auto",
+    seed: Annotated[int, typer.Option("--seed", help="Base seed; each image's seed is derived from it and its task.")] = 0,
+    tau: Annotated[Optional[int], typer.Option("--tau", help="CapHuman's ID-dropout start τ (DDPM timestep; 0 = off).")] = None,
+    no_global: Annotated[bool, typer.Option("--no-global", help="Drop the global (FaceNet) identity token.")] = False,
+    no_local: Annotated[bool, typer.Option("--no-local", help="Drop the local (CLIP-vision) identity tokens.")] = False,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a card parameter: KEY=VALUE (YAML value).")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (default: every registered metric whose weights are present).")] = None,
+    no_face: Annotated[str, typer.Option("--no-face", help="No face in a generated image: zero (scores 0, FastComposer's rule) or skip.")] = "zero",
+    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
+    weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+    score_batch_size: Annotated[int, typer.Option("--score-batch-size")] = 8,
+    no_score: Annotated[bool, typer.Option("--no-score", help="Generate only.")] = False,
+):
+    """Generate the images of a method on a split, then score them (resumable).
+
+    Example: caphuman-bench run --method caphuman --preset smoke
+    """
+    from caphuman_bench.benchmark import Benchmark
+    from caphuman_bench.cards import get_card
+    from caphuman_bench.runner import default_split
+    from caphuman_bench.stages.plan import parse_shard
+
+    card = get_card(method)
+    bench = Benchmark.load(spec, identities_dir)
+    overrides = _parse_pairs(param, "--param")
+    if tau is not None:
+        overrides["tau"] = tau
+    if no_global:
+        overrides["use_global"] = False
+    if no_local:
+        overrides["use_local"] = False
+    options = _score_options(no_face, clip_model, weights_path)
+    run_dir, results = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed, device,
+                                parse_shard(shard), force, no_score, metrics.split(",") if metrics else None, options,
+                                score_batch_size)
+    if results is not None:
+        _print_results([results])
+
+
+def _print_results(results: list[dict]) -> None:
+    from caphuman_bench.stages.report import leaderboard, leaderboard_wide, to_markdown
+
+    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False)
+
+
+@app.command()
+def score(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory (finished or partial).")],
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (default: all with weights present).")] = None,
+    device: Device = "auto",
+    no_face: Annotated[str, typer.Option("--no-face", help="zero (default) or skip.")] = "zero",
+    clip_model: Annotated[Optional[str], typer.Option("--clip-model")] = None,
+    weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/n (default: RANK/WORLD_SIZE).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rescore pairs already in scores.parquet.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+):
+    """Score the finished images of a run and write scores.parquet and results.json.
+
+    Example: caphuman-bench score runs/caphuman-demo-0123456789 --metrics face_detection,id_sim_dlib
+    """
+    from caphuman_bench.rundir import RunDir
+    from caphuman_bench.runner import pick_device
+    from caphuman_bench.stages.plan import parse_shard
+    from caphuman_bench.stages.report import aggregate_run
+    from caphuman_bench.stages.score import score as score_stage
+
+    run_ = RunDir(run_dir).require()
+    with _progress() as progress:
+        summary = score_stage(run_, metrics=metrics.split(",") if metrics else None, device=pick_device(device),
+                              options=_score_options(no_face, clip_model, weights_path), shard=parse_shard(shard),
+                              force=force, batch_size=batch_size, progress=progress)
+    _print_scores(summary)
+    _print_results([aggregate_run(run_)])
+
+
+@app.command()
+def report(
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories, or folders of runs (default: --runs-dir).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where leaderboard.{md,csv,json} (and report.html) go.")] = Path("reports"),
+    html_report: Annotated[bool, typer.Option("--html", help="Also write a self-contained report.html with plots and samples.")] = False,
+):
+    """Aggregate runs into results.json each and a leaderboard (Markdown, CSV, JSON).
+
+    Example: caphuman-bench report runs/ --out reports/smoke --html
+    """
+    from caphuman_bench.stages.report import aggregate_run, find_runs, write_html, write_leaderboard
+
+    found = find_runs(runs or [runs_dir])
+    if not found:
+        raise BenchError(f"no run directories under {', '.join(map(str, runs or [runs_dir]))}")
+    results = [aggregate_run(r) for r in found]
+    for r, res in zip(found, results):
+        write_leaderboard([res], r.path)
+    wide = write_leaderboard(results, out_dir)
+    if html_report:
+        console.print(f"wrote {write_html(results, found, out_dir)}")
+    from caphuman_bench.stages.report import to_markdown
+
+    out.print(to_markdown(wide), markup=False, highlight=False)
+    console.print(f"leaderboard of {len(found)} run(s) → {out_dir}/leaderboard.{{md,csv,json}}")
+
+
+@app.command()
+def compare(
+    old: Annotated[Path, typer.Argument(help="Baseline leaderboard.json or results.json.")],
+    new: Annotated[Path, typer.Argument(help="Candidate leaderboard.json or results.json.")],
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest change for the worse allowed (absolute, metric units).")] = 0.01,
+    metric_tolerance: Annotated[Optional[list[str]], typer.Option("--metric-tolerance", help="Per-metric tolerance: NAME=VALUE.")] = None,
+):
+    """Leaderboard gate for CI: exit 1 when a metric got worse beyond tolerance.
+
+    Example: caphuman-bench compare reports/leaderboard.json runs/new/leaderboard.json --tolerance 0.02
+    """
+    from caphuman_bench.stages.report import compare as compare_boards
+
+    table, regressed = compare_boards(old, new, tolerance, {k: float(v) for k, v in _parse_pairs(metric_tolerance, "--metric-tolerance").items()})
+    out.print(table.to_string(index=False) if len(table) else "(nothing to compare)", markup=False, highlight=False)
+    if regressed:
+        console.print("[red]regression beyond tolerance[/]")
+        raise typer.Exit(1)
+
+
+@app.command()
+def ablate(
+    method: Annotated[str, typer.Option("--method", "-m")] = "caphuman",
+    tau: Annotated[Optional[list[int]], typer.Option("--tau", help="τ values to sweep (repeat).")] = None,
+    features: Annotated[Optional[list[str]], typer.Option("--features", help="Identity features: global+local, global, local (repeat).")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset")] = None,
+    split: Annotated[Optional[str], typer.Option("--split")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    spec: Spec = None,
+    identities_dir: IdentitiesDir = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the ablation leaderboard goes.")] = Path("reports/ablations"),
+    device: Device = "auto",
+    metrics: Annotated[Optional[str], typer.Option("--metrics")] = None,
+    no_face: Annotated[str, typer.Option("--no-face")] = "zero",
+):
+    """Sweep τ and the global/local identity features; one resumable run per variant, one leaderboard.
+
+    Example: caphuman-bench ablate --method caphuman --preset smoke --tau 0 --tau 500 --features global --features local
+    """
+    from caphuman_bench.benchmark import Benchmark
+    from caphuman_bench.cards import get_card
+    from caphuman_bench.runner import default_split
+    from caphuman_bench.stages.plan import Shard
+    from caphuman_bench.stages.report import write_leaderboard, leaderboard_wide, leaderboard, to_markdown
+
+    switches = {"global+local": {}, "global": {"use_local": False}, "local": {"use_global": False}}
+    unknown = [f for f in features or [] if f not in switches]
+    if unknown:
+        raise BenchError(f"--features {unknown[0]!r}: expected one of {', '.join(switches)}")
+    card = get_card(method)
+    bench = Benchmark.load(spec, identities_dir)
+    variants = [{**({"tau": t} if t is not None else {}), **switches[f]} for t in (tau or [None]) for f in (features or ["global+local"])]
+    results = []
+    for overrides in variants:
+        _, res = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, 0, device,
+                          Shard(0, 1), False, False, metrics.split(",") if metrics else None,
+                          _score_options(no_face, None, None), 8)
+        results.append(res)
+    write_leaderboard(results, out_dir)
+    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False)
+
+
+@app.command()
+def methods():
+    """List the method cards, their adapters, and whether their weights are present.
+
+    Example: caphuman-bench methods
+    """
+    from caphuman_bench import weights
+    from caphuman_bench.cards import all_cards
+    from caphuman_bench.registry import get_method
+
+    table = Table("method", "adapter", "weights", "description")
+    for name, card in all_cards().items():
+        get_method(card.adapter)
+        missing = [w for w in card.weights if weights.locate(w) is None]
+        state = "[green]present[/]" if not missing else f"[yellow]missing: {', '.join(missing)}[/]"
+        table.add_row(name, card.adapter, state if card.weights else "none needed", card.description)
+    out.print(table)
+
+
+@app.command()
+def metrics():
+    """List the registered metrics, their reported values and weights.
+
+    Example: caphuman-bench metrics
+    """
+    from caphuman_bench import weights
+    from caphuman_bench.registry import all_metrics
+
+    table = Table("metric", "values (↑ higher / ↓ lower is better)", "weights")
+    for name, cls in all_metrics().items():
+        values = ", ".join(f"{k} {'↑' if v else '↓'}" for k, v in cls.info.higher_is_better.items())
+        ws = ", ".join(f"{w} ({'present' if weights.locate(w) else 'missing'})" for w in cls.info.weights) or "none"
+        table.add_row(name, values, ws)
+    out.print(table)
+
+
+@weights_app.command("status")
+def weights_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+):
+    """Every file the methods and metrics need: present or missing, source, licence. Offline.
+
+    Example: caphuman-bench weights status
+    """
+    from caphuman_bench import weights
+
+    rows = weights.status_rows()
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("id", "file", "status", "used by", "licence / source")
+    for r in rows:
+        table.add_row(r["id"], r["file"], "[green]present[/]" if r["present"] else "[red]missing[/]", r["used_by"],
+                      f"{r['licence']}\n{r['source']}")
+    out.print(table)
+    out.print(f"search order: explicit --weights ID=PATH, ${weights.WEIGHTS_ENV}/<file>, Hugging Face cache, installed package")
+
+
+@weights_app.command("fetch")
+def weights_fetch(weights_id: Annotated[str, typer.Argument(help="A manifest id hosted on the Hugging Face hub.")]):
+    """Download one Hugging Face-hosted file into the HF cache (needs network and, for gated repos, a token).
+
+    Example: caphuman-bench weights fetch caphuman_ckpt
+    """
+    from caphuman_bench import weights
+
+    out.print(str(weights.fetch(weights_id)))
+
+
+@data_app.command("prepare")
+def data_prepare(
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the prepared benchmark (spec + identities/).")],
+    celeba_root: Annotated[Optional[Path], typer.Option("--celeba-root", help="CelebA root with list_eval_partition.txt, identity_CelebA.txt and img_align_celeba/.")] = None,
+    identities_dir: IdentitiesDir = None,
+    spec: Spec = None,
+    count: Annotated[int, typer.Option("--count", help="Identities to select from CelebA's test partition.")] = 100,
+):
+    """Verify and prepare the benchmark's identities from CelebA (sha256-checked) or a folder of <identity>.jpg.
+
+    Example: caphuman-bench data prepare --celeba-root ~/data/celeba --out data/humaniphc
+    """
+    from caphuman_bench.data_prepare import prepare
+
+    report_ = prepare(out_dir, celeba_root=celeba_root, identities_dir=identities_dir, spec_root=spec, count=count)
+    out.print(report_.summary())
+    if report_.missing:
+        raise typer.Exit(1)
+
+
+@data_app.command("show")
+def data_show(spec: Spec = None, identities_dir: IdentitiesDir = None):
+    """Print the spec's version, splits and their sizes.
+
+    Example: caphuman-bench data show
+    """
+    from caphuman_bench.benchmark import Benchmark
+
+    bench = Benchmark.load(spec, identities_dir)
+    table = Table("split", "identities", "prompts", "conditions", "samples", "images")
+    for s in bench.splits.values():
+        table.add_row(s.name, str(len(s.identities)), str(len(s.prompts)), str(len(s.conditions)), str(s.samples),
+                      str(len(s.identities) * len(s.prompts) * len(s.conditions) * s.samples))
+    out.print(f"{bench.root} version {bench.version} (spec hash {bench.spec_hash[:12]})")
+    out.print(table)
+
+
+@app.command()
+def conformance(
+    method: Annotated[str, typer.Argument(help="The port to check (caphuman).")],
+    reference: Annotated[Path, typer.Option("--reference", help="Folder with hparams.json, state_dict.safetensors, cases.safetensors, cases.json.")],
+    device: Device = "cpu",
+):
+    """Check a port against conformance vectors made from the official code; exit 1 beyond tolerance.
+
+    Example: caphuman-bench conformance caphuman --reference tests/data/caphuman_tiny
+    """
+    if method != "caphuman":
+        raise BenchError(f"no conformance vectors are defined for {method!r} (only caphuman)")
+    from caphuman_bench.conformance import conformance_command
+
+    raise typer.Exit(conformance_command(reference, device=device))
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except BenchError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,50 @@
+"""Where a number came from: package versions, git state, and stable hashes of configurations."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import caphuman_bench
+
+TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "facenet-pytorch", "dlib-bin",
+                    "open_clip_torch", "torchmetrics", "mediapipe", "numpy", "pandas", "pillow")
+
+
+def config_hash(payload: dict) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "caphuman-bench": caphuman_bench.__version__}
+    for name in TRACKED_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def git_state() -> dict[str, str | bool | None]:
+    """The commit of the caphuman-bench checkout that produced a run (None outside a checkout)."""
+    root = Path(caphuman_bench.__file__).resolve().parents[1]
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(dirty) if commit else None}
+
+
+def environment() -> dict:
+    return {"versions": package_versions(), "git": git_state(), "platform": platform.platform(), "argv": sys.argv}

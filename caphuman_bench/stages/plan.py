@@ -1,0 +1,80 @@
+"""Stage 1 — plan: the task list of a run, each task with its own seed, and sharding.
+
+A task is (identity, prompt, head condition, sample index). Its seed is derived from the benchmark
+version, the run's base seed and the task alone, so an image never depends on batch size, shard or
+order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import asdict, dataclass
+
+from caphuman_bench.benchmark import Benchmark
+from caphuman_bench.errors import BenchError
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    identity_id: str
+    prompt_id: str
+    condition_id: str
+    sample: int
+    seed: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def task_seed(benchmark_version: str, base_seed: int, identity: str, prompt: str, condition: str, sample: int) -> int:
+    key = f"{benchmark_version}|{base_seed}|{identity}|{prompt}|{condition}|{sample}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") & (2**63 - 1)
+
+
+def plan_tasks(bench: Benchmark, split_name: str, base_seed: int = 0) -> list[Task]:
+    split = bench.split(split_name)
+    if not split.identities:
+        raise BenchError(
+            f"{bench.root / 'splits.yaml'}: split {split_name!r} has no identities in this spec; its CelebA identities "
+            f"come from `caphuman-bench data prepare --celeba-root DIR --out DIR` (then pass --spec DIR)"
+        )
+    tasks = []
+    for identity in split.identities:
+        for prompt in split.prompts:
+            for condition in split.conditions:
+                for sample in range(split.samples):
+                    tasks.append(Task(
+                        task_id=f"{identity}__{prompt}__{condition}__s{sample}",
+                        identity_id=identity, prompt_id=prompt, condition_id=condition, sample=sample,
+                        seed=task_seed(bench.version, base_seed, identity, prompt, condition, sample),
+                    ))
+    return tasks
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    count: int
+
+    def select(self, tasks: list[Task]) -> list[Task]:
+        """Round-robin over the planned order: every shard gets a similar mix of identities."""
+        return tasks[self.index :: self.count]
+
+    @property
+    def label(self) -> str:
+        return f"{self.index}-of-{self.count}"
+
+
+def parse_shard(text: str | None) -> Shard:
+    """`--shard i/n`, else RANK / WORLD_SIZE from torchrun or `accelerate launch`, else 0/1."""
+    if text:
+        match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+        if not match or not int(match[2]) or int(match[1]) >= int(match[2]):
+            raise BenchError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2")
+        return Shard(int(match[1]), int(match[2]))
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    return Shard(rank, world) if world > 1 else Shard(0, 1)

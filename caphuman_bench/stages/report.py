@@ -1,0 +1,224 @@
+"""Stage 4 — report: aggregates per run (`results.json`), leaderboards across runs, and `compare`.
+
+Reads `scores.parquet`, `status.jsonl`, `run.json` and `skipped_metrics.json` of each run; never the
+models. Every number in `results.json` travels with its convention and the run's provenance.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from caphuman_bench.errors import BenchError
+from caphuman_bench.registry import all_metrics
+from caphuman_bench.rundir import RunDir, write_json_atomic
+from caphuman_bench.stages.score import read_scores
+
+BOOTSTRAP_RESAMPLES = 1000
+
+
+def bootstrap_ci95(values: np.ndarray, seed: int = 0) -> list[float] | None:
+    """Percentile bootstrap 95% interval of the mean (fixed seed: the same scores give the same interval)."""
+    if len(values) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def aggregate_run(run: RunDir) -> dict:
+    """Compute and write `<run>/results.json` from the run's files."""
+    run.require()
+    info = run.info()
+    families = all_metrics()
+    scores = read_scores(run)
+    metrics, conventions, statuses = {}, {}, {}
+    for family, rows in scores.groupby("metric", sort=True):
+        cls = families.get(family)
+        if cls is None:
+            continue
+        conventions[family] = dict(getattr(cls, "convention", {}) or {})
+        statuses[family] = {str(k): int(v) for k, v in rows["status"].value_counts().sort_index().items()}
+        for value_name, higher in cls.info.higher_is_better.items():
+            if value_name not in rows:
+                continue
+            values = rows[value_name].astype(float).to_numpy()
+            values = values[~np.isnan(values)]
+            metrics[value_name] = {
+                "mean": float(values.mean()) if len(values) else None,
+                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+                "n": int(len(values)),
+                "ci95": bootstrap_ci95(values),
+                "higher_is_better": higher,
+                "family": family,
+            }
+    status = run.latest_status()
+    tasks = run.tasks()
+    finished = run.finished_ids()
+    skipped_file = run.path / "skipped_metrics.json"
+    results = {
+        "method": info["label"],
+        "method_card": info["method"]["name"],
+        "benchmark": info["benchmark"]["name"],
+        "benchmark_version": info["benchmark"]["version"],
+        "split": info["benchmark"]["split"],
+        "metrics": metrics,
+        "conventions": conventions,
+        "item_status": statuses,
+        "skipped_metrics": json.loads(skipped_file.read_text()) if skipped_file.exists() else {},
+        "images": {"planned": len(tasks), "ok": len(finished),
+                   "failed": sum(1 for r in status.values() if r["status"] == "failed"),
+                   "missing": len(tasks) - len(finished)},
+        "provenance": {k: info[k] for k in ("config_hash", "card_hash", "params", "environment", "created") if k in info}
+                      | {"spec_hash": info["benchmark"]["spec_hash"]},
+    }
+    write_json_atomic(run.results_file, results)
+    return results
+
+
+def find_runs(paths: list[Path]) -> list[RunDir]:
+    """Run directories among `paths`: each path is a run, or a folder of runs."""
+    runs = []
+    for path in paths:
+        if RunDir(path).exists():
+            runs.append(RunDir(path))
+        elif Path(path).is_dir():
+            runs += [RunDir(p) for p in sorted(Path(path).iterdir()) if RunDir(p).exists()]
+        else:
+            raise BenchError(f"{path}: not a run directory or a folder of runs")
+    return runs
+
+
+def leaderboard(results: list[dict]) -> pd.DataFrame:
+    """Long table: one row per method × split × metric value."""
+    rows = []
+    for res in results:
+        for name, m in res["metrics"].items():
+            rows.append({"method": res["method"], "split": res["split"], "benchmark_version": res["benchmark_version"],
+                         "metric": name, "mean": m["mean"], "std": m["std"], "n": m["n"],
+                         "ci95_low": (m["ci95"] or [None, None])[0], "ci95_high": (m["ci95"] or [None, None])[1],
+                         "higher_is_better": m["higher_is_better"], "images_ok": res["images"]["ok"],
+                         "config_hash": res["provenance"].get("config_hash", "")[:12]})
+    return pd.DataFrame(rows)
+
+
+def leaderboard_wide(board: pd.DataFrame) -> pd.DataFrame:
+    if board.empty:
+        return board
+    wide = board.pivot_table(index=["method", "split"], columns="metric", values="mean", aggfunc="first")
+    images = board.groupby(["method", "split"])["images_ok"].first()
+    wide.insert(0, "images", images)
+    return wide.reset_index()
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def to_markdown(wide: pd.DataFrame) -> str:
+    if wide.empty:
+        return "(no scored runs)\n"
+    arrows = {}
+    for cls in all_metrics().values():
+        arrows.update({k: "↑" if v else "↓" for k, v in cls.info.higher_is_better.items()})
+    header = [c if c not in arrows else f"{c} {arrows[c]}" for c in wide.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in wide.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c]) for c in wide.columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(results: list[dict], out_dir: Path) -> pd.DataFrame:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    board = leaderboard(results)
+    wide = leaderboard_wide(board)
+    (out_dir / "leaderboard.md").write_text(to_markdown(wide))
+    board.to_csv(out_dir / "leaderboard.csv", index=False)
+    write_json_atomic(out_dir / "leaderboard.json", {"rows": board.to_dict(orient="records")})
+    return wide
+
+
+def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, thumbnails: int = 6) -> Path:
+    """A single self-contained HTML page: leaderboard, one bar chart per metric, sample images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    board = leaderboard(results)
+    wide = leaderboard_wide(board)
+    parts = ["<!doctype html><meta charset='utf-8'><title>caphuman-bench report</title>",
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{margin:2px}</style>",
+             "<h1>caphuman-bench report</h1><h2>Leaderboard</h2>",
+             wide.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–")]
+    for metric, rows in board.groupby("metric"):
+        fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * len(rows)))
+        labels = [f"{m} ({s})" for m, s in zip(rows["method"], rows["split"])]
+        ax.barh(labels, rows["mean"].fillna(0), xerr=rows["std"].fillna(0), color="#4c72b0")
+        ax.set_title(f"{metric} ({'higher' if rows['higher_is_better'].iloc[0] else 'lower'} is better)")
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=80)
+        plt.close(fig)
+        parts.append(f"<img alt='{html.escape(metric)}' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>")
+    parts.append("<h2>Samples</h2>")
+    for run in runs:
+        parts.append(f"<h3>{html.escape(run.info()['label'])}</h3>")
+        for path in sorted(run.images_dir.glob("*.png"))[:thumbnails]:
+            with Image.open(path) as img:
+                img.thumbnail((160, 160))
+                buf = io.BytesIO()
+                img.convert("RGB").save(buf, format="JPEG", quality=85)
+            parts.append(f"<img title='{html.escape(path.stem)}' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>")
+    out = out_dir / "report.html"
+    out.write_text("\n".join(parts))
+    return out
+
+
+def _rows_of(payload: dict | list, source: Path) -> dict[tuple[str, str, str], dict]:
+    """(method, split, metric) → row, from a leaderboard.json or a results.json."""
+    if isinstance(payload, dict) and "rows" in payload:
+        rows = payload["rows"]
+    elif isinstance(payload, dict) and "metrics" in payload:
+        rows = leaderboard([payload]).to_dict(orient="records")
+    else:
+        raise BenchError(f"{source}: neither a leaderboard.json (field 'rows') nor a results.json (field 'metrics')")
+    return {(r["method"], r["split"], r["metric"]): r for r in rows}
+
+
+def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[str, float] | None = None) -> tuple[pd.DataFrame, bool]:
+    """Differences NEW − OLD per (method, split, metric); a regression is a change for the worse
+    beyond the tolerance (absolute, in the metric's own units)."""
+    per_metric = per_metric or {}
+    loaded = []
+    for path in (old_path, new_path):
+        try:
+            loaded.append(_rows_of(json.loads(Path(path).read_text()), Path(path)))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise BenchError(f"{path}: unreadable ({exc})") from None
+    old, new = loaded
+    rows, regressed = [], False
+    for key in sorted(set(old) | set(new)):
+        o, n = old.get(key), new.get(key)
+        tol = per_metric.get(key[2], tolerance)
+        if o is None or n is None or o["mean"] is None or n["mean"] is None:
+            verdict, delta = ("new" if o is None else "missing"), None
+        else:
+            delta = n["mean"] - o["mean"]
+            worse = -delta if o["higher_is_better"] else delta
+            verdict = "REGRESSION" if worse > tol else ("improved" if worse < -tol else "same")
+            regressed |= verdict == "REGRESSION"
+        rows.append({"method": key[0], "split": key[1], "metric": key[2], "old": o and o["mean"], "new": n and n["mean"],
+                     "delta": delta, "tolerance": tol, "verdict": verdict})
+    return pd.DataFrame(rows), regressed

@@ -1,0 +1,166 @@
+"""Stage 3 — score: one row per finished image per metric family into `scores.parquet`.
+
+Reads only the run directory (run.json, tasks, status, images, targets) and the benchmark spec it
+names. Metrics whose weights are missing are skipped and named; an image that cannot be read gets a
+per-item status; a metric that fails on a batch records `error` rows and the pass goes on.
+Re-scoring is incremental: (task, metric) pairs already in the file are kept unless `force`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+from caphuman_bench import weights
+from caphuman_bench.benchmark import NEUTRAL_SUBJECT, Benchmark
+from caphuman_bench.errors import BenchError
+from caphuman_bench.images import ImageError, load_rgb
+from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
+from caphuman_bench.registry import all_metrics, get_metric
+from caphuman_bench.rundir import RunDir, write_json_atomic
+from caphuman_bench.stages.plan import Shard, Task
+
+KEY_COLUMNS = ["task_id", "identity_id", "prompt_id", "condition_id", "sample", "metric", "status", "reason", "extra"]
+FLUSH_EVERY = 64  # items: how much scoring an interruption can lose at most
+
+
+@dataclass
+class ScoreSummary:
+    scored: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # metric -> reason (missing weights)
+    aggregates: dict[str, dict] = field(default_factory=dict)  # this pass, from the metrics' own states
+
+
+def open_benchmark(run: RunDir) -> Benchmark:
+    """The benchmark spec a run was planned with; refuses a spec that changed since."""
+    spec = run.info()["benchmark"]
+    bench = Benchmark.load(spec["spec_root"], identities_dir=spec.get("identities_dir"))
+    if bench.spec_hash != spec["spec_hash"]:
+        raise BenchError(f"{bench.root}: the benchmark spec changed since {run.run_json} was written "
+                         f"(field 'benchmark.spec_hash' {spec['spec_hash'][:12]} != {bench.spec_hash[:12]})")
+    return bench
+
+
+def select_metrics(names: list[str] | None, overrides: dict[str, str]) -> tuple[dict[str, tuple[type, dict]], dict[str, str]]:
+    """Metric classes whose weights resolve, and the reasons the others are skipped."""
+    chosen = {name: get_metric(name) for name in names} if names else all_metrics()
+    ready, skipped = {}, {}
+    for name, cls in chosen.items():
+        missing, found = [], {}
+        for wid in cls.info.weights:
+            path = weights.locate(wid, overrides.get(wid))
+            if path is None:
+                missing.append(f"{weights.entry(wid).file} ({wid}: {weights.entry(wid).source})")
+            else:
+                found[wid] = path
+        if missing:
+            skipped[name] = "missing weights: " + "; ".join(missing)
+        else:
+            ready[name] = (cls, found)
+    return ready, skipped
+
+
+def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu", options: dict | None = None,
+          shard: Shard = Shard(0, 1), force: bool = False, batch_size: int = 8, progress=None) -> ScoreSummary:
+    run.require()
+    options = dict(options or {})
+    bench = open_benchmark(run)
+    ready, skipped = select_metrics(metrics, options.get("weights_paths") or {})
+    summary = ScoreSummary(skipped=skipped)
+    finished = run.finished_ids()
+    tasks = [t for t in shard.select(run.tasks()) if t.task_id in finished]
+    done = set() if force else _scored_pairs(run)
+
+    prompts = [p.fill(NEUTRAL_SUBJECT) for p in bench.prompts.values()]
+    instances: dict[str, BenchMetric] = {}
+    for name, (cls, found) in ready.items():
+        context = ScoreContext(device=device, cache_dir=run.cache_dir / "metrics", options=options, weights=found, prompts=prompts)
+        instances[name] = cls(context)
+
+    todo = [t for t in tasks if any((t.task_id, name) not in done for name in instances)]
+    bar = progress.add_task("score", total=len(todo)) if progress and todo else None
+    pending: list[dict] = []
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        items = [_item(run, bench, t) for t in batch]
+        for name, metric in instances.items():
+            pairs = [(t, it) for t, it in zip(batch, items) if (t.task_id, name) not in done]
+            if not pairs:
+                continue
+            try:
+                metric.update([it for _, it in pairs])
+                rows = metric.last_rows
+            except Exception as exc:  # one metric failing on one batch must not end the pass
+                rows = [ItemScore({v: math.nan for v in metric.value_names}, "error", f"{type(exc).__name__}: {exc}") for _ in pairs]
+            pending += [_row(t, name, r) for (t, _), r in zip(pairs, rows)]
+            summary.scored[name] = summary.scored.get(name, 0) + len(pairs)
+        if len(pending) >= FLUSH_EVERY:
+            _merge_scores(run, pending)
+            pending = []
+        if bar is not None:
+            progress.advance(bar, len(batch))
+    if pending:
+        _merge_scores(run, pending)
+    summary.aggregates = {name: m.compute() for name, m in instances.items() if summary.scored.get(name)}
+    _record_skipped(run, skipped)
+    return summary
+
+
+def _item(run: RunDir, bench: Benchmark, task: Task) -> ScoreItem:
+    try:
+        image, error = load_rgb(run.image_path(task.task_id)), None
+    except ImageError as exc:
+        image, error = None, str(exc)
+    target = run.read_target(task.identity_id, task.condition_id)
+    if target is None:  # the method knows no target: the condition's own parameters (no shape)
+        target = bench.conditions[task.condition_id].coefficients()
+    return ScoreItem(
+        task_id=task.task_id, identity_id=task.identity_id, prompt_id=task.prompt_id,
+        condition_id=task.condition_id, sample=task.sample, image=image, image_error=error,
+        reference=bench.reference_image(task.identity_id),
+        prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
+    )
+
+
+def _row(task: Task, metric: str, score: ItemScore) -> dict:
+    row = {"task_id": task.task_id, "identity_id": task.identity_id, "prompt_id": task.prompt_id,
+           "condition_id": task.condition_id, "sample": task.sample, "metric": metric,
+           "status": score.status, "reason": score.reason, "extra": json.dumps(score.extra, default=str, sort_keys=True)}
+    row.update({k: (float(v) if v is not None else math.nan) for k, v in score.values.items()})
+    return row
+
+
+def read_scores(run: RunDir) -> pd.DataFrame:
+    if not run.scores_file.exists():
+        return pd.DataFrame(columns=KEY_COLUMNS)
+    return pd.read_parquet(run.scores_file)
+
+
+def _scored_pairs(run: RunDir) -> set[tuple[str, str]]:
+    df = read_scores(run)
+    return set(zip(df["task_id"], df["metric"]))
+
+
+def _merge_scores(run: RunDir, rows: list[dict]) -> None:
+    """Add rows to scores.parquet under a lock, replacing older rows of the same (task, metric)."""
+    new = pd.DataFrame(rows)
+    with run.lock("scores"):
+        old = read_scores(run)
+        if len(old):
+            keys = set(zip(new["task_id"], new["metric"]))
+            old = old[[k not in keys for k in zip(old["task_id"], old["metric"])]]
+            new = pd.concat([old, new], ignore_index=True) if len(old) else new
+        new = new.sort_values(["task_id", "metric"], kind="stable").reset_index(drop=True)
+        fd, tmp = tempfile.mkstemp(suffix=".parquet", dir=run.path)
+        os.close(fd)
+        new.to_parquet(tmp, index=False)
+        os.replace(tmp, run.scores_file)
+
+
+def _record_skipped(run: RunDir, skipped: dict[str, str]) -> None:
+    write_json_atomic(run.path / "skipped_metrics.json", skipped)
