@@ -387,7 +387,7 @@ def conformance(
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except BenchError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         sys.exit(2)
@@ -402,3 +402,4 @@ def main() -> None:
             exc.show()
             sys.exit(exc.exit_code)
         raise
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,143 @@
+"""The CLI end to end on the demo split: resumability, sharding, reports, compare, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import pytest
+
+from caphuman_bench.cli import main
+
+FAST_METRICS = "face_detection,id_sim_dlib"
+
+
+def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "argv", ["caphuman-bench", *map(str, args)])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def image_digests(run_dir) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run_dir / "images").glob("*.png"))}
+
+
+def only_run(runs_dir):
+    (run,) = [p for p in runs_dir.iterdir() if p.is_dir()]
+    return run
+
+
+def test_help_lists_every_command(capsys, monkeypatch):
+    code, out, _ = cli(capsys, monkeypatch, "--help")
+    assert code == 0
+    for command in ("run", "score", "report", "compare", "ablate", "methods", "weights", "data"):
+        assert command in out
+
+
+def test_weights_status_runs_offline_and_lists_every_file(capsys, monkeypatch):
+    from caphuman_bench import weights
+
+    code, out, _ = cli(capsys, monkeypatch, "weights", "status", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert {r["id"] for r in rows} == set(weights.manifest())
+    assert any(r["present"] for r in rows) and not all(r["present"] for r in rows)
+
+
+def test_run_is_resumable_and_regenerates_exactly_a_deleted_image(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    args = ("run", "--method", "reference", "--preset", "smoke", "--runs-dir", runs, "--metrics", FAST_METRICS)
+    code, first_out, err = cli(capsys, monkeypatch, *args)
+    assert code == 0, err
+    run = only_run(runs)
+    assert "generated 12, kept 0" in err
+    before = image_digests(run)
+    assert len(before) == 12
+    board = (run / "results.json").read_text()
+
+    code, second_out, err = cli(capsys, monkeypatch, *args)
+    assert code == 0 and "generated 0, kept 12" in err
+    assert image_digests(run) == before
+    assert second_out == first_out
+    assert json.loads((run / "results.json").read_text())["metrics"] == json.loads(board)["metrics"]
+
+    victim = sorted((run / "images").glob("*.png"))[3]
+    victim.unlink()
+    code, _, err = cli(capsys, monkeypatch, *args)
+    assert code == 0 and "generated 1, kept 11" in err
+    assert image_digests(run) == before
+    status = [json.loads(line) for line in (run / "status.jsonl").read_text().splitlines()]
+    assert sum(r["status"] == "ok" for r in status) == 13  # append-only: 12 + the one regenerated
+
+    results = json.loads((run / "results.json").read_text())
+    assert results["method"] == "reference (smoke)" and results["split"] == "demo"
+    assert results["images"] == {"planned": 12, "ok": 12, "failed": 0, "missing": 0}
+    assert results["provenance"]["environment"]["versions"]["torch"]
+
+
+def test_corrupt_reference_photo_is_a_one_line_error_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
+    spec = tmp_path / "spec"
+    import shutil
+
+    from caphuman_bench.benchmark import DEFAULT_SPEC_DIR
+
+    shutil.copytree(DEFAULT_SPEC_DIR, spec)
+    (spec / "identities.csv").write_text((spec / "identities.csv").read_text() + "broken,a person,folder,broken.jpg,,\n")
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    (faces / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    (spec / "splits.yaml").write_text((spec / "splits.yaml").read_text() + "  bad:\n    identities: [broken]\n    prompts: [acc-red-hat]\n    conditions: [frontal]\n    samples: 1\n")
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--split", "bad",
+                       "--spec", spec, "--identities-dir", faces, "--runs-dir", runs, "--no-score")
+    assert code == 2
+    assert "broken" in err and "broken.jpg" in err and "Traceback" not in err
+    assert (only_run(runs) / "run.json").exists()
+
+
+def test_unknown_method_and_split_are_clear_errors(tmp_path, capsys, monkeypatch):
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "nope", "--runs-dir", tmp_path)
+    assert code == 2 and "unknown method 'nope'" in err
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "reference", "--split", "nope", "--runs-dir", tmp_path)
+    assert code == 2 and "unknown split 'nope'" in err
+
+
+def test_compare_gates_on_regressions(tmp_path, capsys, monkeypatch):
+    def board(value, lower_value):
+        return {"rows": [
+            {"method": "m", "split": "demo", "metric": "id_sim_dlib", "mean": value, "higher_is_better": True},
+            {"method": "m", "split": "demo", "metric": "rmse_pose", "mean": lower_value, "higher_is_better": False},
+        ]}
+
+    old, same, worse, worse_lower = (tmp_path / f"{n}.json" for n in ("old", "same", "worse", "worse_lower"))
+    old.write_text(json.dumps(board(0.80, 0.10)))
+    same.write_text(json.dumps(board(0.795, 0.104)))
+    worse.write_text(json.dumps(board(0.70, 0.10)))
+    worse_lower.write_text(json.dumps(board(0.80, 0.30)))
+    assert cli(capsys, monkeypatch, "compare", old, same, "--tolerance", "0.01")[0] == 0
+    code, out, _ = cli(capsys, monkeypatch, "compare", old, worse, "--tolerance", "0.01")
+    assert code == 1 and "REGRESSION" in out
+    assert cli(capsys, monkeypatch, "compare", old, worse_lower, "--tolerance", "0.01")[0] == 1
+    assert cli(capsys, monkeypatch, "compare", old, worse, "--tolerance", "0.2")[0] == 0
+    assert cli(capsys, monkeypatch, "compare", old, worse, "--metric-tolerance", "id_sim_dlib=0.2")[0] == 0
+
+
+def test_report_writes_leaderboards_and_html(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    assert cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--runs-dir", runs,
+               "--metrics", "face_detection")[0] == 0
+    out_dir = tmp_path / "reports"
+    code, out, err = cli(capsys, monkeypatch, "report", "--runs-dir", runs, "--out", out_dir, "--html")
+    assert code == 0, err
+    assert "reference (smoke)" in out
+    for name in ("leaderboard.md", "leaderboard.csv", "leaderboard.json", "report.html"):
+        assert (out_dir / name).stat().st_size > 0
+    assert (only_run(runs) / "leaderboard.md").exists()
+    rows = json.loads((out_dir / "leaderboard.json").read_text())["rows"]
+    assert {r["metric"] for r in rows} == {"face_detection"}
