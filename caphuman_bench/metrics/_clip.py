@@ -1,0 +1,122 @@
+"""One open_clip model per scoring pass, shared by `clip_score` and `prompt_accuracy`.
+
+Weights come from the weights resolver as a local file (`open_clip.create_model_and_transforms(name,
+pretrained=<path>)`); the tokenizer is open_clip's own, whose BPE vocabulary ships in the wheel, so
+nothing is downloaded. Because a file path carries no "openai" tag, the OpenAI specifics the tag
+would set are given explicitly: QuickGELU activations and OpenAI's preprocessing (bicubic resize of
+the shorter side to the input size, centre crop, OpenAI mean / std).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from caphuman_bench import weights
+from caphuman_bench.errors import BenchError
+from caphuman_bench.metrics._memo import BoundedMemo, image_digest
+from caphuman_bench.metrics.base import ScoreContext
+
+DEFAULT_CLIP_MODEL = "ViT-L-14"
+CLIP_CHECKPOINTS = {"ViT-L-14": "clip_vit_l14_openai", "ViT-B-32": "clip_vit_b32_openai"}
+ENCODE_BATCH = 32
+
+CLIP_CONVENTION = {
+    "model": "open_clip, option clip_model (default ViT-L-14, or ViT-B-32) with OpenAI weights, QuickGELU, "
+    "or any open_clip architecture name with option clip_checkpoint=<file>",
+    "preprocessing": "bicubic resize of the shorter side, centre crop, OpenAI mean/std (open_clip's 'openai' tag)",
+    "text": "the prompt with its subject placeholder filled by 'a person', open_clip tokenizer, 77 tokens",
+}
+
+
+@dataclass
+class ClipModel:
+    """A loaded open_clip model with its preprocessing, tokenizer and per-pass embedding memos."""
+
+    name: str
+    checkpoint: Path
+    device: str
+    model: torch.nn.Module
+    preprocess: object
+    tokenizer: object
+    _images: BoundedMemo = field(default_factory=lambda: BoundedMemo(1024))
+    _texts: BoundedMemo = field(default_factory=lambda: BoundedMemo(4096))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
+        """L2-normalised image embeddings (n, d), float32 on the CPU."""
+        keys = [image_digest(image) for image in images]
+        todo = [i for i, key in enumerate(keys) if key not in self._images]
+        for start in range(0, len(todo), ENCODE_BATCH):
+            chunk = todo[start : start + ENCODE_BATCH]
+            pixels = torch.stack([self.preprocess(images[i]) for i in chunk]).to(self.device, self.dtype)
+            with torch.inference_mode():
+                vectors = F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+            for i, vector in zip(chunk, vectors):
+                self._images.put(keys[i], vector)
+        return _stack([self._images.get(key) for key in keys])
+
+    def text_embeddings(self, texts: list[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (n, d), float32 on the CPU."""
+        todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
+        for start in range(0, len(todo), ENCODE_BATCH):
+            chunk = todo[start : start + ENCODE_BATCH]
+            tokens = self.tokenizer(chunk).to(self.device)
+            with torch.inference_mode():
+                vectors = F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+            for text, vector in zip(chunk, vectors):
+                self._texts.put(text, vector)
+        return _stack([self._texts.get(text) for text in texts])
+
+
+def _stack(vectors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(vectors) if vectors else torch.zeros(0, 0)
+
+
+_MODELS: dict[tuple[str, str, str], ClipModel] = {}
+
+
+def clip_for(context: ScoreContext) -> ClipModel:
+    """The CLIP model a scoring context asks for (options `clip_model`, `clip_checkpoint`)."""
+    name = context.options.get("clip_model") or DEFAULT_CLIP_MODEL
+    explicit = context.options.get("clip_checkpoint")
+    if explicit:
+        checkpoint = Path(explicit).expanduser()
+        if not checkpoint.is_file():
+            raise BenchError(f"scoring option 'clip_checkpoint': file {checkpoint} does not exist")
+    elif name in CLIP_CHECKPOINTS:
+        weights_id = CLIP_CHECKPOINTS[name]
+        checkpoint = context.weights.get(weights_id) or weights.resolve(
+            weights_id, (context.options.get("weights_paths") or {}).get(weights_id))
+    else:
+        raise BenchError(f"scoring option 'clip_model': {name!r} has no known weights "
+                         f"(known: {', '.join(CLIP_CHECKPOINTS)}); give option 'clip_checkpoint' with its file")
+    return load_clip(name, checkpoint, context.device)
+
+
+def load_clip(name: str, checkpoint: str | Path, device: str = "cpu") -> ClipModel:
+    """Build open_clip architecture `name` with the weights at `checkpoint` (cached per process)."""
+    import open_clip
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    checkpoint = Path(checkpoint)
+    key = (name, str(checkpoint.resolve()), str(device))
+    if key not in _MODELS:
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=str(checkpoint), device=device, force_quick_gelu=True,
+                image_mean=OPENAI_DATASET_MEAN, image_std=OPENAI_DATASET_STD,
+                image_interpolation="bicubic", image_resize_mode="shortest",
+            )
+        except RuntimeError as exc:
+            raise BenchError(f"{checkpoint}: cannot load as open_clip {name!r} ({str(exc).splitlines()[0]})") from None
+        model.eval()
+        _MODELS[key] = ClipModel(name, checkpoint, str(device), model, preprocess, open_clip.get_tokenizer(name))
+    return _MODELS[key]
