@@ -384,6 +384,33 @@ def conformance(
     raise typer.Exit(conformance_command(reference, device=device))
 
 
+@app.command()
+def render(
+    condition: Annotated[list[str], typer.Option("--condition", "-c", help="Head condition id(s) of the spec (repeat).")],
+    identity: Annotated[Optional[str], typer.Option("--identity", help="Identity id whose DECA code is rendered (default: FLAME's neutral head).")] = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for normal.png, albedo.png, rendered.png and grid.png.")] = Path("renders"),
+    synthetic: Annotated[bool, typer.Option("--synthetic", help="Use the synthetic FLAME-format head (no FLAME files needed).")] = False,
+    mode: Annotated[str, typer.Option("--mode", help="Coefficient mixing: position,pose | expression | lighting | all.")] = "position,pose",
+    size: Annotated[int, typer.Option("--size")] = 512,
+    spec: Spec = None,
+    identities_dir: IdentitiesDir = None,
+    device: Device = "auto",
+    weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+):
+    """Render a head condition as CapHuman sees it: surface normals, albedo, Lambertian shading, and a grid.
+
+    Example: caphuman-bench render --synthetic --condition yaw-r45 --out renders/
+    """
+    from caphuman_bench.render.cli import render_command
+    from caphuman_bench.runner import pick_device
+
+    written = render_command(condition, out_dir, identity=identity, synthetic=synthetic, mode=mode, size=size,
+                             device=pick_device(device), spec_root=spec, identities_dir=identities_dir,
+                             weight_paths={k: str(v) for k, v in _parse_pairs(weights_path, "--weights").items()})
+    for name, path in written.items():
+        out.print(f"{name}: {path}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2."""
     try:
@@ -403,3 +430,7 @@ def main() -> None:
             sys.exit(exc.exit_code)
         raise
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()
