@@ -88,7 +88,7 @@ def test_coverage_equals_projected_area(sphere_render):
     assert abs(covered - np.pi * radius_px**2) <= 2 * radius_px  # within one pixel row of the disk
 
 
-def test_constant_albedo_under_dc_light_is_constant(sphere_render):
+def test_constant_albedo_under_dc_light_is_constant():
     vertices, faces = _sphere(3)
     dc = np.array([1.0, 2.0, 3.0])
     light = np.zeros((9, 3))

@@ -160,9 +160,9 @@ def load_texture_space(path: str | os.PathLike, n_tex: int = 50) -> TextureSpace
         raise BenchError(f"{path}: FLAME texture file not found") from None
     except (ValueError, OSError) as exc:
         raise BenchError(f"{path}: not a readable .npz ({exc})") from None
-    basis = np.asarray(tex_dir.reshape(mean.size, -1)[:, :n_tex], dtype=np.float32) if tex_dir.size % mean.size == 0 else None
-    if basis is None or basis.shape[1] < n_tex:
+    if tex_dir.size % mean.size or tex_dir.size // mean.size < n_tex:
         raise BenchError(f"{path}: field 'tex_dir' {tex_dir.shape} must hold ≥ {n_tex} components of {mean.size} values")
+    basis = np.asarray(tex_dir.reshape(mean.size, -1)[:, :n_tex], dtype=np.float32)
     side = int(round((mean.size / 3) ** 0.5))
     if side * side * 3 != mean.size:
         raise BenchError(f"{path}: field 'mean' has {mean.size} values, not a square RGB texture")
