@@ -1,0 +1,174 @@
+"""One face detector for every face metric of a scoring pass: facenet-pytorch's MTCNN.
+
+MTCNN ships its weights in the facenet-pytorch wheel, is what the paper's ID-sim protocol uses
+(`MTCNN(image_size=160, margin=0)`), and gives the 5 landmarks ArcFace alignment needs, so the
+face-detection rate, all identity recognisers and the DECA crop see the same face in each image.
+
+Conventions (recorded by the metrics that use this module):
+- MTCNN's default thresholds (0.6, 0.7, 0.7) and minimum face size 20 px; a face is "detected" when
+  MTCNN's output network keeps it (probability ≥ 0.7).
+- With several faces, the most confident one is used (`MTCNN(select_largest=False)`; facenet-pytorch's
+  default would pick the largest). `n_faces` reports how many there were.
+- Images larger than `DETECT_MAX_SIDE` a side are detected on a copy downscaled to that size and the
+  boxes mapped back, which bounds memory; smaller images are detected as they are.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from caphuman_bench.images import to_rgb
+from caphuman_bench.metrics._memo import BoundedMemo, image_digest
+
+DETECT_MAX_SIDE = 2048
+DETECT_BATCH = 16
+FACENET_CROP = 160
+MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
+
+_DETECTORS: dict[tuple[str, str], torch.nn.Module] = {}
+_DETECTIONS = BoundedMemo(capacity=1024)
+_MISSING = object()
+
+DETECTOR_CONVENTION = {
+    "detector": "facenet-pytorch MTCNN, thresholds (0.6, 0.7, 0.7), min face 20 px",
+    "several_faces": "the most confident face",
+    "large_images": f"detected on a copy downscaled to {DETECT_MAX_SIDE} px a side",
+}
+
+
+@dataclass(frozen=True)
+class FaceDetection:
+    """All faces MTCNN found in one image, most confident first; `box` etc. describe that first one."""
+
+    boxes: np.ndarray  # (n, 4) x1, y1, x2, y2 in image pixels
+    probs: np.ndarray  # (n,)
+    all_landmarks: np.ndarray  # (n, 5, 2): left eye, right eye, nose, mouth left, mouth right (x, y)
+
+    @property
+    def box(self) -> np.ndarray:
+        return self.boxes[0]
+
+    @property
+    def prob(self) -> float:
+        return float(self.probs[0])
+
+    @property
+    def landmarks(self) -> np.ndarray:
+        return self.all_landmarks[0]
+
+    @property
+    def n_faces(self) -> int:
+        return len(self.probs)
+
+
+def face_detector(device: str | torch.device = "cpu", weights_dir: str | Path | None = None) -> torch.nn.Module:
+    """The MTCNN of this process for a device (built once), with P/R/O-nets from `weights_dir` if given.
+
+    `weights_dir` is the folder of the resolved `mtcnn` manifest entry (pnet.pt, rnet.pt, onet.pt);
+    None means the files packaged with facenet-pytorch, which is also where that entry resolves.
+    """
+    from facenet_pytorch import MTCNN
+
+    weights_dir = _weights_dir(weights_dir)
+    key = (str(device), str(weights_dir))
+    if key not in _DETECTORS:
+        detector = MTCNN(image_size=FACENET_CROP, margin=0, select_largest=False, device=torch.device(device))
+        if weights_dir != _packaged_weights_dir():
+            for net, filename in zip((detector.pnet, detector.rnet, detector.onet), MTCNN_FILES):
+                state = torch.load(Path(weights_dir) / filename, map_location="cpu", weights_only=True)
+                net.load_state_dict(state, strict=True)
+        detector.eval()
+        _DETECTORS[key] = detector
+    return _DETECTORS[key]
+
+
+def mtcnn_weights_dir(weights: dict[str, Path]) -> Path | None:
+    """The folder of a scoring pass's resolved `mtcnn` entry (`ScoreContext.weights`): pnet/rnet/onet.pt."""
+    onet = weights.get("mtcnn")
+    return Path(onet).parent if onet else None
+
+
+def detect_faces(
+    images: list[Image.Image], device: str | torch.device = "cpu", weights_dir: str | Path | None = None
+) -> list[FaceDetection | None]:
+    """Faces in each image (None where there is none), batched by image size.
+
+    Results are memoised by pixel content, so the other face metrics of the same pass reuse them.
+    """
+    detector = face_detector(device, weights_dir)
+    prefix = (str(device), str(_weights_dir(weights_dir)))
+    results: list[FaceDetection | None] = [None] * len(images)
+    by_size: dict[tuple[int, int], list[tuple[int, Image.Image, float, tuple]]] = defaultdict(list)
+    for index, image in enumerate(images):
+        image = to_rgb(image)
+        key = (prefix, image_digest(image))
+        known = _DETECTIONS.get(key, _MISSING)
+        if known is not _MISSING:
+            results[index] = known
+            continue
+        work, scale = _detection_input(image)
+        by_size[work.size].append((index, work, scale, key))
+    for group in by_size.values():
+        for start in range(0, len(group), DETECT_BATCH):
+            chunk = group[start : start + DETECT_BATCH]
+            boxes, probs, points = detector.detect([work for _, work, _, _ in chunk], landmarks=True)
+            for (index, _, scale, key), b, p, pts in zip(chunk, boxes, probs, points):
+                detection = _as_detection(b, p, pts, scale)
+                _DETECTIONS.put(key, detection)
+                results[index] = detection
+    return results
+
+
+def aligned_crops_160(images: list[Image.Image], detections: list[FaceDetection | None]) -> list[torch.Tensor | None]:
+    """The face crops `MTCNN(image_size=160, margin=0)` returns: 3×160×160, (pixel − 127.5) / 128.
+
+    facenet-pytorch's own `extract_face` + `fixed_image_standardization` (its post_process=True)
+    on the chosen box, so the tensors equal MTCNN's output for the same face.
+    """
+    from facenet_pytorch.models.mtcnn import fixed_image_standardization
+    from facenet_pytorch.models.utils.detect_face import extract_face
+
+    crops: list[torch.Tensor | None] = []
+    for image, detection in zip(images, detections):
+        if detection is None:
+            crops.append(None)
+            continue
+        face = extract_face(to_rgb(image), detection.box, image_size=FACENET_CROP, margin=0)
+        crops.append(fixed_image_standardization(face))
+    return crops
+
+
+def _packaged_weights_dir() -> Path:
+    import facenet_pytorch
+
+    return Path(facenet_pytorch.__file__).resolve().parent / "data"
+
+
+def _weights_dir(weights_dir: str | Path | None) -> Path:
+    return Path(weights_dir).resolve() if weights_dir is not None else _packaged_weights_dir()
+
+
+def _detection_input(image: Image.Image) -> tuple[Image.Image, float]:
+    """The image MTCNN sees and the factor from its pixels back to the original's."""
+    longest = max(image.size)
+    if longest <= DETECT_MAX_SIDE:
+        return image, 1.0
+    scale = longest / DETECT_MAX_SIDE
+    size = (max(1, round(image.width / scale)), max(1, round(image.height / scale)))
+    return image.resize(size, Image.BILINEAR), scale
+
+
+def _as_detection(boxes, probs, points, scale: float) -> FaceDetection | None:
+    if boxes is None:
+        return None
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4) * scale
+    probs = np.asarray(probs, dtype=np.float64).reshape(-1)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 5, 2) * scale
+    order = np.argsort(-probs, kind="stable")
+    return FaceDetection(boxes=boxes[order], probs=probs[order], all_landmarks=points[order])

