@@ -174,8 +174,8 @@ def _check_ddim(pipe, case, tensors, device) -> list[ConformanceRow]:
     return rows
 
 
-def run_conformance(reference_dir: Path, device: str = "cpu") -> ConformanceReport:
-    """Run every case of `reference_dir` through the port; max abs / rel error per output, with pass/fail."""
+def run_conformance(reference_dir: Path, device: str = "cpu", only: list[str] | None = None) -> ConformanceReport:
+    """Run every case (or the cases named in `only`) through the port; max abs / rel error per output."""
     reference_dir = Path(reference_dir)
     cases = json.loads(_required(reference_dir, "cases.json").read_text())
     tensors = load_file(str(_required(reference_dir, "cases.safetensors")))
@@ -183,7 +183,10 @@ def run_conformance(reference_dir: Path, device: str = "cpu") -> ConformanceRepo
     pipe.set_progress_bar_config(disable=True)
     report = ConformanceReport(reference_dir, cases.get("variant", reference_dir.name))
     checks = {"apply_model": _check_apply_model, "ddim": _check_ddim}
-    for case in cases["cases"]:
+    selected = [case for case in cases["cases"] if only is None or case.get("name") in only]
+    if only is not None and len(selected) != len(set(only)):
+        raise BenchError(f"{reference_dir / 'cases.json'}: no case named {sorted(set(only) - {c.get('name') for c in selected})}")
+    for case in selected:
         if case.get("kind") not in checks:
             raise BenchError(f"{reference_dir / 'cases.json'}: case {case.get('name')!r} has unknown kind {case.get('kind')!r}")
         report.rows += checks[case["kind"]](pipe, case, tensors, device)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import gzip
-import json
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -506,15 +504,11 @@ def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
     vocab = list(oct.bytes_to_unicode().values())
     vocab = vocab + [v + "</w>" for v in vocab] + ["".join(m.split()) for m in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
-        (Path(tmp) / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-        return CLIPTokenizer(
-            vocab_file=str(Path(tmp) / "vocab.json"),
-            merges_file=str(Path(tmp) / "merges.txt"),
-            pad_token="<|endoftext|>",
-            model_max_length=model_max_length,
-        )
+    return CLIPTokenizer(
+        vocab={token: i for i, token in enumerate(vocab)},
+        merges=[tuple(m.split()) for m in merges],
+        model_max_length=model_max_length,
+    )
 
 
 def overlay_backbone(modules: dict[str, torch.nn.Module], configs: CapHumanConfigs, path: str | Path) -> list[str]:
