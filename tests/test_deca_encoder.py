@@ -45,8 +45,12 @@ def random_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
-    state = random_state_dict()
+def state() -> dict[str, torch.Tensor]:
+    return random_state_dict()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, state) -> tuple[Path, dict[str, torch.Tensor]]:
     path = tmp_path_factory.mktemp("deca") / "deca_model.tar"
     torch.save({"E_flame": state, "E_detail": {"layers.0.weight": torch.zeros(2)}}, path)
     return path, state
@@ -93,8 +97,8 @@ def test_strict_load_and_236_outputs_sliced(checkpoint):
     ],
     ids=["missing", "renamed", "unexpected", "wrong-shape"],
 )
-def test_other_layouts_are_refused_by_name(tmp_path, change, named):
-    state = random_state_dict()
+def test_other_layouts_are_refused_by_name(tmp_path, state, change, named):
+    state = dict(state)
     change(state)
     path = tmp_path / "deca_model.tar"
     torch.save({"E_flame": state}, path)
@@ -143,6 +147,19 @@ def test_crop_outside_the_image_is_black():
 def test_encode_images_returns_none_without_face(checkpoint):
     encoder = load_deca_encoder(checkpoint[0])
     images = [Image.new("RGB", (64, 64), (128, 128, 128)), Image.new("RGB", (64, 64), (10, 200, 30))]
-    codes = encode_images(encoder, images, lambda batch: [None, (8, 8, 56, 56)])
+    codes = encode_images(encoder, images, lambda image: None if image.getpixel((0, 0))[0] == 128 else (8, 8, 56, 56))
     assert codes[0] is None
     assert codes[1]["shape"].shape == (100,) and codes[1]["light"].shape == (9, 3)
+
+
+def test_mtcnn_box_detector_gives_the_most_confident_face():
+    from facenet_pytorch import MTCNN
+    from skimage import data
+
+    from caphuman_bench.models.deca_encoder import mtcnn_box_detector
+
+    photo = Image.fromarray(data.astronaut())
+    detector = mtcnn_box_detector()
+    boxes, _ = MTCNN(select_largest=False).detect(photo)
+    np.testing.assert_allclose(detector(photo), boxes[0].astype(np.float64), atol=1e-3)  # facenet gives dtype=object
+    assert detector(Image.new("RGB", (200, 200), (255, 255, 255))) is None

@@ -42,8 +42,8 @@ CODE_SLICES: dict[str, tuple[int, int]] = {
     "light": (209, 236),  # 9 spherical-harmonics bands × RGB
 }
 
-# A face box detector: RGB images -> per image [x1, y1, x2, y2] in pixels, or None where it finds no face.
-BoxDetector = Callable[[list[Image.Image]], "list[Sequence[float] | None]"]
+# A face box detector: RGB image -> [x1, y1, x2, y2] in pixels, or None when it finds no face.
+BoxDetector = Callable[[Image.Image], "Sequence[float] | None"]
 
 
 class DecaEncoder(torch.nn.Module):
@@ -92,12 +92,18 @@ def layout_differences(state_dict: dict[str, torch.Tensor], expected: dict[str, 
     return problems
 
 
-def load_deca_state_dict(encoder: DecaEncoder, state_dict: dict[str, torch.Tensor], source: str) -> DecaEncoder:
-    """Load `state_dict` into `encoder` only if it has exactly the reference layout."""
+def encoder_from_state_dict(state_dict: dict[str, torch.Tensor], source: str) -> DecaEncoder:
+    """A `DecaEncoder` holding `state_dict`, only if it has exactly the reference layout.
+
+    The model is built on the meta device and takes the given tensors (`assign=True`), so no
+    throw-away random initialisation of 25.9 M numbers happens first.
+    """
+    with torch.device("meta"):
+        encoder = DecaEncoder()
     problems = layout_differences(state_dict, encoder.state_dict())
     if problems:
         raise BenchError(f"{source}: not DECA's E_flame layout (ResnetEncoder(outsize=236)); " + "; ".join(problems))
-    encoder.load_state_dict(state_dict, strict=True)
+    encoder.load_state_dict(state_dict, strict=True, assign=True)
     return encoder
 
 
@@ -120,7 +126,7 @@ def load_deca_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
         entries = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise BenchError(f"{path}: no entry 'E_flame' (found: {entries})")
-    encoder = load_deca_state_dict(DecaEncoder(), dict(checkpoint["E_flame"]), f"{path} [E_flame]")
+    encoder = encoder_from_state_dict(dict(checkpoint["E_flame"]), f"{path} [E_flame]")
     return encoder.eval().to(device)
 
 
@@ -161,7 +167,7 @@ def encode_images(
     encoder: DecaEncoder, images: list[Image.Image], detector: BoxDetector, batch_size: int = 16
 ) -> list[dict[str, np.ndarray] | None]:
     """DECA codes of images (box from `detector` → DECA crop → E_flame); None where no face was found."""
-    boxes = detector(images)
+    boxes = [detector(image) for image in images]
     found = [i for i, box in enumerate(boxes) if box is not None]
     results: list[dict[str, np.ndarray] | None] = [None] * len(images)
     if found:
@@ -175,7 +181,8 @@ def mtcnn_box_detector(device: str | torch.device = "cpu", weights_dir: str | os
     """The scoring pass's MTCNN (`caphuman_bench.metrics._faces`) as a `BoxDetector`: the most confident face."""
     from caphuman_bench.metrics._faces import detect_faces
 
-    def boxes(images: list[Image.Image]) -> list[Sequence[float] | None]:
-        return [None if d is None else d.box for d in detect_faces(images, device, weights_dir)]
+    def box(image: Image.Image) -> Sequence[float] | None:
+        (detection,) = detect_faces([image], device, weights_dir)
+        return None if detection is None else detection.box
 
-    return boxes
+    return box
