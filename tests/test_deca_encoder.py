@@ -163,3 +163,20 @@ def test_mtcnn_box_detector_gives_the_most_confident_face():
     boxes, _ = MTCNN(select_largest=False).detect(photo)
     np.testing.assert_allclose(detector(photo), boxes[0].astype(np.float64), atol=1e-3)  # facenet gives dtype=object
     assert detector(Image.new("RGB", (200, 200), (255, 255, 255))) is None
+
+
+@pytest.mark.parametrize("box", [(150, 80, 230, 180), (-30, -20, 60, 70), (350, 240, 420, 330), (0, 0, 400, 300)])
+def test_crop_equals_decas_full_image_warp(box):
+    """DECA's own steps on the whole photo (estimate_transform + warp of image / 255), box anywhere."""
+    from skimage.transform import estimate_transform, warp
+
+    pixels = np.random.default_rng(3).integers(0, 256, size=(300, 400, 3), dtype=np.uint8)
+    left, top, right, bottom = box
+    old_size = (right - left + bottom - top) / 2
+    centre = np.array([right - (right - left) / 2.0, bottom - (bottom - top) / 2.0 + old_size * 0.12])
+    size = int(old_size * 1.25)
+    src = np.array([[centre[0] - size / 2, centre[1] - size / 2], [centre[0] - size / 2, centre[1] + size / 2],
+                    [centre[0] + size / 2, centre[1] - size / 2]])
+    tform = estimate_transform("similarity", src, np.array([[0, 0], [0, 223], [223, 0]]))
+    expected = warp(pixels / 255.0, tform.inverse, output_shape=(224, 224)).transpose(2, 0, 1)
+    np.testing.assert_allclose(deca_crop(Image.fromarray(pixels), box).numpy(), expected, atol=1e-6)

@@ -147,9 +147,16 @@ def deca_crop(image: Image.Image, box: Sequence[float]) -> torch.Tensor:
         [centre[0] - size / 2, centre[1] + size / 2],
         [centre[0] + size / 2, centre[1] - size / 2],
     ])
+    # Only the square (plus the bilinear neighbours) is converted to float: an 8k photo stays cheap.
+    # Cropping at image bounds keeps DECA's zero padding outside the photo exactly.
+    x0, y0 = (max(int(np.floor(c - size / 2)) - 2, 0) for c in centre)
+    x1 = min(int(np.ceil(centre[0] + size / 2)) + 3, image.width)
+    y1 = min(int(np.ceil(centre[1] + size / 2)) + 3, image.height)
+    if x1 <= x0 or y1 <= y0:
+        return torch.zeros(3, CROP_SIZE, CROP_SIZE)
     dst_pts = np.array([[0, 0], [0, CROP_SIZE - 1], [CROP_SIZE - 1, 0]])
-    transform = estimate_transform("similarity", src_pts, dst_pts)
-    pixels = np.asarray(image.convert("RGB"), dtype=np.float64) / 255.0
+    transform = estimate_transform("similarity", src_pts - [x0, y0], dst_pts)
+    pixels = np.asarray(image.convert("RGB").crop((x0, y0, x1, y1)), dtype=np.float64) / 255.0
     cropped = warp(pixels, transform.inverse, output_shape=(CROP_SIZE, CROP_SIZE))
     return torch.from_numpy(cropped.transpose(2, 0, 1).copy()).float()
 
