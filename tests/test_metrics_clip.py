@@ -174,7 +174,7 @@ def _ours_and_torchmetrics(shared_clip, dtype):
     try:
         reference = CLIPScore(model_name_or_path=lambda: (TensorFeatures(model), processor))
         metric = ClipScore(_context(checkpoint))
-        pairs = [(image, prompt) for image in _images() for prompt in PROMPTS]
+        pairs = [(image, prompt) for image in _images()[1:] for prompt in PROMPTS[:5]]
         metric.update([_item(image, prompt, f"t{i}") for i, (image, prompt) in enumerate(pairs)])
         ours = [row.values["clip_score"] for row in metric.last_rows]
         theirs = []
