@@ -214,3 +214,29 @@ def test_arcface_without_onnxruntime_says_how_to_install(astronaut, face_weights
     metric = ArcFaceIdentity(ScoreContext(weights={**face_weights, "arcface_antelopev2": fake}))
     with pytest.raises(BenchError, match=r"onnxruntime.*caphuman-bench\[arcface\]"):
         metric.update([item(astronaut, astronaut)])
+
+
+def test_arcface_session_matches_the_same_network_in_torch(astronaut, hopper, face_weights, tmp_path):
+    """The onnxruntime path (input layout, (x - 127.5) / 127.5, batching) against the same tiny network
+    run in torch on our own aligned crops. Runs where onnxruntime and onnx (for the export) are installed."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    from caphuman_bench.metrics.identity import cosine
+
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 16)).eval()
+    path = tmp_path / "glintr100.onnx"
+    torch.onnx.export(network, torch.zeros(1, 3, ARCFACE_SIZE, ARCFACE_SIZE), str(path), input_names=["input.1"],
+                      output_names=["embedding"], dynamic_axes={"input.1": {0: "n"}}, dynamo=False)
+    metric = ArcFaceIdentity(ScoreContext(weights={**face_weights, "arcface_antelopev2": path}))
+    metric.update([item(astronaut, astronaut, "a"), item(hopper, astronaut, "b")])
+    same, other = (row.values["id_sim_arcface"] for row in metric.last_rows)
+
+    def embed(image):
+        (found,) = detect_faces([image])
+        crop = torch.from_numpy(arcface_align(image, found.landmarks)).float().permute(2, 0, 1)[None]
+        with torch.no_grad():
+            return network((crop - 127.5) / 127.5)[0].numpy().astype(np.float64)
+
+    assert same == pytest.approx(1.0, abs=1e-6)
+    assert other == pytest.approx(cosine(embed(astronaut), embed(hopper)), abs=1e-5)

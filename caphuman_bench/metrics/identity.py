@@ -187,7 +187,9 @@ class ArcFaceIdentity(IdentitySimilarity):
         "value": "cosine similarity in [-1, 1] between reference and generated face embeddings",
         "recogniser": "insightface antelopev2 glintr100.onnx (ArcFace, Glint360K) through onnxruntime",
         "alignment": "similarity transform of MTCNN's 5 landmarks onto insightface's arcface_dst template, "
-        "112 x 112 bilinear, RGB, (pixel - 127.5) / 127.5",
+        "112 x 112 bilinear, RGB, (pixel - 127.5) / 127.5 (insightface's input normalisation for graphs "
+        "without built-in Sub/Mul nodes, as glintr100 and w600k_r50)",
+        "landmarks": "MTCNN's 5 points (insightface itself uses its SCRFD detector's)",
         **DETECTOR_CONVENTION,
         **_NO_FACE_CONVENTION,
     }
