@@ -35,10 +35,14 @@ def astronaut() -> Image.Image:
     return Image.fromarray(data.astronaut())
 
 
-def _png_bytes(image: Image.Image) -> bytes:
+def _save(image: Image.Image, fmt: str) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format=fmt)
     return buffer.getvalue()
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    return _save(image, "PNG")
 
 
 def _rgba(astronaut: Image.Image) -> Image.Image:
@@ -87,12 +91,6 @@ CASES = {
     "not_an_image": (lambda a: b"this is not an image", "unreadable", None),
 }
 REASONS = {"tiny": "too small", "huge": "too large", "truncated": "unreadable image", "not_an_image": "unreadable image"}
-
-
-def _save(image: Image.Image, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -249,4 +249,4 @@ def test_clip_score_unreadable_and_conventions(shared_clip):
     metric.update([_item(None, PROMPTS[0])])
     assert metric.last_rows[0].status == "unreadable" and math.isnan(metric.last_rows[0].values["clip_score"])
     assert "raw cosine" in ClipScore.convention["value"] and "max(100" in ClipScore.convention["value"]
-    assert "top-k" in PromptAccuracy.convention["value"] or "top" in PromptAccuracy.convention["value"]
+    assert "strictly more CLIP-similar" in PromptAccuracy.convention["value"]
