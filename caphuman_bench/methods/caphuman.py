@@ -1,0 +1,233 @@
+"""The `caphuman` method: reference photo + prompt + head condition → image, through `CapHumanPipeline`.
+
+Per identity, once per run (cached under the run's `cache/method/` so a resumed run skips them):
+the identity tokens (`IdentityEncoder`: CLIP tokens of the face-parsed photo + FaceNet embedding) and
+the reference's DECA code. Per identity × head condition: the 9-channel head render of the
+reference's code mixed with the condition (`params["mixing"]`, the official `--modes`).
+
+With `tiny: true` (the smoke preset) every network has random weights and needs no file: the tiny
+CapHuman of `build_tiny_caphuman_pipeline`, a tiny CLIP / full-size random FaceNet and BiSeNet with
+the real MTCNN, and the synthetic FLAME-format head from FLAME's neutral code (no DECA).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from caphuman_bench.errors import BenchError
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.registry import register_method
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+BACKBONES = ("caphuman", "realistic_vision")
+BASE_WEIGHTS = ("caphuman_ckpt", "facenet_vggface2", "face_parser_bisenet", "deca_model",
+                "flame_model", "flame_texture", "flame_head_template")
+OVERLAY_WEIGHTS = ("realistic_vision_v3", "vae_ft_mse")
+
+
+def _check_params(params: dict[str, Any], where: str) -> None:
+    if params.get("backbone", "caphuman") not in BACKBONES:
+        raise BenchError(f"{where}: parameter 'backbone' must be one of {', '.join(BACKBONES)}, got {params['backbone']!r}")
+    if str(params.get("dtype", "float16")) not in DTYPES:
+        raise BenchError(f"{where}: parameter 'dtype' must be one of {', '.join(DTYPES)}, got {params['dtype']!r}")
+    if int(params.get("height", 512)) != int(params.get("width", 512)):
+        raise BenchError(f"{where}: CapHuman renders square head conditions; parameters 'height' and 'width' must be equal")
+    if float(params.get("tau", 0)) < 0:
+        raise BenchError(f"{where}: parameter 'tau' must be >= 0 (0 = never drop the identity tokens)")
+
+
+@register_method("caphuman")
+class CapHumanMethod(MethodAdapter):
+    @classmethod
+    def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
+        _check_params(params, card.path or card.name)
+        if params.get("tiny"):
+            return []
+        extra = OVERLAY_WEIGHTS if params.get("backbone") == "realistic_vision" else ()
+        return [w for w in (*BASE_WEIGHTS, *extra)]
+
+    # ------------------------------------------------------------------------------------------
+    # building
+
+    def load(self) -> None:
+        _check_params(self.params, self.card.path or self.card.name)
+        self.device = torch.device(self.context.device)
+        self.dtype = DTYPES[str(self.params.get("dtype", "float16"))] if self.device.type == "cuda" else torch.float32
+        if self.params.get("tiny"):
+            self._load_tiny()
+        else:
+            self._load_full()
+        self.pipe.set_progress_bar_config(disable=True)
+        self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._codes: dict[str, dict[str, np.ndarray]] = {}
+
+    def _load_tiny(self) -> None:
+        from caphuman_bench.models.identity_encoder import IdentityEncoder
+        from caphuman_bench.pipelines.tiny import build_tiny_caphuman_pipeline
+        from caphuman_bench.render.head_condition import HeadConditionRenderer
+
+        self.pipe = build_tiny_caphuman_pipeline(seed=0).to(self.device)
+        token_dim = self.pipe.capface.config.image_token_dim
+        self.identity_encoder = IdentityEncoder.random(image_token_dim=token_dim, seed=0, device=self.device)
+        self.renderer = HeadConditionRenderer.synthetic(device=self.device)
+        self.deca = None
+
+    def _load_full(self) -> None:
+        from caphuman_bench.loaders.convert_caphuman import load_caphuman_components
+        from caphuman_bench.models.deca_encoder import load_deca_encoder
+        from caphuman_bench.models.face_parser import FaceParser
+        from caphuman_bench.models.identity_encoder import IdentityEncoder, load_facenet
+        from caphuman_bench.pipelines.pipeline_caphuman import CapHumanPipeline
+        from caphuman_bench.render.head_condition import HeadConditionRenderer
+
+        paths = self.context.weights
+        overlay = self.params.get("backbone") == "realistic_vision"
+        components = load_caphuman_components(
+            paths["caphuman_ckpt"],
+            backbone_path=paths["realistic_vision_v3"] if overlay else None,
+            vae_path=paths["vae_ft_mse"] if overlay else None,
+            device=self.device,
+            dtype=self.dtype,
+        )
+        clip_vision = components.pop("image_encoder")
+        self.pipe = CapHumanPipeline(**components)
+        self.identity_encoder = IdentityEncoder(
+            load_facenet(paths["facenet_vggface2"]).to(dtype=self.dtype), clip_vision,
+            FaceParser.from_file(paths["face_parser_bisenet"]), self.device,
+        )
+        self.renderer = HeadConditionRenderer.from_files(
+            paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device
+        )
+        self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
+
+    # ------------------------------------------------------------------------------------------
+    # per-run pre-computation, cached in the run directory
+
+    def _cache_path(self, folder: str, *parts: str) -> Path | None:
+        """`<workdir>/<folder>/<parts...>` with its parent folder created; None without a workdir."""
+        if self.context.workdir is None:
+            return None
+        path = Path(self.context.workdir, folder, *parts)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _fingerprint(self, reference: Image.Image) -> str:
+        """The reference's pixels and the model setting: a cached entry is valid only for both."""
+        h = hashlib.sha256(np.asarray(reference.convert("RGB")).tobytes())
+        h.update(f"{reference.size}|tiny={bool(self.params.get('tiny'))}|{self.params.get('backbone')}".encode())
+        return h.hexdigest()[:16]
+
+    def identity_tokens(self, identity_id: str, reference: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """(image tokens [1, N, D], ID embedding [1, 1, 512]) in float32 on the CPU."""
+        if identity_id in self._tokens:
+            return self._tokens[identity_id]
+        key = self._fingerprint(reference)
+        path = self._cache_path("identity", f"{identity_id}.{key}.safetensors")
+        from safetensors.torch import load_file, save_file
+
+        if path is not None and path.exists():
+            cached = load_file(str(path))
+            tokens = (cached["image_tokens"], cached["id_embedding"])
+        else:
+            encoded = self.identity_encoder([reference])
+            tokens = (encoded.image_tokens.float().cpu(), encoded.id_embedding.float().cpu())
+            if path is not None:
+                tmp = path.with_suffix(".tmp")
+                save_file({"image_tokens": tokens[0].contiguous(), "id_embedding": tokens[1].contiguous()}, str(tmp),
+                          metadata={"face_found": json.dumps(encoded.face_found)})
+                os.replace(tmp, path)
+        self._tokens[identity_id] = tokens
+        return tokens
+
+    def identity_code(self, identity_id: str, reference: Image.Image) -> dict[str, np.ndarray]:
+        """The reference's DECA code (FLAME's neutral code in the tiny setting)."""
+        from caphuman_bench.render.head_condition import check_code, neutral_identity_code
+
+        if identity_id in self._codes:
+            return self._codes[identity_id]
+        if self.deca is None:
+            code = neutral_identity_code()
+        else:
+            path = self._cache_path("deca", f"{identity_id}.{self._fingerprint(reference)}.npz")
+            if path is not None and path.exists():
+                with np.load(path, allow_pickle=False) as data:
+                    code = {k: data[k] for k in data.files}
+            else:
+                code = self._encode_deca(reference)
+                if path is not None:
+                    tmp = path.with_suffix(".tmp.npz")
+                    np.savez(tmp, **code)
+                    os.replace(tmp, path)
+        self._codes[identity_id] = check_code(code, f"identity {identity_id!r} DECA code")
+        return self._codes[identity_id]
+
+    def _encode_deca(self, reference: Image.Image) -> dict[str, np.ndarray]:
+        """DECA on the MTCNN face box; like DECA's TestData, the whole photo when no face is found."""
+        from caphuman_bench.models.deca_encoder import encode_images
+
+        def box(image: Image.Image):
+            boxes, _ = self.identity_encoder.mtcnn.detect(image.convert("RGB"))
+            return boxes[0] if boxes is not None else (0, 0, image.width - 1, image.height - 1)
+
+        return encode_images(self.deca, [reference], box)[0]
+
+    def head_render(self, identity_id: str, reference: Image.Image, condition, size: int):
+        """The head render of one identity × condition; `render_cached` re-renders if any input changed."""
+        code = self.identity_code(identity_id, reference)
+        mixing = str(self.params.get("mixing", "position,pose"))
+        folder = self._cache_path("render", identity_id, condition.id)
+        if folder is None:
+            return self.renderer.render(code, condition, mixing, size)
+        return self.renderer.render_cached(code, condition, folder, mixing, size)
+
+    def head_target(self, identity_id: str, reference: Image.Image, condition) -> dict[str, np.ndarray]:
+        """The mixed code CapHuman was steered to (the reference's, with the mixed-in condition parts)."""
+        size = int(self.params.get("height", 512))
+        return dict(self.head_render(identity_id, reference, condition, size).target)
+
+    # ------------------------------------------------------------------------------------------
+    # generation
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        batch_size = max(1, int(self.params.get("batch_size", 1)))
+        images: list[Image.Image] = []
+        for start in range(0, len(requests), batch_size):
+            images.extend(self._generate_batch(requests[start : start + batch_size]))
+        return images
+
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        sizes = {(r.height, r.width) for r in requests}
+        if len(sizes) != 1 or any(h != w for h, w in sizes):
+            raise BenchError(f"caphuman: a batch needs one square size, got {sorted(sizes)}")
+        size = sizes.pop()[0]
+        hints, image_tokens, id_embeddings = [], [], []
+        for request in requests:
+            tokens, embedding = self.identity_tokens(request.identity_id, request.reference)
+            image_tokens.append(tokens)
+            id_embeddings.append(embedding)
+            hints.append(torch.from_numpy(self.head_render(request.identity_id, request.reference, request.condition, size).hint))
+        negative = str(self.params.get("negative_prompt", ""))
+        output = self.pipe(
+            [r.prompt for r in requests],
+            condition_image=torch.stack(hints).to(self.device, self.dtype),
+            image_tokens=torch.cat(image_tokens).to(self.device, self.dtype),
+            id_embedding=torch.cat(id_embeddings).to(self.device, self.dtype),
+            negative_prompt=[negative] * len(requests),
+            num_inference_steps=int(self.params.get("num_inference_steps", 20)),
+            guidance_scale=float(self.params.get("guidance_scale", 7.0)),
+            eta=float(self.params.get("eta", 0.0)),
+            tau=float(self.params.get("tau", 0)),
+            use_global=bool(self.params.get("use_global", True)),
+            use_local=bool(self.params.get("use_local", True)),
+            generator=[r.generator for r in requests],
+            output_type="pil",
+        )
+        return list(output.images)
