@@ -5,6 +5,11 @@ the identity tokens (`IdentityEncoder`: CLIP tokens of the face-parsed photo + F
 the reference's DECA code. Per identity × head condition: the 9-channel head render of the
 reference's code mixed with the condition (`params["mixing"]`, the official `--modes`).
 
+Switches (passed to the pipeline; see `CapFaceModel`): `tau` zeroes CapFace's whole identity context
+at DDIM steps with t > tau (0 = never; any tau >= 999 also never drops, so tau = 0 and tau >= 1000
+give the same image); `use_global: false` / `use_local: false` zero the projected ID token / image
+tokens. The head condition and its mask are never dropped: CapFace keeps steering the head pose.
+
 With `tiny: true` (the smoke preset) every network has random weights and needs no file: the tiny
 CapHuman of `build_tiny_caphuman_pipeline`, a tiny CLIP / full-size random FaceNet and BiSeNet with
 the real MTCNN, and the synthetic FLAME-format head from FLAME's neutral code (no DECA).
@@ -14,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -26,6 +32,7 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
 from caphuman_bench.registry import register_method
 
+log = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BACKBONES = ("caphuman", "realistic_vision")
 BASE_WEIGHTS = ("caphuman_ckpt", "facenet_vggface2", "face_parser_bisenet", "deca_model",
@@ -74,7 +81,7 @@ class CapHumanMethod(MethodAdapter):
         from caphuman_bench.pipelines.tiny import build_tiny_caphuman_pipeline
         from caphuman_bench.render.head_condition import HeadConditionRenderer
 
-        self.pipe = build_tiny_caphuman_pipeline(seed=0).to(self.device)
+        self.pipe = build_tiny_caphuman_pipeline(seed=0).to(self.device, self.dtype)
         token_dim = self.pipe.capface.config.image_token_dim
         self.identity_encoder = IdentityEncoder.random(image_token_dim=token_dim, seed=0, device=self.device)
         self.renderer = HeadConditionRenderer.synthetic(device=self.device)
@@ -138,6 +145,8 @@ class CapHumanMethod(MethodAdapter):
             tokens = (cached["image_tokens"], cached["id_embedding"])
         else:
             encoded = self.identity_encoder([reference])
+            if not encoded.face_found[0]:
+                log.warning("identity %s: MTCNN found no face; FaceNet sees the whole photo (official fallback)", identity_id)
             tokens = (encoded.image_tokens.float().cpu(), encoded.id_embedding.float().cpu())
             if path is not None:
                 tmp = path.with_suffix(".tmp")
