@@ -192,3 +192,39 @@ def test_facenet_file_loads_without_its_classifier_and_names_missing_keys(tmp_pa
     torch.save(state_dict, tmp_path / "broken.pt")
     with pytest.raises(BenchError, match=r"broken\.pt: FaceNet InceptionResnetV1: missing key\(s\) block8\.conv2d\.weight"):
         load_facenet(tmp_path / "broken.pt")
+
+
+def test_from_pretrained_files_reads_the_official_checkpoint_layout(tmp_path, monkeypatch, astronaut):
+    """FaceNet and BiSeNet files + CLIP vision tensors named as in caphuman.ckpt (transformers 4.24:
+    `vision_model.` level and `position_ids`); ViT-L/14 is swapped for a tiny config to stay fast."""
+    from facenet_pytorch import InceptionResnetV1
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    import caphuman_bench.models.identity_encoder as identity_encoder
+
+    tiny = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=224, patch_size=56, hidden_act="quick_gelu")
+    monkeypatch.setattr(identity_encoder, "clip_vit_l14_vision_config", lambda: tiny)
+    torch.manual_seed(0)
+    vision = CLIPVisionModel(tiny).eval()
+    checkpoint = {CAPHUMAN_CLIP_VISION_PREFIX + "vision_model." + k: v for k, v in vision.state_dict().items()}
+    checkpoint[CAPHUMAN_CLIP_VISION_PREFIX + "vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    checkpoint["id_linear.weight"] = torch.zeros(768, 512)  # other parts of the checkpoint are ignored
+    facenet = InceptionResnetV1().eval()
+    torch.save(facenet.state_dict(), tmp_path / "vggface2.pt")
+    parser_net = BiSeNet().eval()
+    torch.save(parser_net.state_dict(), tmp_path / "79999_iter.pth")
+
+    encoder = IdentityEncoder.from_pretrained_files(tmp_path / "vggface2.pt", tmp_path / "79999_iter.pth", checkpoint)
+    tokens = encoder([astronaut])
+    whitened = FaceParser(parser_net).whiten(astronaut)
+    pixels = encoder.clip_processor(images=[whitened], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        expected_local = vision(pixel_values=pixels).last_hidden_state
+        expected_global = facenet(encoder.mtcnn(astronaut)[None])
+    torch.testing.assert_close(tokens.image_tokens, expected_local)
+    torch.testing.assert_close(tokens.id_embedding[:, 0], expected_global)
+
+    checkpoint[CAPHUMAN_CLIP_VISION_PREFIX + "vision_model.embeddings.position_ids"] = torch.arange(1, 18)[None]
+    with pytest.raises(BenchError, match=r"position_ids is not 0\.\.N-1"):
+        IdentityEncoder.from_pretrained_files(tmp_path / "vggface2.pt", tmp_path / "79999_iter.pth", checkpoint)
