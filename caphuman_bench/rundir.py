@@ -8,6 +8,7 @@
       targets/          head-control targets per identity x condition (npz), when the method provides them
       cache/            per-run pre-computation (method: renders, identity tokens; metrics: reference features)
       scores.parquet    one row per image per metric family
+      scoring.json      options of the last scoring pass (no-face policy, CLIP model) and metrics skipped
       results.json      aggregates with provenance
 """
 
@@ -50,6 +51,7 @@ class RunDir:
     cache_dir = property(lambda self: self.path / "cache")
     scores_file = property(lambda self: self.path / "scores.parquet")
     results_file = property(lambda self: self.path / "results.json")
+    scoring_file = property(lambda self: self.path / "scoring.json")
 
     def image_path(self, task_id: str) -> Path:
         return self.images_dir / f"{task_id}.png"

@@ -7,7 +7,7 @@ score and head control are lower bounds of a different kind).
 
 from __future__ import annotations
 
-from PIL import Image
+from PIL import Image, ImageOps
 
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
 from caphuman_bench.registry import register_method
@@ -19,7 +19,7 @@ class ReferenceMethod(MethodAdapter):
         images = []
         for request in requests:
             image = request.reference.convert("RGB")
-            if self.params.get("resize", True):
-                image = image.resize((request.width, request.height), Image.Resampling.LANCZOS)
+            if self.params.get("resize", True):  # centre crop to the aspect, then resize: no squashed faces
+                image = ImageOps.fit(image, (request.width, request.height), Image.Resampling.LANCZOS)
             images.append(image)
         return images

@@ -83,6 +83,14 @@ def _stack(vectors: list[torch.Tensor]) -> torch.Tensor:
 _MODELS: dict[tuple[str, str, str], ClipModel] = {}
 
 
+def clip_weights(options: dict) -> tuple[str, ...]:
+    """The manifest id of the CLIP checkpoint that options `clip_model` / `clip_checkpoint` ask for."""
+    if options.get("clip_checkpoint"):
+        return ()
+    name = options.get("clip_model") or DEFAULT_CLIP_MODEL
+    return (CLIP_CHECKPOINTS[name],) if name in CLIP_CHECKPOINTS else ()
+
+
 def clip_for(context: ScoreContext) -> ClipModel:
     """The CLIP model a scoring context asks for (options `clip_model`, `clip_checkpoint`)."""
     name = context.options.get("clip_model") or DEFAULT_CLIP_MODEL

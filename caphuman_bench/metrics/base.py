@@ -79,6 +79,11 @@ class BenchMetric(Metric):
         self._reference_memo: dict[str, Any] = {}
 
     # -- what a subclass implements -------------------------------------------------------------
+    @classmethod
+    def required_weights(cls, options: dict[str, Any]) -> tuple[str, ...]:
+        """Manifest ids this metric needs under these scoring options (default: the registered ones)."""
+        return cls.info.weights
+
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from caphuman_bench.metrics._clip import CLIP_CONVENTION, clip_for
+from caphuman_bench.metrics._clip import CLIP_CONVENTION, clip_for, clip_weights
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
 from caphuman_bench.registry import register_metric
 
@@ -24,6 +24,10 @@ class ClipScore(BenchMetric):
         "unreadable": "unreadable images are not scored (NaN, status unreadable)",
         **CLIP_CONVENTION,
     }
+
+    @classmethod
+    def required_weights(cls, options: dict) -> tuple[str, ...]:
+        return clip_weights(options)
 
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         readable = [i for i, item in enumerate(items) if item.image is not None]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from caphuman_bench.metrics._clip import CLIP_CONVENTION, clip_for
+from caphuman_bench.metrics._clip import CLIP_CONVENTION, clip_for, clip_weights
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
 from caphuman_bench.registry import register_metric
 
@@ -29,6 +29,10 @@ class PromptAccuracy(BenchMetric):
         "unreadable": "unreadable images are not scored (NaN, status unreadable)",
         **CLIP_CONVENTION,
     }
+
+    @classmethod
+    def required_weights(cls, options: dict) -> tuple[str, ...]:
+        return clip_weights(options)
 
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         candidates = list(dict.fromkeys(self.context.prompts))

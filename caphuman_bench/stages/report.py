@@ -62,7 +62,7 @@ def aggregate_run(run: RunDir) -> dict:
     status = run.latest_status()
     tasks = run.tasks()
     finished = run.finished_ids()
-    skipped_file = run.path / "skipped_metrics.json"
+    scoring = json.loads(run.scoring_file.read_text()) if run.scoring_file.exists() else {}
     results = {
         "method": info["label"],
         "method_card": info["method"]["name"],
@@ -72,7 +72,8 @@ def aggregate_run(run: RunDir) -> dict:
         "metrics": metrics,
         "conventions": conventions,
         "item_status": statuses,
-        "skipped_metrics": json.loads(skipped_file.read_text()) if skipped_file.exists() else {},
+        "scoring_options": scoring.get("options", {}),
+        "skipped_metrics": scoring.get("skipped_metrics", {}),
         "images": {"planned": len(tasks), "ok": len(finished),
                    "failed": sum(1 for r in status.values() if r["status"] == "failed"),
                    "missing": len(tasks) - len(finished)},

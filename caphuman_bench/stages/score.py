@@ -46,13 +46,14 @@ def open_benchmark(run: RunDir) -> Benchmark:
     return bench
 
 
-def select_metrics(names: list[str] | None, overrides: dict[str, str]) -> tuple[dict[str, tuple[type, dict]], dict[str, str]]:
-    """Metric classes whose weights resolve, and the reasons the others are skipped."""
+def select_metrics(names: list[str] | None, options: dict) -> tuple[dict[str, tuple[type, dict]], dict[str, str]]:
+    """Metric classes whose weights resolve under these options, and the reasons the others are skipped."""
     chosen = {name: get_metric(name) for name in names} if names else all_metrics()
+    overrides = options.get("weights_paths") or {}
     ready, skipped = {}, {}
     for name, cls in chosen.items():
         missing, found = [], {}
-        for wid in cls.info.weights:
+        for wid in cls.required_weights(options):
             path = weights.locate(wid, overrides.get(wid))
             if path is None:
                 missing.append(f"{weights.entry(wid).file} ({wid}: {weights.entry(wid).source})")
@@ -70,7 +71,7 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     run.require()
     options = dict(options or {})
     bench = open_benchmark(run)
-    ready, skipped = select_metrics(metrics, options.get("weights_paths") or {})
+    ready, skipped = select_metrics(metrics, options)
     summary = ScoreSummary(skipped=skipped)
     finished = run.finished_ids()
     tasks = [t for t in shard.select(run.tasks()) if t.task_id in finished]
@@ -107,7 +108,7 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     if pending:
         _merge_scores(run, pending)
     summary.aggregates = {name: m.compute() for name, m in instances.items() if summary.scored.get(name)}
-    _record_skipped(run, skipped)
+    _record_scoring(run, options, skipped)
     return summary
 
 
@@ -162,5 +163,6 @@ def _merge_scores(run: RunDir, rows: list[dict]) -> None:
         os.replace(tmp, run.scores_file)
 
 
-def _record_skipped(run: RunDir, skipped: dict[str, str]) -> None:
-    write_json_atomic(run.path / "skipped_metrics.json", skipped)
+def _record_scoring(run: RunDir, options: dict, skipped: dict[str, str]) -> None:
+    """The options of the last scoring pass (no-face policy, CLIP model, …) and the metrics it skipped."""
+    write_json_atomic(run.scoring_file, {"options": options, "skipped_metrics": skipped})
