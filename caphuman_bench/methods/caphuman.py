@@ -59,7 +59,7 @@ class CapHumanMethod(MethodAdapter):
         if params.get("tiny"):
             return []
         extra = OVERLAY_WEIGHTS if params.get("backbone") == "realistic_vision" else ()
-        return [w for w in (*BASE_WEIGHTS, *extra)]
+        return [*BASE_WEIGHTS, *extra]
 
     # ------------------------------------------------------------------------------------------
     # building
