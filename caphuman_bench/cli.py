@@ -416,7 +416,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except BenchError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped at 80 columns
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
