@@ -78,9 +78,6 @@ def bench_generation(device, dtype, batch_sizes, steps, size, repeats) -> list[d
                      "images_per_second": round(batch / median, 3), "repeats": repeats,
                      "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None})
         print(rows[-1], flush=True)
-    del pipe, modules
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return rows
 
 

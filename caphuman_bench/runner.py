@@ -14,7 +14,7 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.provenance import config_hash, environment
 from caphuman_bench.rundir import RunDir
-from caphuman_bench.stages.plan import Shard, plan_tasks
+from caphuman_bench.stages.plan import plan_tasks
 
 BENCHMARK_NAME = "humaniphc"
 
@@ -78,7 +78,3 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
 
 def default_split(preset: str | None) -> str:
     return "demo" if preset == "smoke" else "full"
-
-
-def shard_is_whole(shard: Shard) -> bool:
-    return shard.count == 1

@@ -134,6 +134,24 @@ def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def load_torch_file(path: str | os.PathLike, what: str):
+    """`torch.load(weights_only=True)` on the CPU: nothing but tensors and containers is unpickled,
+    and a missing, foreign or corrupt file is one line naming the file and what it should be."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise BenchError(f"{path}: {what} not found") from None
+    except pickle.UnpicklingError:
+        raise BenchError(f"{path}: cannot read {what}: not a file of tensors only (torch.load with weights_only=True refused it)") from None
+    except Exception as exc:  # torch's readers fail on junk with KeyError, EOFError, RuntimeError, …
+        raise BenchError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
+
+
 def fetch(weights_id: str) -> Path:
     """Download a Hugging Face-hosted file into the HF cache (the only code path that downloads)."""
     e = entry(weights_id)

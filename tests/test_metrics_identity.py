@@ -26,7 +26,7 @@ from caphuman_bench.metrics.identity import (
     DlibIdentity,
     FaceNetIdentity,
     arcface_align,
-    load_facenet,
+    facenet_on,
 )
 
 
@@ -164,7 +164,7 @@ def test_facenet_loads_from_path_and_scores(astronaut, hopper, face_weights, ran
     assert same.values["id_sim_facenet"] == pytest.approx(1.0, abs=1e-5)
     assert -1.0 <= other.values["id_sim_facenet"] < same.values["id_sim_facenet"]
     assert blank.status == "no_face" and blank.values["id_sim_facenet"] == 0.0
-    model = load_facenet(random_facenet_file, "cpu")
+    model = facenet_on(random_facenet_file, "cpu")
     (crop,) = aligned_crops_160([astronaut], detect_faces([astronaut]))
     with torch.no_grad():
         embedding = model(crop[None])
@@ -174,12 +174,12 @@ def test_facenet_loads_from_path_and_scores(astronaut, hopper, face_weights, ran
 def test_facenet_refuses_a_foreign_state_dict(tmp_path):
     path = tmp_path / "not_facenet.pt"
     torch.save({"conv.weight": torch.zeros(1)}, path)
-    with pytest.raises(BenchError, match=r"not_facenet\.pt.*missing keys"):
-        load_facenet(path, "cpu")
+    with pytest.raises(BenchError, match=r"not_facenet\.pt.*missing key"):
+        facenet_on(path, "cpu")
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     with pytest.raises(BenchError, match="garbage.pt: cannot read"):
-        load_facenet(garbage, "cpu")
+        facenet_on(garbage, "cpu")
 
 
 def test_arcface_alignment_puts_landmarks_on_the_template():

@@ -6,7 +6,6 @@ import hashlib
 import json
 import sys
 
-import pytest
 
 from caphuman_bench.cli import main
 
@@ -141,3 +140,18 @@ def test_report_writes_leaderboards_and_html(tmp_path, capsys, monkeypatch):
     assert (only_run(runs) / "leaderboard.md").exists()
     rows = json.loads((out_dir / "leaderboard.json").read_text())["rows"]
     assert {r["metric"] for r in rows} == {"face_detection"}
+
+
+def test_shards_equal_the_unsharded_run_image_for_image(tmp_path, capsys, monkeypatch):
+    """CapHuman's smoke model, --shard 0/2 + 1/2 into one run directory vs one unsharded run: same bytes."""
+    whole, sharded = tmp_path / "whole", tmp_path / "sharded"
+    common = ("run", "--method", "caphuman", "--preset", "smoke", "--no-score")
+    assert cli(capsys, monkeypatch, *common, "--runs-dir", whole)[0] == 0
+    for shard in ("0/2", "1/2"):
+        code, _, err = cli(capsys, monkeypatch, *common, "--runs-dir", sharded, "--shard", shard)
+        assert code == 0 and "generated 6" in err, err
+    assert image_digests(only_run(sharded)) == image_digests(only_run(whole))
+    assert len(image_digests(only_run(whole))) == 12
+    assert cli(capsys, monkeypatch, "report", sharded, "--out", tmp_path / "report")[0] == 0
+    results = json.loads((only_run(sharded) / "results.json").read_text())
+    assert results["images"]["ok"] == 12

@@ -131,7 +131,7 @@ class FaceNetIdentity(IdentitySimilarity):
     }
 
     def embed(self, images, detections):
-        model = load_facenet(self.context.weights["facenet_vggface2"], self.device_name)
+        model = facenet_on(self.context.weights["facenet_vggface2"], self.device_name)
         crops = aligned_crops_160(images, detections)
         present = [i for i, c in enumerate(crops) if c is not None]
         out: list[np.ndarray | None] = [None] * len(images)
@@ -148,35 +148,14 @@ class FaceNetIdentity(IdentitySimilarity):
 _FACENETS: dict[tuple[str, str], torch.nn.Module] = {}
 
 
-def load_facenet(path: str | Path, device: str) -> torch.nn.Module:
-    """InceptionResnetV1 with the state dict at `path` (the file facenet-pytorch would download).
+def facenet_on(path: str | Path, device: str) -> torch.nn.Module:
+    """The InceptionResnetV1 at `path` on `device`, loaded once per process (strict but for `logits`)."""
+    from caphuman_bench.models.identity_encoder import load_facenet
 
-    The file's 8631-way `logits` layer (VGGFace2 training classes) is not needed for embeddings and
-    is dropped; every other key must match exactly.
-    """
-    from facenet_pytorch import InceptionResnetV1
-
-    path = Path(path)
-    key = (str(path.resolve()), str(device))
-    if key in _FACENETS:
-        return _FACENETS[key]
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise BenchError(f"{path}: cannot read the facenet_vggface2 weights ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict):
-        raise BenchError(f"{path}: facenet_vggface2 weights must be a state dict, got {type(state).__name__}")
-    state = {k: v for k, v in state.items() if not k.startswith("logits.")}
-    model = InceptionResnetV1(pretrained=None, classify=False)
-    incompatible = model.load_state_dict(state, strict=False)
-    if incompatible.missing_keys or incompatible.unexpected_keys:
-        raise BenchError(
-            f"{path}: not an InceptionResnetV1 state dict (missing keys: {incompatible.missing_keys[:5]}, "
-            f"unexpected keys: {incompatible.unexpected_keys[:5]})"
-        )
-    model.eval().to(device)
-    _FACENETS[key] = model
-    return model
+    key = (str(Path(path).resolve()), str(device))
+    if key not in _FACENETS:
+        _FACENETS[key] = load_facenet(path).to(device)
+    return _FACENETS[key]
 
 
 @register_metric("id_sim_arcface", higher_is_better=True, weights=("mtcnn", "arcface_antelopev2"))

@@ -15,7 +15,6 @@ score with a half-random encoder; `load_deca_encoder` refuses any layout but the
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,6 +25,7 @@ from PIL import Image
 from skimage.transform import estimate_transform, warp
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.weights import load_torch_file
 
 CODE_SIZE = 236
 CROP_SIZE = 224
@@ -114,15 +114,7 @@ def load_deca_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     with `weights_only=True`, so nothing but tensors and containers is unpickled.
     """
     path = Path(path)
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BenchError(f"{path}: DECA checkpoint not found") from None
-    except pickle.UnpicklingError as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BenchError(f"{path}: not readable as tensors only (torch.load weights_only=True): {first_line}") from None
-    except Exception as exc:  # torch's legacy reader fails on junk with KeyError, EOFError, RuntimeError …
-        raise BenchError(f"{path}: not a readable torch checkpoint ({type(exc).__name__}: {exc})") from None
+    checkpoint = load_torch_file(path, "DECA checkpoint")
     if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
         entries = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise BenchError(f"{path}: no entry 'E_flame' (found: {entries})")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.weights import load_torch_file
 
 # Label order of CelebAMask-HQ as trained in face-parsing.PyTorch (index = class id).
 CELEBAMASK_CLASSES = (
@@ -206,12 +207,7 @@ class FaceParser(nn.Module):
     def from_file(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "FaceParser":
         """Load `79999_iter.pth` (a plain state dict, read with weights_only=True)."""
         path = Path(path)
-        try:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise BenchError(f"{path}: face parser weights not found") from None
-        except Exception as exc:  # unpickling errors of a wrong or corrupt file
-            raise BenchError(f"{path}: cannot read face parser weights ({type(exc).__name__}: {exc})") from None
+        state_dict = load_torch_file(path, "face parser weights")
         net = BiSeNet()
         load_bisenet_state_dict(net, state_dict, str(path))
         return cls(net).to(device)

@@ -30,6 +30,7 @@ import torch.nn as nn
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.weights import load_torch_file
 from caphuman_bench.models.face_parser import BiSeNet, FaceParser
 
 CAPHUMAN_CLIP_VISION_PREFIX = "control_cond_stage_model.transformer."
@@ -84,12 +85,9 @@ def load_facenet(path: str | os.PathLike):
     from facenet_pytorch import InceptionResnetV1
 
     path = Path(path)
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise BenchError(f"{path}: FaceNet weights not found") from None
-    except Exception as exc:  # unpickling errors of a wrong or corrupt file
-        raise BenchError(f"{path}: cannot read FaceNet weights ({type(exc).__name__}: {exc})") from None
+    state_dict = load_torch_file(path, "FaceNet weights")
+    if not isinstance(state_dict, dict):
+        raise BenchError(f"{path}: FaceNet weights must be a state dict, got {type(state_dict).__name__}")
     state_dict = {k: v for k, v in state_dict.items() if not k.startswith("logits.")}
     model = InceptionResnetV1(pretrained=None, classify=False)
     _check_keys(model.state_dict(), state_dict, f"{path}: FaceNet InceptionResnetV1")
