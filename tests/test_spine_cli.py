@@ -78,6 +78,7 @@ def test_run_is_resumable_and_regenerates_exactly_a_deleted_image(tmp_path, caps
     assert results["method"] == "reference (smoke)" and results["split"] == "demo"
     assert results["images"] == {"planned": 12, "ok": 12, "failed": 0, "missing": 0}
     assert results["provenance"]["environment"]["versions"]["torch"]
+    assert results["metrics"]["id_sim_dlib"]["mean"] >= 0.99  # the reference photo against itself
 
 
 def test_corrupt_reference_photo_is_a_one_line_error_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
@@ -155,3 +156,28 @@ def test_shards_equal_the_unsharded_run_image_for_image(tmp_path, capsys, monkey
     assert cli(capsys, monkeypatch, "report", sharded, "--out", tmp_path / "report")[0] == 0
     results = json.loads((only_run(sharded) / "results.json").read_text())
     assert results["images"]["ok"] == 12
+
+
+def test_caphuman_switches_change_the_smoke_output(tmp_path, capsys, monkeypatch):
+    """--tau, --no-global, --no-local change CapHuman's image; --tau 1000 equals --tau 0 (never drops)."""
+    import shutil
+
+    from caphuman_bench.benchmark import DEFAULT_SPEC_DIR
+
+    spec = tmp_path / "spec"
+    shutil.copytree(DEFAULT_SPEC_DIR, spec)
+    with open(spec / "splits.yaml", "a") as fh:
+        fh.write("  one:\n    identities: [nasa-astronaut]\n    prompts: [acc-red-hat]\n    conditions: [frontal]\n    samples: 1\n")
+
+    def image_with(*flags) -> str:
+        runs = tmp_path / ("runs" + "".join(flags).replace("-", "_"))
+        code, _, err = cli(capsys, monkeypatch, "run", "--method", "caphuman", "--preset", "smoke", "--split", "one",
+                           "--spec", spec, "--runs-dir", runs, "--no-score", *flags)
+        assert code == 0, err
+        (digest,) = image_digests(only_run(runs)).values()
+        return digest
+
+    default = image_with()
+    assert image_with("--tau", "0") == default
+    assert image_with("--tau", "1000") == default
+    assert len({default, image_with("--tau", "500"), image_with("--no-global"), image_with("--no-local")}) == 4
