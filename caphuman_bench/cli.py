@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -56,7 +57,7 @@ def _score_options(no_face: str, clip_model: Optional[str], weight_paths: list[s
 
 def _print_scores(summary) -> None:
     for name, reason in summary.skipped.items():
-        console.print(f"[yellow]skipped metric {name}[/]: {reason}")
+        console.print(f"[yellow]skipped metric {name}[/]: {escape(reason)}", soft_wrap=True)
 
 
 def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard, force, generate_only, metrics,
@@ -74,7 +75,7 @@ def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shar
                        weights_paths=options["weights_paths"], progress=progress)
     console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard")
     for failure in gen.failures[:5]:
-        console.print(f"[red]failed[/] {failure}")
+        console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
     if generate_only:
         return planned.run, None
     with _progress() as progress:
@@ -137,7 +138,7 @@ def run(
 def _print_results(results: list[dict]) -> None:
     from caphuman_bench.stages.report import leaderboard, leaderboard_wide, to_markdown
 
-    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False)
+    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -195,7 +196,7 @@ def report(
         console.print(f"wrote {write_html(results, found, out_dir)}")
     from caphuman_bench.stages.report import to_markdown
 
-    out.print(to_markdown(wide), markup=False, highlight=False)
+    out.print(to_markdown(wide), markup=False, highlight=False, soft_wrap=True)
     console.print(f"leaderboard of {len(found)} run(s) → {out_dir}/leaderboard.{{md,csv,json}}")
 
 
@@ -213,7 +214,7 @@ def compare(
     from caphuman_bench.stages.report import compare as compare_boards
 
     table, regressed = compare_boards(old, new, tolerance, {k: float(v) for k, v in _parse_pairs(metric_tolerance, "--metric-tolerance").items()})
-    out.print(table.to_string(index=False) if len(table) else "(nothing to compare)", markup=False, highlight=False)
+    out.print(table.to_string(index=False) if len(table) else "(nothing to compare)", markup=False, highlight=False, soft_wrap=True)
     if regressed:
         console.print("[red]regression beyond tolerance[/]")
         raise typer.Exit(1)
@@ -258,7 +259,7 @@ def ablate(
                           _score_options(no_face, None, None), 8)
         results.append(res)
     write_leaderboard(results, out_dir)
-    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False)
+    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -416,7 +417,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except BenchError as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line, never wrapped at 80 columns
+        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line, never wrapped at 80 columns
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
