@@ -63,10 +63,11 @@ def _print_scores(summary) -> None:
 def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard, force, generate_only, metrics,
              options, batch_size):
     from caphuman_bench.runner import pick_device, plan_run
-    from caphuman_bench.stages.generate import generate
+    from caphuman_bench.stages.generate import generate, method_weights
     from caphuman_bench.stages.report import aggregate_run
     from caphuman_bench.stages.score import score
 
+    method_weights(card, card.resolve_params(preset, overrides), options["weights_paths"])  # before any file is written
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
     device = pick_device(device)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")

@@ -181,3 +181,12 @@ def test_caphuman_switches_change_the_smoke_output(tmp_path, capsys, monkeypatch
     assert image_with("--tau", "0") == default
     assert image_with("--tau", "1000") == default
     assert len({default, image_with("--tau", "500"), image_with("--no-global"), image_with("--no-local")}) == 4
+
+
+def test_missing_weights_stop_the_run_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "caphuman", "--split", "demo", "--runs-dir", runs)
+    assert code == 2
+    for name in ("caphuman.ckpt", "generic_model.pkl", "deca_model.tar", "registration"):
+        assert name in err
+    assert not runs.exists()

@@ -36,6 +36,12 @@ def _batches(items: list, size: int):
         yield items[start : start + size]
 
 
+def method_weights(card: MethodCard, params: dict, weights_paths: dict[str, str] | None = None) -> tuple[type, dict]:
+    """The card's adapter class and its weights files; every missing one named in one error."""
+    adapter_cls = get_method(card.adapter)
+    return adapter_cls, weights.require(adapter_cls.required_weights(card, params), weights_paths)
+
+
 def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, device: str, shard: Shard,
              force: bool = False, weights_paths: dict[str, str] | None = None, progress=None) -> GenerateSummary:
     mine = shard.select(run.tasks())
@@ -46,8 +52,7 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
         return summary
 
     # Pre-flight, before any model is built: weights present, reference photos readable.
-    adapter_cls = get_method(card.adapter)
-    resolved = weights.require(adapter_cls.required_weights(card, params), weights_paths)
+    adapter_cls, resolved = method_weights(card, params, weights_paths)
     references = {t.identity_id: bench.reference_image(t.identity_id) for t in todo}
 
     adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved))
