@@ -3,7 +3,8 @@
 Per identity, once per run (cached under the run's `cache/method/` so a resumed run skips them):
 the identity tokens (`IdentityEncoder`: CLIP tokens of the face-parsed photo + FaceNet embedding) and
 the reference's DECA code. Per identity × head condition: the 9-channel head render of the
-reference's code mixed with the condition (`params["mixing"]`, the official `--modes`).
+reference's code mixed with the condition (`params["mixing"]`, the official `--modes`); DECA code and
+renders come from `HeadRenderMixin` (methods/head_renders.py), shared with `ip_adapter_controlnet`.
 
 Switches (passed to the pipeline; see `CapFaceModel`): `tau` zeroes CapFace's whole identity context
 at DDIM steps with t > tau (0 = never; any tau >= 999 also never drops, so tau = 0 and tau >= 1000
@@ -17,11 +18,9 @@ the real MTCNN, and the synthetic FLAME-format head from FLAME's neutral code (n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.head_renders import HeadRenderMixin
 from caphuman_bench.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def _check_params(params: dict[str, Any], where: str) -> None:
 
 
 @register_method("caphuman")
-class CapHumanMethod(MethodAdapter):
+class CapHumanMethod(HeadRenderMixin, MethodAdapter):
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
         _check_params(params, card.path or card.name)
@@ -85,7 +85,7 @@ class CapHumanMethod(MethodAdapter):
         token_dim = self.pipe.capface.config.image_token_dim
         self.identity_encoder = IdentityEncoder.random(image_token_dim=token_dim, seed=0, device=self.device)
         self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-        self.deca = None
+        self.deca = self.mtcnn = None
 
     def _load_full(self) -> None:
         from caphuman_bench.loaders.convert_caphuman import load_caphuman_components
@@ -114,23 +114,10 @@ class CapHumanMethod(MethodAdapter):
             paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device
         )
         self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
+        self.mtcnn = self.identity_encoder.mtcnn  # DECA's face box (HeadRenderMixin)
 
     # ------------------------------------------------------------------------------------------
     # per-run pre-computation, cached in the run directory
-
-    def _cache_path(self, folder: str, *parts: str) -> Path | None:
-        """`<workdir>/<folder>/<parts...>` with its parent folder created; None without a workdir."""
-        if self.context.workdir is None:
-            return None
-        path = Path(self.context.workdir, folder, *parts)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
-
-    def _fingerprint(self, reference: Image.Image) -> str:
-        """The reference's pixels and the model setting: a cached entry is valid only for both."""
-        h = hashlib.sha256(np.asarray(reference.convert("RGB")).tobytes())
-        h.update(f"{reference.size}|tiny={bool(self.params.get('tiny'))}|{self.params.get('backbone')}".encode())
-        return h.hexdigest()[:16]
 
     def identity_tokens(self, identity_id: str, reference: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         """(image tokens [1, N, D], ID embedding [1, 1, 512]) in float32 on the CPU."""
@@ -155,52 +142,6 @@ class CapHumanMethod(MethodAdapter):
                 os.replace(tmp, path)
         self._tokens[identity_id] = tokens
         return tokens
-
-    def identity_code(self, identity_id: str, reference: Image.Image) -> dict[str, np.ndarray]:
-        """The reference's DECA code (FLAME's neutral code in the tiny setting)."""
-        from caphuman_bench.render.head_condition import check_code, neutral_identity_code
-
-        if identity_id in self._codes:
-            return self._codes[identity_id]
-        if self.deca is None:
-            code = neutral_identity_code()
-        else:
-            path = self._cache_path("deca", f"{identity_id}.{self._fingerprint(reference)}.npz")
-            if path is not None and path.exists():
-                with np.load(path, allow_pickle=False) as data:
-                    code = {k: data[k] for k in data.files}
-            else:
-                code = self._encode_deca(reference)
-                if path is not None:
-                    tmp = path.with_suffix(".tmp.npz")
-                    np.savez(tmp, **code)
-                    os.replace(tmp, path)
-        self._codes[identity_id] = check_code(code, f"identity {identity_id!r} DECA code")
-        return self._codes[identity_id]
-
-    def _encode_deca(self, reference: Image.Image) -> dict[str, np.ndarray]:
-        """DECA on the MTCNN face box; like DECA's TestData, the whole photo when no face is found."""
-        from caphuman_bench.models.deca_encoder import encode_images
-
-        def box(image: Image.Image):
-            boxes, _ = self.identity_encoder.mtcnn.detect(image.convert("RGB"))
-            return boxes[0] if boxes is not None else (0, 0, image.width - 1, image.height - 1)
-
-        return encode_images(self.deca, [reference], box)[0]
-
-    def head_render(self, identity_id: str, reference: Image.Image, condition, size: int):
-        """The head render of one identity × condition; `render_cached` re-renders if any input changed."""
-        code = self.identity_code(identity_id, reference)
-        mixing = str(self.params.get("mixing", "position,pose"))
-        folder = self._cache_path("render", identity_id, condition.id)
-        if folder is None:
-            return self.renderer.render(code, condition, mixing, size)
-        return self.renderer.render_cached(code, condition, folder, mixing, size)
-
-    def head_target(self, identity_id: str, reference: Image.Image, condition) -> dict[str, np.ndarray]:
-        """The mixed code CapHuman was steered to (the reference's, with the mixed-in condition parts)."""
-        size = int(self.params.get("height", 512))
-        return dict(self.head_render(identity_id, reference, condition, size).target)
 
     # ------------------------------------------------------------------------------------------
     # generation
