@@ -1,0 +1,265 @@
+"""The `ip_adapter_controlnet` baseline: SD-1.5 + IP-Adapter (plus-face) + ControlNet normalbae.
+
+Identity: the reference photo through IP-Adapter `ip-adapter-plus-face_sd15` (CLIP ViT-H/14 image
+encoder, penultimate hidden states → Resampler → 16 tokens in decoupled cross-attention), loaded with
+diffusers' own `load_ip_adapter`. Head: ControlNet `control_v11p_sd15_normalbae` on the surface normals
+of the same head render CapHuman is steered by (`HeadRenderMixin`: the reference's DECA code mixed with
+the condition), so head-control scoring compares both methods with the same target.
+
+Normal map convention: ControlNet 1.1's normalbae annotator (controlnet_aux `NormalBaeDetector`) writes
+the BAE network's camera-space normal n as RGB = (n + 1) / 2 · 255; BAE predicts ScanNet-protocol
+normals (x to the image's left, y down, z towards the camera: a frontal face is (128, 128, 255)). Our
+renderer's normals are DECA/FLAME's (x to the image's right, y up, z towards the camera), so
+x and y flip sign. Outside the head the normal is 0, i.e. mid-grey.
+
+With `tiny: true` (the smoke preset) every network has random weights and needs no file: a tiny UNet,
+ControlNet, CLIP vision tower and an IP-Adapter state dict in the official file layout (the tiny
+equivalent of diffusers' test helper `create_ip_adapter_plus_state_dict`), the synthetic FLAME head.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from caphuman_bench.errors import BenchError
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.head_renders import HeadRenderMixin
+from caphuman_bench.registry import register_method
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+MODEL_WEIGHTS = ("stable_diffusion_v1_5", "ip_adapter_plus_face_sd15", "ip_adapter_image_encoder_sd15",
+                 "controlnet_normalbae_sd15")
+HEAD_WEIGHTS = ("deca_model", "flame_model", "flame_texture", "flame_head_template")
+# What each folder-shaped weights entry must hold for `from_pretrained` with local files only.
+FOLDER_FILES = {
+    "stable_diffusion_v1_5": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+                              "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"),
+    "ip_adapter_image_encoder_sd15": ("config.json",),
+    "controlnet_normalbae_sd15": ("config.json",),
+}
+
+# SD-1.5's scheduler_config.json as DDIM, the scheduler of IP-Adapter's demo notebooks
+# (tencent-ailab/IP-Adapter ip_adapter-plus-face_demo.ipynb).
+SD15_DDIM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+             "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
+
+
+def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
+    """Renderer normals [3, H, W] (x right, y up, z to the camera; 0 outside the head) → normalbae RGB."""
+    scannet = normal * np.array([-1.0, -1.0, 1.0], dtype=np.float32)[:, None, None]
+    rgb = np.clip((scannet + 1.0) * 0.5 * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(rgb.transpose(1, 2, 0), mode="RGB")
+
+
+def _folder(weights_id: str, path: Path) -> Path:
+    """A folder entry resolves to the folder itself or to one file inside it (HF cache): the folder."""
+    folder = path if path.is_dir() else path.parent
+    missing = [f for f in FOLDER_FILES.get(weights_id, ()) if not (folder / f).exists()]
+    if missing:
+        raise BenchError(f"{folder}: weights {weights_id!r} incomplete, missing {', '.join(missing)}")
+    return folder
+
+
+def _check_params(params: dict[str, Any], where: str) -> None:
+    if str(params.get("dtype", "float16")) not in DTYPES:
+        raise BenchError(f"{where}: parameter 'dtype' must be one of {', '.join(DTYPES)}, got {params['dtype']!r}")
+    if int(params.get("height", 512)) != int(params.get("width", 512)):
+        raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
+    if int(params.get("height", 512)) % 8:
+        raise BenchError(f"{where}: parameter 'height' must be a multiple of 8 (SD latents), got {params['height']}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the tiny smoke model
+
+
+def tiny_ip_adapter_plus_state_dict(unet, image_embed_dim: int, generator: torch.Generator,
+                                    hidden_dim: int = 64, num_queries: int = 16, depth: int = 4) -> dict:
+    """Random IP-Adapter-plus weights in the official file layout ({"image_proj": Resampler, "ip_adapter":
+    to_k_ip / to_v_ip of every cross-attention, numbered 1, 3, 5, ... in `attn_processors` order}).
+
+    diffusers infers heads = to_q rows / 64, so `hidden_dim` is a multiple of 64.
+    """
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(shape, generator=generator) / math.sqrt(shape[-1])
+
+    output_dim = unet.config.cross_attention_dim
+    proj: dict[str, torch.Tensor] = {
+        "latents": torch.randn(1, num_queries, hidden_dim, generator=generator) / math.sqrt(hidden_dim),
+        "proj_in.weight": draw(hidden_dim, image_embed_dim), "proj_in.bias": torch.zeros(hidden_dim),
+        "proj_out.weight": draw(output_dim, hidden_dim), "proj_out.bias": torch.zeros(output_dim),
+        "norm_out.weight": torch.ones(output_dim), "norm_out.bias": torch.zeros(output_dim),
+    }
+    for i in range(depth):
+        for norm in (f"layers.{i}.0.norm1", f"layers.{i}.0.norm2", f"layers.{i}.1.0"):
+            proj[f"{norm}.weight"], proj[f"{norm}.bias"] = torch.ones(hidden_dim), torch.zeros(hidden_dim)
+        proj[f"layers.{i}.0.to_q.weight"] = draw(hidden_dim, hidden_dim)
+        proj[f"layers.{i}.0.to_kv.weight"] = draw(2 * hidden_dim, hidden_dim)
+        proj[f"layers.{i}.0.to_out.weight"] = draw(hidden_dim, hidden_dim)
+        proj[f"layers.{i}.1.1.weight"] = draw(4 * hidden_dim, hidden_dim)
+        proj[f"layers.{i}.1.3.weight"] = draw(hidden_dim, 4 * hidden_dim)
+    attention: dict[str, torch.Tensor] = {}
+    cross = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+    for index, name in enumerate(cross):
+        to_k = unet.get_submodule(name.removesuffix(".processor")).to_k.weight
+        attention[f"{2 * index + 1}.to_k_ip.weight"] = draw(*to_k.shape)
+        attention[f"{2 * index + 1}.to_v_ip.weight"] = draw(*to_k.shape)
+    return {"image_proj": proj, "ip_adapter": attention}
+
+
+def build_tiny_ip_adapter_controlnet_pipeline(seed: int = 0):
+    """SD-1.5's layout at toy size (64 px images, 8×8 latents), IP-Adapter plus already loaded."""
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, UNet2DConditionModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from caphuman_bench.loaders.convert_caphuman import clip_tokenizer
+    from caphuman_bench.pipelines.tiny import redraw_like_reference, tiny_text_encoder, tiny_vae
+
+    context_dim = 32
+    blocks = {"block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": context_dim,
+              "attention_head_dim": 8, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=8, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **blocks)
+        # 64 px → 8 px: three stride-2 convs in the hint encoder, as SD's 512 → 64.
+        controlnet = ControlNetModel(conditioning_embedding_out_channels=(16, 16, 32, 32), **blocks)
+        vae, text_encoder = tiny_vae(), tiny_text_encoder(context_dim, 77)
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2,
+            image_size=32, patch_size=8))
+    generator = torch.Generator().manual_seed(seed)
+    # diffusers zero-initialises ControlNet's zero convs: redraw so the head condition acts.
+    for module in (unet, controlnet):
+        redraw_like_reference(module, generator)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(77), unet=unet.eval(),
+        controlnet=controlnet.eval(), scheduler=DDIMScheduler(**SD15_DDIM), safety_checker=None,
+        feature_extractor=CLIPImageProcessor(size=32, crop_size=32), image_encoder=image_encoder.eval(),
+        requires_safety_checker=False,
+    )
+    state_dict = tiny_ip_adapter_plus_state_dict(unet, image_encoder.config.hidden_size, generator)
+    pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", low_cpu_mem_usage=False)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------------------
+# the adapter
+
+
+@register_method("ip_adapter_controlnet")
+class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
+    @classmethod
+    def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
+        _check_params(params, card.path or card.name)
+        return [] if params.get("tiny") else [*MODEL_WEIGHTS, *HEAD_WEIGHTS]
+
+    def load(self) -> None:
+        _check_params(self.params, self.card.path or self.card.name)
+        from caphuman_bench.render.head_condition import HeadConditionRenderer
+
+        self.device = torch.device(self.context.device)
+        self.dtype = DTYPES[str(self.params.get("dtype", "float16"))] if self.device.type == "cuda" else torch.float32
+        self._codes: dict[str, dict[str, np.ndarray]] = {}
+        self._ip_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.params.get("tiny"):
+            self.pipe = build_tiny_ip_adapter_controlnet_pipeline(seed=0)
+            if self.dtype != torch.float32:
+                self.pipe.to(dtype=self.dtype)
+            self.renderer = HeadConditionRenderer.synthetic(device=self.device)
+            self.deca = self.mtcnn = None
+        else:
+            self._load_full()
+        self.pipe.to(self.device)
+        self.pipe.set_progress_bar_config(disable=True)
+
+    def _load_full(self) -> None:
+        from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+        from facenet_pytorch import MTCNN
+        from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+        from caphuman_bench.models.deca_encoder import load_deca_encoder
+        from caphuman_bench.render.head_condition import HeadConditionRenderer
+
+        paths = self.context.weights
+        folders = {wid: _folder(wid, Path(paths[wid])) for wid in FOLDER_FILES}
+        controlnet = ControlNetModel.from_pretrained(folders["controlnet_normalbae_sd15"], torch_dtype=self.dtype,
+                                                     local_files_only=True)
+        image_encoder = CLIPVisionModelWithProjection.from_pretrained(folders["ip_adapter_image_encoder_sd15"],
+                                                                      dtype=self.dtype, local_files_only=True)
+        # h94's image_encoder folder has no preprocessor config: IP-Adapter uses CLIPImageProcessor() (224 px).
+        self.pipe = StableDiffusionControlNetPipeline.from_pretrained(
+            folders["stable_diffusion_v1_5"], controlnet=controlnet, image_encoder=image_encoder,
+            feature_extractor=CLIPImageProcessor(), safety_checker=None, requires_safety_checker=False,
+            torch_dtype=self.dtype, local_files_only=True,
+        )
+        self.pipe.scheduler = DDIMScheduler(**SD15_DDIM)
+        adapter_file = Path(paths["ip_adapter_plus_face_sd15"])
+        # image_encoder_folder=None: the encoder is already registered from its own manifest entry.
+        self.pipe.load_ip_adapter(str(adapter_file.parent), subfolder="", weight_name=adapter_file.name,
+                                  image_encoder_folder=None, local_files_only=True)
+        self.renderer = HeadConditionRenderer.from_files(
+            paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
+        self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
+        self.mtcnn = MTCNN(device=self.device)  # DECA's face box; packaged weights
+
+    def control_image(self, request: GenerationRequest) -> Image.Image:
+        render = self.head_render(request.identity_id, request.reference, request.condition, request.height)
+        return normals_to_controlnet_image(render.normal)
+
+    @torch.no_grad()
+    def identity_embeds(self, identity_id: str, reference: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reference, all-black image) CLIP penultimate hidden states [1, 1, T, D]: IP-Adapter plus's
+        conditional and unconditional inputs (diffusers' `encode_image`), once per identity."""
+        if identity_id not in self._ip_embeds:
+            positive, negative = self.pipe.encode_image(reference.convert("RGB"), self.device, 1, output_hidden_states=True)
+            self._ip_embeds[identity_id] = (positive[None], negative[None])
+        return self._ip_embeds[identity_id]
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        """Batches of consecutive requests of one identity: diffusers' pipeline gives every prompt of a
+        call the same IP-Adapter image embedding (it repeats it batch_size times)."""
+        batch_size = max(1, int(self.params.get("batch_size", 1)))
+        images: list[Image.Image] = []
+        batch: list[GenerationRequest] = []
+        for request in requests:
+            if batch and (len(batch) == batch_size or request.identity_id != batch[0].identity_id):
+                images.extend(self._generate_batch(batch))
+                batch = []
+            batch.append(request)
+        if batch:
+            images.extend(self._generate_batch(batch))
+        return images
+
+    def _generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        sizes = {(r.height, r.width) for r in requests}
+        if len(sizes) != 1 or any(h != w for h, w in sizes):
+            raise BenchError(f"ip_adapter_controlnet: a batch needs one square size, got {sorted(sizes)}")
+        size = sizes.pop()[0]
+        self.pipe.set_ip_adapter_scale(float(self.params.get("ip_adapter_scale", 0.7)))
+        negative = str(self.params.get("negative_prompt", ""))
+        guidance_scale = float(self.params.get("guidance_scale", 7.5))
+        output = self.pipe(
+            [r.prompt for r in requests],
+            image=[self.control_image(r) for r in requests],
+            ip_adapter_image_embeds=[self._pipeline_embeds(requests[0], guidance_scale > 1)],
+            negative_prompt=[negative] * len(requests),
+            height=size,
+            width=size,
+            num_inference_steps=int(self.params.get("num_inference_steps", 50)),
+            guidance_scale=guidance_scale,
+            controlnet_conditioning_scale=float(self.params.get("controlnet_conditioning_scale", 1.0)),
+            generator=[r.generator for r in requests],
+            output_type="pil",
+        )
+        return list(output.images)
+
+    def _pipeline_embeds(self, request: GenerationRequest, guided: bool) -> torch.Tensor:
+        """The identity's embedding as the pipeline takes it: [1, 1, T, D]; with guidance [2, ...], unconditional first."""
+        positive, negative = self.identity_embeds(request.identity_id, request.reference)
+        return torch.cat([negative, positive]) if guided else positive
