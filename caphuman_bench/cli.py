@@ -190,8 +190,6 @@ def report(
     if not found:
         raise BenchError(f"no run directories under {', '.join(map(str, runs or [runs_dir]))}")
     results = [aggregate_run(r) for r in found]
-    for r, res in zip(found, results):
-        write_leaderboard([res], r.path)
     wide = write_leaderboard(results, out_dir)
     if html_report:
         console.print(f"wrote {write_html(results, found, out_dir)}")

@@ -76,6 +76,7 @@ def test_run_is_resumable_and_regenerates_exactly_a_deleted_image(tmp_path, caps
 
     results = json.loads((run / "results.json").read_text())
     assert results["method"] == "reference (smoke)" and results["split"] == "demo"
+    assert "reference (smoke)" in (run / "leaderboard.md").read_text()
     assert results["images"] == {"planned": 12, "ok": 12, "failed": 0, "missing": 0}
     assert results["provenance"]["environment"]["versions"]["torch"]
     assert results["metrics"]["id_sim_dlib"]["mean"] >= 0.99  # the reference photo against itself

@@ -34,7 +34,7 @@ def bootstrap_ci95(values: np.ndarray, seed: int = 0) -> list[float] | None:
 
 
 def aggregate_run(run: RunDir) -> dict:
-    """Compute and write `<run>/results.json` from the run's files."""
+    """Compute and write `<run>/results.json` and the run's own leaderboard from the run's files."""
     run.require()
     info = run.info()
     families = all_metrics()
@@ -81,6 +81,7 @@ def aggregate_run(run: RunDir) -> dict:
                       | {"spec_hash": info["benchmark"]["spec_hash"]},
     }
     write_json_atomic(run.results_file, results)
+    write_leaderboard([results], run.path)
     return results
 
 
