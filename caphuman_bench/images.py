@@ -8,11 +8,12 @@ Writing is atomic (temp file + rename), so an interrupted run never leaves a hal
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from caphuman_bench.atomic import atomic_write
 
 MIN_SIDE = 32
 MAX_SIDE = 8192
@@ -71,13 +72,4 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
 
 def save_png_atomic(img: Image.Image, path: str | os.PathLike) -> None:
     """Write a PNG through a temp file in the same folder and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            img.save(fh, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: img.save(fh, format="PNG"))

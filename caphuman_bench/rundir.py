@@ -18,24 +18,15 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from caphuman_bench.atomic import atomic_write, write_json_atomic, write_text_atomic
 from caphuman_bench.errors import BenchError
 from caphuman_bench.stages.plan import Task
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(payload, fh, indent=1, sort_keys=False, default=str)
-        fh.write("\n")
-    os.replace(tmp, path)
 
 
 class RunDir:
@@ -75,9 +66,7 @@ class RunDir:
             if self.tasks_file.read_text() != lines:
                 raise BenchError(f"{self.tasks_file}: the planned tasks differ from the existing run's")
         else:
-            tmp = self.tasks_file.with_suffix(".tmp")
-            tmp.write_text(lines)
-            os.replace(tmp, self.tasks_file)
+            write_text_atomic(self.tasks_file, lines)
 
     def exists(self) -> bool:
         return self.run_json.exists() and self.tasks_file.exists()
@@ -128,12 +117,8 @@ class RunDir:
 
     # -- targets ------------------------------------------------------------------------------
     def write_target(self, identity_id: str, condition_id: str, target: dict[str, np.ndarray]) -> None:
-        path = self.target_path(identity_id, condition_id)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **{k: np.asarray(v, dtype=np.float64) for k, v in target.items()})
-        os.replace(tmp, path)
+        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in target.items()}
+        atomic_write(self.target_path(identity_id, condition_id), lambda fh: np.savez(fh, **arrays))
 
     def read_target(self, identity_id: str, condition_id: str) -> dict[str, np.ndarray] | None:
         path = self.target_path(identity_id, condition_id)

@@ -191,3 +191,19 @@ def test_missing_weights_stop_the_run_before_anything_is_written(tmp_path, capsy
     for name in ("caphuman.ckpt", "generic_model.pkl", "deca_model.tar", "registration"):
         assert name in err
     assert not runs.exists()
+
+
+def test_compare_fails_when_a_metric_disappears_or_stops_being_a_number(tmp_path, capsys, monkeypatch):
+    row = {"method": "m", "split": "demo", "metric": "id_sim_dlib", "mean": 0.8, "higher_is_better": True}
+    other = dict(row, metric="face_detection", mean=1.0)
+    old, gone, nan, unrelated = (tmp_path / f"{n}.json" for n in ("old", "gone", "nan", "unrelated"))
+    old.write_text(json.dumps({"rows": [row, other]}))
+    gone.write_text(json.dumps({"rows": [other]}))
+    nan.write_text(json.dumps({"rows": [dict(row, mean=None), other]}))
+    unrelated.write_text(json.dumps({"rows": [dict(row, method="x")]}))
+    code, out, _ = cli(capsys, monkeypatch, "compare", old, gone)
+    assert code == 1 and "REGRESSION (missing)" in out
+    code, out, _ = cli(capsys, monkeypatch, "compare", old, nan)
+    assert code == 1 and "REGRESSION (no value)" in out
+    code, _, err = cli(capsys, monkeypatch, "compare", old, unrelated)
+    assert code == 2 and "nothing to compare" in err

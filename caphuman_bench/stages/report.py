@@ -18,7 +18,8 @@ import pandas as pd
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.registry import all_metrics
-from caphuman_bench.rundir import RunDir, write_json_atomic
+from caphuman_bench.atomic import write_json_atomic, write_text_atomic
+from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.score import read_scores
 
 BOOTSTRAP_RESAMPLES = 1000
@@ -98,12 +99,22 @@ def find_runs(paths: list[Path]) -> list[RunDir]:
     return runs
 
 
+def board_labels(results: list[dict]) -> list[str]:
+    """Each run's leaderboard label; runs that share a label but not a configuration (another seed,
+    spec or identities) get their config hash appended, so no row silently stands for two runs."""
+    by_label: dict[tuple[str, str], set[str]] = {}
+    for res in results:
+        by_label.setdefault((res["method"], res["split"]), set()).add(res["provenance"].get("config_hash", ""))
+    return [res["method"] + (f" #{res['provenance'].get('config_hash', '')[:8]}"
+                             if len(by_label[(res["method"], res["split"])]) > 1 else "") for res in results]
+
+
 def leaderboard(results: list[dict]) -> pd.DataFrame:
     """Long table: one row per method × split × metric value."""
     rows = []
-    for res in results:
+    for res, label in zip(results, board_labels(results)):
         for name, m in res["metrics"].items():
-            rows.append({"method": res["method"], "split": res["split"], "benchmark_version": res["benchmark_version"],
+            rows.append({"method": label, "split": res["split"], "benchmark_version": res["benchmark_version"],
                          "metric": name, "mean": m["mean"], "std": m["std"], "n": m["n"],
                          "ci95_low": (m["ci95"] or [None, None])[0], "ci95_high": (m["ci95"] or [None, None])[1],
                          "higher_is_better": m["higher_is_better"], "images_ok": res["images"]["ok"],
@@ -143,8 +154,8 @@ def write_leaderboard(results: list[dict], out_dir: Path) -> pd.DataFrame:
     out_dir.mkdir(parents=True, exist_ok=True)
     board = leaderboard(results)
     wide = leaderboard_wide(board)
-    (out_dir / "leaderboard.md").write_text(to_markdown(wide))
-    board.to_csv(out_dir / "leaderboard.csv", index=False)
+    write_text_atomic(out_dir / "leaderboard.md", to_markdown(wide))
+    write_text_atomic(out_dir / "leaderboard.csv", board.to_csv(index=False))
     write_json_atomic(out_dir / "leaderboard.json", {"rows": board.to_dict(orient="records")})
     return wide
 
@@ -184,7 +195,7 @@ def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, thumbnail
                 img.convert("RGB").save(buf, format="JPEG", quality=85)
             parts.append(f"<img title='{html.escape(path.stem)}' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>")
     out = out_dir / "report.html"
-    out.write_text("\n".join(parts))
+    write_text_atomic(out, "\n".join(parts))
     return out
 
 
@@ -196,12 +207,23 @@ def _rows_of(payload: dict | list, source: Path) -> dict[tuple[str, str, str], d
         rows = leaderboard([payload]).to_dict(orient="records")
     else:
         raise BenchError(f"{source}: neither a leaderboard.json (field 'rows') nor a results.json (field 'metrics')")
-    return {(r["method"], r["split"], r["metric"]): r for r in rows}
+    keyed = {}
+    for row in rows:
+        key = (row["method"], row["split"], row["metric"])
+        if key in keyed:
+            raise BenchError(f"{source}: two rows for method {key[0]!r}, split {key[1]!r}, metric {key[2]!r}")
+        keyed[key] = row
+    return keyed
+
+
+def _number(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
 def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[str, float] | None = None) -> tuple[pd.DataFrame, bool]:
-    """Differences NEW − OLD per (method, split, metric); a regression is a change for the worse
-    beyond the tolerance (absolute, in the metric's own units)."""
+    """Differences NEW − OLD per (method, split, metric). A regression is a change for the worse
+    beyond the tolerance (absolute, in the metric's own units), or a number OLD has and NEW lacks
+    (missing, or not a number): a gate must not pass because a metric stopped being computed."""
     per_metric = per_metric or {}
     loaded = []
     for path in (old_path, new_path):
@@ -210,17 +232,25 @@ def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[s
         except (OSError, json.JSONDecodeError) as exc:
             raise BenchError(f"{path}: unreadable ({exc})") from None
     old, new = loaded
+    if old and not set(old) & set(new):
+        raise BenchError(f"{new_path}: no (method, split, metric) in common with {old_path}: nothing to compare")
     rows, regressed = [], False
     for key in sorted(set(old) | set(new)):
         o, n = old.get(key), new.get(key)
         tol = per_metric.get(key[2], tolerance)
-        if o is None or n is None or o["mean"] is None or n["mean"] is None:
-            verdict, delta = ("new" if o is None else "missing"), None
+        o_mean, n_mean = _number(o and o["mean"]), _number(n and n["mean"])
+        delta = None
+        if o is None:
+            verdict = "new"
+        elif o_mean is None:
+            verdict = "same" if n_mean is None else "new"
+        elif n_mean is None:
+            verdict = "REGRESSION (missing)" if n is None else "REGRESSION (no value)"
         else:
-            delta = n["mean"] - o["mean"]
+            delta = n_mean - o_mean
             worse = -delta if o["higher_is_better"] else delta
             verdict = "REGRESSION" if worse > tol else ("improved" if worse < -tol else "same")
-            regressed |= verdict == "REGRESSION"
-        rows.append({"method": key[0], "split": key[1], "metric": key[2], "old": o and o["mean"], "new": n and n["mean"],
+        regressed |= verdict.startswith("REGRESSION")
+        rows.append({"method": key[0], "split": key[1], "metric": key[2], "old": o_mean, "new": n_mean,
                      "delta": delta, "tolerance": tol, "verdict": verdict})
     return pd.DataFrame(rows), regressed

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 
 import pandas as pd
@@ -22,7 +20,8 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.images import ImageError, load_rgb
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
 from caphuman_bench.registry import all_metrics, get_metric
-from caphuman_bench.rundir import RunDir, write_json_atomic
+from caphuman_bench.atomic import atomic_write, write_json_atomic
+from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import Shard, Task
 
 KEY_COLUMNS = ["task_id", "identity_id", "prompt_id", "condition_id", "sample", "metric", "status", "reason", "extra"]
@@ -157,10 +156,7 @@ def _merge_scores(run: RunDir, rows: list[dict]) -> None:
             old = old[[k not in keys for k in zip(old["task_id"], old["metric"])]]
             new = pd.concat([old, new], ignore_index=True) if len(old) else new
         new = new.sort_values(["task_id", "metric"], kind="stable").reset_index(drop=True)
-        fd, tmp = tempfile.mkstemp(suffix=".parquet", dir=run.path)
-        os.close(fd)
-        new.to_parquet(tmp, index=False)
-        os.replace(tmp, run.scores_file)
+        atomic_write(run.scores_file, lambda fh: new.to_parquet(fh, index=False))
 
 
 def _record_scoring(run: RunDir, options: dict, skipped: dict[str, str]) -> None:
