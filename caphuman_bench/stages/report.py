@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from caphuman_bench.atomic import write_json_atomic, write_text_atomic
 from caphuman_bench.errors import BenchError
 from caphuman_bench.registry import all_metrics
-from caphuman_bench.atomic import write_json_atomic, write_text_atomic
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.score import read_scores
 
@@ -73,7 +73,7 @@ def aggregate_run(run: RunDir) -> dict:
         "metrics": metrics,
         "conventions": conventions,
         "item_status": statuses,
-        "scoring_options": scoring.get("options", {}),
+        "scored_with": {family: entry for family, entry in scoring.get("metrics", {}).items() if family in conventions},
         "skipped_metrics": scoring.get("skipped_metrics", {}),
         "images": {"planned": len(tasks), "ok": len(finished),
                    "failed": sum(1 for r in status.values() if r["status"] == "failed"),

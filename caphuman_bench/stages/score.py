@@ -15,16 +15,19 @@ from dataclasses import dataclass, field
 import pandas as pd
 
 from caphuman_bench import weights
+from caphuman_bench.atomic import atomic_write, write_json_atomic
 from caphuman_bench.benchmark import NEUTRAL_SUBJECT, Benchmark
 from caphuman_bench.errors import BenchError
 from caphuman_bench.images import ImageError, load_rgb
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
+from caphuman_bench.provenance import config_hash
 from caphuman_bench.registry import all_metrics, get_metric
-from caphuman_bench.atomic import atomic_write, write_json_atomic
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import Shard, Task
+from caphuman_bench.weights import sha256_of
 
-KEY_COLUMNS = ["task_id", "identity_id", "prompt_id", "condition_id", "sample", "metric", "status", "reason", "extra"]
+KEY_COLUMNS = ["task_id", "image_sha256", "scored_with", "identity_id", "prompt_id", "condition_id", "sample", "metric",
+               "status", "reason", "extra"]
 FLUSH_EVERY = 64  # items: how much scoring an interruption can lose at most
 
 
@@ -74,7 +77,9 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     summary = ScoreSummary(skipped=skipped)
     finished = run.finished_ids()
     tasks = [t for t in shard.select(run.tasks()) if t.task_id in finished]
-    done = set() if force else _scored_pairs(run)
+    digests = {t.task_id: sha256_of(run.image_path(t.task_id)) for t in tasks}
+    signatures = {name: scoring_signature(name, options, found) for name, (_, found) in ready.items()}
+    done = set() if force else _up_to_date(run, signatures, digests)
 
     prompts = [p.fill(NEUTRAL_SUBJECT) for p in bench.prompts.values()]
     instances: dict[str, BenchMetric] = {}
@@ -97,7 +102,7 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
                 rows = metric.last_rows
             except Exception as exc:  # one metric failing on one batch must not end the pass
                 rows = [ItemScore({v: math.nan for v in metric.value_names}, "error", f"{type(exc).__name__}: {exc}") for _ in pairs]
-            pending += [_row(t, name, r) for (t, _), r in zip(pairs, rows)]
+            pending += [_row(t, name, r, digests[t.task_id], signatures[name]) for (t, _), r in zip(pairs, rows)]
             summary.scored[name] = summary.scored.get(name, 0) + len(pairs)
         if len(pending) >= FLUSH_EVERY:
             _merge_scores(run, pending)
@@ -107,7 +112,7 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     if pending:
         _merge_scores(run, pending)
     summary.aggregates = {name: m.compute() for name, m in instances.items() if summary.scored.get(name)}
-    _record_scoring(run, options, skipped)
+    _record_scoring(run, {name: (options, found, signatures[name]) for name, (_, found) in ready.items()}, skipped)
     return summary
 
 
@@ -127,8 +132,16 @@ def _item(run: RunDir, bench: Benchmark, task: Task) -> ScoreItem:
     )
 
 
-def _row(task: Task, metric: str, score: ItemScore) -> dict:
-    row = {"task_id": task.task_id, "identity_id": task.identity_id, "prompt_id": task.prompt_id,
+def scoring_signature(metric: str, options: dict, found_weights: dict) -> str:
+    """What a score depends on besides the image: the metric, the scoring options and its weights
+    files. A stored row is reused only while this and the image's sha256 are unchanged."""
+    files = {wid: [str(path), path.stat().st_size] for wid, path in sorted(found_weights.items())}
+    relevant = {k: v for k, v in options.items() if k != "weights_paths"}
+    return config_hash({"metric": metric, "options": relevant, "weights": files})[:16]
+
+
+def _row(task: Task, metric: str, score: ItemScore, image_sha256: str, signature: str) -> dict:
+    row = {"task_id": task.task_id, "image_sha256": image_sha256, "scored_with": signature, "identity_id": task.identity_id, "prompt_id": task.prompt_id,
            "condition_id": task.condition_id, "sample": task.sample, "metric": metric,
            "status": score.status, "reason": score.reason, "extra": json.dumps(score.extra, default=str, sort_keys=True)}
     row.update({k: (float(v) if v is not None else math.nan) for k, v in score.values.items()})
@@ -141,9 +154,13 @@ def read_scores(run: RunDir) -> pd.DataFrame:
     return pd.read_parquet(run.scores_file)
 
 
-def _scored_pairs(run: RunDir) -> set[tuple[str, str]]:
+def _up_to_date(run: RunDir, signatures: dict[str, str], digests: dict[str, str]) -> set[tuple[str, str]]:
+    """(task, metric) pairs whose stored row was scored on this very image with these settings."""
     df = read_scores(run)
-    return set(zip(df["task_id"], df["metric"]))
+    if "scored_with" not in df or "image_sha256" not in df:
+        return set()
+    return {(tid, metric) for tid, metric, sig, digest in zip(df["task_id"], df["metric"], df["scored_with"], df["image_sha256"])
+            if signatures.get(metric) == sig and digests.get(tid) == digest}
 
 
 def _merge_scores(run: RunDir, rows: list[dict]) -> None:
@@ -159,6 +176,13 @@ def _merge_scores(run: RunDir, rows: list[dict]) -> None:
         atomic_write(run.scores_file, lambda fh: new.to_parquet(fh, index=False))
 
 
-def _record_scoring(run: RunDir, options: dict, skipped: dict[str, str]) -> None:
-    """The options of the last scoring pass (no-face policy, CLIP model, …) and the metrics it skipped."""
-    write_json_atomic(run.scoring_file, {"options": options, "skipped_metrics": skipped})
+def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str]], skipped: dict[str, str]) -> None:
+    """Per metric, what its rows were scored with (options, weights files, signature), and the
+    metrics the last pass skipped. Metrics not in this pass keep their earlier entry."""
+    with run.lock("scoring"):
+        previous = json.loads(run.scoring_file.read_text()) if run.scoring_file.exists() else {}
+        metrics = previous.get("metrics", {})
+        for name, (options, found, signature) in scored.items():
+            metrics[name] = {"signature": signature, "weights": {wid: str(path) for wid, path in sorted(found.items())},
+                             "options": {k: v for k, v in options.items() if k != "weights_paths"}}
+        write_json_atomic(run.scoring_file, {"metrics": dict(sorted(metrics.items())), "skipped_metrics": skipped})
