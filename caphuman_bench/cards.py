@@ -2,6 +2,8 @@
 
 A card names its adapter, the weights it needs, its sampler settings and default parameters, and
 named presets (e.g. `smoke`). An unknown or mistyped field is an error naming the file and field.
+The keys and types of `params` are declared by the adapter (`MethodAdapter.param_types`) and checked
+by `check_param_types` before a run is planned, so a typo never reaches generation.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from caphuman_bench.errors import BenchError
 
 CARDS_ENV = "CAPHUMAN_BENCH_CARDS"
 DEFAULT_CARDS_DIR = Path(__file__).resolve().parents[1] / "methods"
+COMMAND_LINE = "the command line (--param, --tau, --no-global, --no-local)"
+ParamTypes = dict[str, type | tuple[type, ...]]
 
 
 class MethodCard(BaseModel):
@@ -46,9 +50,41 @@ class MethodCard(BaseModel):
             params.update(self.presets[preset])
         for key, value in overrides.items():
             if key not in params:
-                raise BenchError(f"{self.path}: method {self.name!r} has no parameter {key!r}; parameters: {', '.join(sorted(params))}")
+                raise BenchError(f"{COMMAND_LINE}: method {self.name!r} ({self.path}) has no parameter {key!r}; "
+                                 f"parameters: {', '.join(sorted(params))}")
             params[key] = value
         return params
+
+    def check_param_types(self, param_types: ParamTypes, overrides: dict[str, Any] | None = None) -> None:
+        """Every key of `params`, of each preset and of `overrides` is declared, with a value of its type.
+
+        Card errors name the card file and field; override errors name the command line.
+        """
+        sources = [(f"{self.path}: field 'params.", self.params)]
+        sources += [(f"{self.path}: field 'presets.{name}.", preset) for name, preset in self.presets.items()]
+        sources.append((f"{COMMAND_LINE}: parameter '", overrides or {}))
+        for where, values in sources:
+            for key, value in values.items():
+                if key not in param_types:
+                    raise BenchError(f"{where}{key}': adapter {self.adapter!r} has no such parameter; "
+                                     f"parameters: {', '.join(sorted(param_types))}")
+                expected = param_types[key]
+                if not _has_type(value, expected):
+                    raise BenchError(f"{where}{key}': expected {_type_names(expected)}, got {value!r} ({type(value).__name__})")
+
+
+def _has_type(value: Any, expected: type | tuple[type, ...]) -> bool:
+    """isinstance, except that bool is no int here and an int is a fine float."""
+    allowed = expected if isinstance(expected, tuple) else (expected,)
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
+
+
+def _type_names(expected: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
 
 
 def cards_dir() -> Path:

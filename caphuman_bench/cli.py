@@ -60,14 +60,32 @@ def _print_scores(summary) -> None:
         console.print(f"[yellow]skipped metric {name}[/]: {escape(reason)}", soft_wrap=True)
 
 
+def _preflight(card, bench, split: str, preset: Optional[str], overrides: dict, weights_paths: dict) -> None:
+    """Everything a run needs that the user can fix, checked before `plan_run` writes the run folder:
+    the card's parameters and the command line's overrides, the weights files, every reference photo."""
+    from caphuman_bench.registry import get_method
+    from caphuman_bench.stages.generate import method_weights
+
+    params = get_method(card.adapter).validated_params(card, preset, overrides)
+    method_weights(card, params, weights_paths)
+    for identity_id in bench.split(split).identities:
+        bench.reference_image(identity_id)
+
+
+def _report_failures(failed: int, status_files: list[Path]) -> None:
+    """The last line of a run with failed tasks; the caller exits 1."""
+    console.print(f"[red]{failed} task(s) failed[/]; reasons in {escape(', '.join(map(str, status_files)))}", soft_wrap=True)
+
+
 def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard, force, generate_only, metrics,
              options, batch_size):
+    """Pre-flight, plan, generate, score, aggregate. Returns (planned run, generate summary, results or None)."""
     from caphuman_bench.runner import pick_device, plan_run
-    from caphuman_bench.stages.generate import generate, method_weights
+    from caphuman_bench.stages.generate import generate
     from caphuman_bench.stages.report import aggregate_run
     from caphuman_bench.stages.score import score
 
-    method_weights(card, card.resolve_params(preset, overrides), options["weights_paths"])  # before any file is written
+    _preflight(card, bench, split, preset, overrides, options["weights_paths"])  # before any file is written
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
     device = pick_device(device)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
@@ -78,13 +96,13 @@ def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shar
     for failure in gen.failures[:5]:
         console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
     if generate_only:
-        return planned.run, None
+        return planned, gen, None
     with _progress() as progress:
         summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
                         batch_size=batch_size, progress=progress)
     _print_scores(summary)
     results = aggregate_run(planned.run)
-    return planned.run, results
+    return planned, gen, results
 
 
 @app.command()
@@ -107,10 +125,10 @@ def run(
     no_face: Annotated[str, typer.Option("--no-face", help="No face in a generated image: zero (scores 0, FastComposer's rule) or skip.")] = "zero",
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
-    score_batch_size: Annotated[int, typer.Option("--score-batch-size")] = 8,
+    score_batch_size: Annotated[int, typer.Option("--score-batch-size", help="Images per metric batch when scoring.")] = 8,
     no_score: Annotated[bool, typer.Option("--no-score", help="Generate only.")] = False,
 ):
-    """Generate the images of a method on a split, then score them (resumable).
+    """Generate the images of a method on a split, then score them (resumable). Exit 1 if a task failed.
 
     Example: caphuman-bench run --method caphuman --preset smoke
     """
@@ -129,11 +147,14 @@ def run(
     if no_local:
         overrides["use_local"] = False
     options = _score_options(no_face, clip_model, weights_path)
-    run_dir, results = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed, device,
-                                parse_shard(shard), force, no_score, metrics.split(",") if metrics else None, options,
-                                score_batch_size)
+    planned, gen, results = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed,
+                                     device, parse_shard(shard), force, no_score, metrics.split(",") if metrics else None,
+                                     options, score_batch_size)
     if results is not None:
         _print_results([results])
+    if gen.failed:
+        _report_failures(gen.failed, [planned.run.status_file])
+        raise typer.Exit(1)
 
 
 def _print_results(results: list[dict]) -> None:
@@ -148,11 +169,11 @@ def score(
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (default: all with weights present).")] = None,
     device: Device = "auto",
     no_face: Annotated[str, typer.Option("--no-face", help="zero (default) or skip.")] = "zero",
-    clip_model: Annotated[Optional[str], typer.Option("--clip-model")] = None,
+    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/n (default: RANK/WORLD_SIZE).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rescore pairs already in scores.parquet.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per metric batch.")] = 8,
 ):
     """Score the finished images of a run and write scores.parquet and results.json.
 
@@ -190,6 +211,10 @@ def report(
     if not found:
         raise BenchError(f"no run directories under {', '.join(map(str, runs or [runs_dir]))}")
     results = [aggregate_run(r) for r in found]
+    unscored = [str(r.path) for r, res in zip(found, results) if not res["metrics"]]
+    if unscored:
+        console.print(f"[yellow]no scores yet[/] in {escape(', '.join(unscored))}: `caphuman-bench score RUN` scores them",
+                      soft_wrap=True)
     wide = write_leaderboard(results, out_dir)
     if html_report:
         console.print(f"wrote {write_html(results, found, out_dir)}")
@@ -221,20 +246,26 @@ def compare(
 
 @app.command()
 def ablate(
-    method: Annotated[str, typer.Option("--method", "-m")] = "caphuman",
+    method: Annotated[str, typer.Option("--method", "-m", help="Method card name (see `caphuman-bench methods`).")] = "caphuman",
     tau: Annotated[Optional[list[int]], typer.Option("--tau", help="τ values to sweep (repeat).")] = None,
     features: Annotated[Optional[list[str]], typer.Option("--features", help="Identity features: global+local, global, local (repeat).")] = None,
-    preset: Annotated[Optional[str], typer.Option("--preset")] = None,
-    split: Annotated[Optional[str], typer.Option("--split")] = None,
+    preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="full, identity, prompt, pose or demo (default: demo for --preset smoke, else full).")] = None,
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Where the ablation leaderboard goes.")] = Path("reports/ablations"),
     device: Device = "auto",
-    metrics: Annotated[Optional[str], typer.Option("--metrics")] = None,
-    no_face: Annotated[str, typer.Option("--no-face")] = "zero",
+    seed: Annotated[int, typer.Option("--seed", help="Base seed; each image's seed is derived from it and its task.")] = 0,
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a card parameter in every variant: KEY=VALUE (YAML value).")] = None,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (default: every registered metric whose weights are present).")] = None,
+    no_face: Annotated[str, typer.Option("--no-face", help="No face in a generated image: zero (scores 0) or skip.")] = "zero",
+    clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
+    weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
 ):
     """Sweep τ and the global/local identity features; one resumable run per variant, one leaderboard.
+
+    Each variant is labelled by its own overrides, e.g. caphuman[tau=0] (smoke). Exit 1 if a task failed.
 
     Example: caphuman-bench ablate --method caphuman --preset smoke --tau 0 --tau 500 --features global --features local
     """
@@ -250,15 +281,27 @@ def ablate(
         raise BenchError(f"--features {unknown[0]!r}: expected one of {', '.join(switches)}")
     card = get_card(method)
     bench = Benchmark.load(spec, identities_dir)
-    variants = [{**({"tau": t} if t is not None else {}), **switches[f]} for t in (tau or [None]) for f in (features or ["global+local"])]
-    results = []
+    common = _parse_pairs(param, "--param")
+    options = _score_options(no_face, clip_model, weights_path)
+    variants = [{**common, **({"tau": t} if t is not None else {}), **switches[f]}
+                for t in (tau or [None]) for f in (features or ["global+local"])]
+    split = split or default_split(preset)
+    for overrides in variants:  # every variant's parameters checked before the first run starts
+        _preflight(card, bench, split, preset, overrides, options["weights_paths"])
+    results, failed, status_files = [], 0, []
     for overrides in variants:
-        _, res = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, 0, device,
-                          Shard(0, 1), False, False, metrics.split(",") if metrics else None,
-                          _score_options(no_face, None, None), 8)
-        results.append(res)
+        planned, gen, res = _execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,
+                                     False, metrics.split(",") if metrics else None, options, 8)
+        # Variants with the same parameters share a run (tau=0 is the default): label by the variant, not run.json.
+        results.append({**res, "method": planned.label})
+        if gen.failed:
+            failed += gen.failed
+            status_files.append(planned.run.status_file)
     write_leaderboard(results, out_dir)
     out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        _report_failures(failed, status_files)
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -345,7 +388,7 @@ def data_prepare(
     from caphuman_bench.data_prepare import prepare
 
     report_ = prepare(out_dir, celeba_root=celeba_root, identities_dir=identities_dir, spec_root=spec, count=count)
-    out.print(report_.summary())
+    out.print(report_.summary(), soft_wrap=True)
     if report_.missing:
         raise typer.Exit(1)
 

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.benchmark import HeadCondition
-from caphuman_bench.cards import MethodCard
+from caphuman_bench.cards import COMMAND_LINE, MethodCard, ParamTypes
 
 
 @dataclass
@@ -44,11 +44,33 @@ class MethodAdapter:
     """Base for method adapters; subclasses are registered with `@register_method(name)`."""
 
     adapter_name: ClassVar[str]
+    # Every parameter a card may set, and its type (an int is a fine float; a bool is no int).
+    # The generate stage itself reads height, width and batch_size, so every adapter has them.
+    param_types: ClassVar[ParamTypes] = {"height": int, "width": int, "batch_size": int}
 
     def __init__(self, card: MethodCard, params: dict[str, Any], context: MethodContext) -> None:
         self.card = card
         self.params = params
         self.context = context
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any], where: str) -> None:
+        """Checks beyond types (choices, ranges, relations); raise BenchError naming `where`."""
+
+    @classmethod
+    def validated_params(cls, card: MethodCard, preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+        """The card's parameters with `preset` and the command-line `overrides`, checked before any run is planned.
+
+        Checked layer by layer, so an error blames where the bad value came from: the card's
+        `params`, one of its presets (every preset, whichever is chosen), or the command line.
+        """
+        card.check_param_types(cls.param_types, overrides)
+        cls.check_params(dict(card.params), f"{card.path}: field 'params'")
+        for name, values in card.presets.items():
+            cls.check_params({**card.params, **values}, f"{card.path}: field 'presets.{name}'")
+        params = card.resolve_params(preset, overrides)
+        cls.check_params(params, COMMAND_LINE)
+        return params
 
     @classmethod
     def required_weights(cls, card: MethodCard, params: dict[str, Any]) -> list[str]:

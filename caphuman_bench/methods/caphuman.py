@@ -53,6 +53,25 @@ def _check_params(params: dict[str, Any], where: str) -> None:
 
 @register_method("caphuman")
 class CapHumanMethod(HeadRenderMixin, MethodAdapter):
+    param_types = {
+        **MethodAdapter.param_types,
+        "num_inference_steps": int,
+        "guidance_scale": float,
+        "eta": float,
+        "tau": int,  # a DDPM timestep
+        "use_global": bool,
+        "use_local": bool,
+        "mixing": str,
+        "backbone": str,
+        "negative_prompt": str,
+        "dtype": str,
+        "tiny": bool,
+    }
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any], where: str) -> None:
+        _check_params(params, where)
+
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
         _check_params(params, card.path or card.name)

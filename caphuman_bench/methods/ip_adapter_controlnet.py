@@ -154,6 +154,22 @@ def build_tiny_ip_adapter_controlnet_pipeline(seed: int = 0):
 
 @register_method("ip_adapter_controlnet")
 class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
+    param_types = {
+        **MethodAdapter.param_types,
+        "num_inference_steps": int,
+        "guidance_scale": float,
+        "ip_adapter_scale": float,
+        "controlnet_conditioning_scale": float,
+        "negative_prompt": str,
+        "mixing": str,
+        "dtype": str,
+        "tiny": bool,
+    }
+
+    @classmethod
+    def check_params(cls, params: dict[str, Any], where: str) -> None:
+        _check_params(params, where)
+
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
         _check_params(params, card.path or card.name)

@@ -15,6 +15,8 @@ from caphuman_bench.registry import register_method
 
 @register_method("reference")
 class ReferenceMethod(MethodAdapter):
+    param_types = {**MethodAdapter.param_types, "resize": bool}
+
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         images = []
         for request in requests:
