@@ -143,6 +143,14 @@ class Benchmark:
             self._images[identity_id] = self._load_reference(self.identities[identity_id])
         return self._images[identity_id]
 
+    def reference_sha256(self, identity_id: str) -> str:
+        """sha256 of the reference photo's RGB pixels and size: part of a run's identity, so a
+        replaced photo makes another run, and the key of every per-identity cache."""
+        image = self.reference_image(identity_id)
+        h = hashlib.sha256(f"{image.size}".encode())
+        h.update(image.tobytes())
+        return h.hexdigest()
+
     def _load_reference(self, ident: Identity) -> Image.Image:
         from caphuman_bench.images import ImageError, load_rgb
 
@@ -156,6 +164,13 @@ class Benchmark:
         path = _inside(self.identities_dir, f"{ident.id}.jpg")
         if not path.exists():
             raise BenchError(f"identity {ident.id!r}: reference photo {path} is missing")
+        if ident.sha256:
+            from caphuman_bench.weights import sha256_of
+
+            digest = sha256_of(path)
+            if digest != ident.sha256:
+                raise BenchError(f"identity {ident.id!r}: reference photo {path} has sha256 {digest[:12]}…, "
+                                 f"{self.root / 'identities.csv'} field 'sha256' says {ident.sha256[:12]}…")
         try:
             return load_rgb(path)
         except ImageError as exc:

@@ -52,8 +52,10 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
     overrides = dict(overrides or {})
     params = card.resolve_params(preset, overrides)
     tasks = plan_tasks(bench, split, seed)
+    references = {i: bench.reference_sha256(i) for i in dict.fromkeys(t.identity_id for t in tasks)}
     identity = {"card_hash": card.card_hash(), "params": params, "benchmark": BENCHMARK_NAME,
-                "benchmark_version": bench.version, "spec_hash": bench.spec_hash, "split": split, "seed": seed}
+                "benchmark_version": bench.version, "spec_hash": bench.spec_hash, "split": split, "seed": seed,
+                "references": references}
     chash = config_hash(identity)
     label = run_label(card, preset, overrides)
     run = RunDir(Path(runs_dir) / f"{card.name}-{split}-{chash[:10]}")
@@ -67,7 +69,8 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
         "seed": seed,
         "benchmark": {"name": BENCHMARK_NAME, "version": bench.version, "split": split, "spec_hash": bench.spec_hash,
                       "spec_root": str(bench.root.resolve()),
-                      "identities_dir": str(bench.identities_dir.resolve()) if bench.identities_dir else None},
+                      "identities_dir": str(bench.identities_dir.resolve()) if bench.identities_dir else None,
+                "reference_sha256": references},
         "config_hash": chash,
         "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -8,6 +8,7 @@ them into sum-reducible states, so `compute()` gives the same aggregate on one p
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +35,7 @@ class ScoreItem:
     reference: Image.Image  # the identity's reference photo, RGB
     prompt: str  # the prompt with its subject placeholder filled by the neutral phrase
     image_error: str | None = None
+    reference_sha256: str = ""  # of the reference photo's pixels: keys the per-identity feature cache
     target: dict[str, np.ndarray] | None = None  # head-control target coefficients (shape, exp, pose, cam, light)
 
 
@@ -133,21 +135,25 @@ class BenchMetric(Metric):
     def option(self, key: str, default: Any) -> Any:
         return self.context.options.get(key, default)
 
-    def reference_features(self, identity_id: str, image: Image.Image, compute) -> Any:
+    def reference_features(self, identity_id: str, image: Image.Image, compute, reference_sha256: str = "") -> Any:
         """Features of a reference photo, computed once per identity and cached under the run.
 
         `compute(image)` must return a numpy array (or None when it found nothing); the cache is
-        an `.npy` file per metric and identity, so a resumed or sharded scoring pass reuses it.
+        an `.npy` file per metric, identity, photo and weights files, so a resumed or sharded scoring
+        pass reuses it and a replaced photo or weights file never does.
         """
-        if identity_id in self._reference_memo:
-            return self._reference_memo[identity_id]
+        files = sorted((wid, str(p), Path(p).stat().st_size) for wid, p in self.context.weights.items() if Path(p).exists())
+        key = hashlib.sha256(repr((reference_sha256, files, sorted(self.context.options.items(), key=str))).encode()).hexdigest()[:16]
+        memo_key = (identity_id, key)
+        if memo_key in self._reference_memo:
+            return self._reference_memo[memo_key]
         path = None
         if self.context.cache_dir is not None:
-            path = Path(self.context.cache_dir) / self.metric_name / f"{identity_id}.npy"
+            path = Path(self.context.cache_dir) / self.metric_name / f"{identity_id}.{key}.npy"
             if path.exists():
                 value = np.load(path, allow_pickle=False)
                 value = None if value.size == 0 else value
-                self._reference_memo[identity_id] = value
+                self._reference_memo[memo_key] = value
                 return value
         value = compute(image)
         if path is not None:
@@ -155,5 +161,5 @@ class BenchMetric(Metric):
             tmp = path.with_suffix(".tmp.npy")
             np.save(tmp, np.zeros(0) if value is None else np.asarray(value))
             tmp.replace(path)
-        self._reference_memo[identity_id] = value
+        self._reference_memo[memo_key] = value
         return value

@@ -48,7 +48,7 @@ class HeadControl(BenchMetric):
         "pose_error": "geodesic angle between global rotations pose[0:3], degrees",
         "axis_errors": "|yaw|,|pitch|,|roll| differences, R = R_y(yaw) R_x(pitch) R_z(roll), FLAME camera frame, degrees",
         "no_face": "status no_face, values NaN (excluded from means)",
-        "missing_target_group": "that group's value NaN, named in the row's reason",
+        "missing_target_group": "shape: the reference photo's DECA shape code; other groups: NaN, named in the row's reason",
     }
 
     def __init__(self, context: ScoreContext | None = None, encoder: DecaEncoder | None = None) -> None:
@@ -72,6 +72,10 @@ class HeadControl(BenchMetric):
             elif not item.target:
                 rows[index] = ItemScore(dict(unscored), "error", "no head-control target stored for this item")
             else:
+                if "shape" not in item.target:  # a method that knows no target: shape of the reference's encoding
+                    shape = self.reference_features(item.identity_id, item.reference, self._reference_shape, item.reference_sha256)
+                    if shape is not None:
+                        item.target = {**item.target, "shape": shape}
                 pending.append(index)
         mtcnn = self.context.weights.get("mtcnn")
         detections = detect_faces([items[i].image for i in pending], self.device_name, mtcnn.parent if mtcnn else None)
@@ -89,6 +93,15 @@ class HeadControl(BenchMetric):
                 except ValueError as exc:  # a target group of the wrong size
                     rows[index] = ItemScore(dict(unscored), "error", f"head-control target: {exc}")
         return rows
+
+    def _reference_shape(self, image) -> np.ndarray | None:
+        """DECA's shape code of a reference photo (None when MTCNN finds no face in it)."""
+        mtcnn = self.context.weights.get("mtcnn")
+        (detection,) = detect_faces([image], self.device_name, mtcnn.parent if mtcnn else None)
+        if detection is None:
+            return None
+        (code,) = encode_crops(self.encoder, deca_crop(image, detection.box)[None])
+        return np.asarray(code["shape"], dtype=np.float64)
 
     @staticmethod
     def _compare(code: dict[str, np.ndarray], target: dict[str, np.ndarray], detection) -> ItemScore:

@@ -107,7 +107,7 @@ class IdentitySimilarity(BenchMetric):
                 rows.append(ItemScore(dict(nan), "unreadable", item.image_error or "image could not be read"))
                 continue
             detection, embedding = found[i]
-            reference = self.reference_features(item.identity_id, item.reference, self._reference_embedding)
+            reference = self.reference_features(item.identity_id, item.reference, self._reference_embedding, item.reference_sha256)
             if reference is None:
                 rows.append(ItemScore(dict(nan), "error", f"no face detected in the reference photo of identity {item.identity_id!r}"))
             elif detection is None or embedding is None:

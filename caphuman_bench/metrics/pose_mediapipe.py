@@ -150,7 +150,7 @@ class PoseMediaPipe(BenchMetric):
             return ItemScore(unscored, "unreadable", item.image_error or "image could not be read")
         if item.target is None or "pose" not in item.target:
             return ItemScore(unscored, "error", "no target pose stored for this item")
-        reference = self.reference_features(item.identity_id, item.reference, self.reader.landmarks)
+        reference = self.reference_features(item.identity_id, item.reference, self.reader.landmarks, item.reference_sha256)
         if reference is None:
             return ItemScore(unscored, "no_face", "MediaPipe found no face in the reference photo")
         generated = self.reader.landmarks(item.image)

@@ -45,6 +45,10 @@ def open_benchmark(run: RunDir) -> Benchmark:
     if bench.spec_hash != spec["spec_hash"]:
         raise BenchError(f"{bench.root}: the benchmark spec changed since {run.run_json} was written "
                          f"(field 'benchmark.spec_hash' {spec['spec_hash'][:12]} != {bench.spec_hash[:12]})")
+    for identity_id, digest in spec.get("reference_sha256", {}).items():
+        if bench.reference_sha256(identity_id) != digest:
+            raise BenchError(f"identity {identity_id!r}: the reference photo changed since {run.run_json} was written "
+                             f"(field 'benchmark.reference_sha256'); plan a new run")
     return bench
 
 
@@ -127,7 +131,7 @@ def _item(run: RunDir, bench: Benchmark, task: Task) -> ScoreItem:
     return ScoreItem(
         task_id=task.task_id, identity_id=task.identity_id, prompt_id=task.prompt_id,
         condition_id=task.condition_id, sample=task.sample, image=image, image_error=error,
-        reference=bench.reference_image(task.identity_id),
+        reference=bench.reference_image(task.identity_id), reference_sha256=bench.reference_sha256(task.identity_id),
         prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
     )
 
