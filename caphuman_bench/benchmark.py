@@ -320,19 +320,19 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
             value = row.get(key, "all")
             if value == "all":
                 chosen[key] = tuple(pool)
-            elif isinstance(value, str) and value.split(":")[0] == "celeba" and key == "identities":
-                celeba = [k for k, v in pool.items() if v.source == "celeba"]
+            elif isinstance(value, str) and value.split(":")[0] == "prepared" and key == "identities":
+                prepared = [k for k, v in pool.items() if v.source != "package"]  # CelebA or a folder of faces
                 count = value.partition(":")[2]
                 if count and not count.isdigit():
-                    raise BenchError(f"{where}: field {key!r}: {value!r} must be celeba or celeba:N")
-                chosen[key] = tuple(celeba[: int(count)] if count else celeba)
+                    raise BenchError(f"{where}: field {key!r}: {value!r} must be prepared or prepared:N")
+                chosen[key] = tuple(prepared[: int(count)] if count else prepared)
             elif isinstance(value, list):
                 unknown = [v for v in value if v not in pool]
                 if unknown:
                     raise BenchError(f"{where}: field {key!r} names unknown id(s) {', '.join(map(str, unknown))}")
                 chosen[key] = tuple(value)
             else:
-                raise BenchError(f"{where}: field {key!r} must be 'all', 'celeba', 'celeba:N' or a list of ids")
+                raise BenchError(f"{where}: field {key!r} must be 'all', 'prepared', 'prepared:N' or a list of ids")
         samples = row.get("samples", 3)
         if not isinstance(samples, int) or samples < 1:
             raise BenchError(f"{where}: field 'samples' must be a positive integer")

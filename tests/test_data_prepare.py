@@ -68,3 +68,20 @@ def test_prepare_from_a_folder_of_faces(tmp_path):
     assert sorted(report.written) == ["alice", "bob"]
     with pytest.raises(BenchError, match="exactly one of"):
         prepare(tmp_path / "x")
+
+
+def test_a_prepared_folder_of_faces_fills_the_benchmark_splits(tmp_path):
+    faces = tmp_path / "faces"
+    faces.mkdir()
+    for name in ("alice", "bob"):
+        Image.new("RGB", (64, 64), (200, 150, 120)).save(faces / f"{name}.jpg")
+    out = tmp_path / "out"
+    prepare(out, identities_dir=faces)
+    bench = Benchmark.load(out, identities_dir=out / "identities")
+    assert bench.split("full").identities == ("alice", "bob")
+    assert bench.split("prompt").identities == ("alice", "bob")  # prepared:10 takes what there is
+
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(out / "identities" / "bob.jpg")  # replaced after preparing
+    fresh = Benchmark.load(out, identities_dir=out / "identities")
+    with pytest.raises(BenchError, match=r"bob.*sha256"):
+        fresh.reference_image("bob")

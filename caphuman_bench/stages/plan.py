@@ -38,8 +38,9 @@ def plan_tasks(bench: Benchmark, split_name: str, base_seed: int = 0) -> list[Ta
     split = bench.split(split_name)
     if not split.identities:
         raise BenchError(
-            f"{bench.root / 'splits.yaml'}: split {split_name!r} has no identities in this spec; its CelebA identities "
-            f"come from `caphuman-bench data prepare --celeba-root DIR --out DIR` (then pass --spec DIR)"
+            f"{bench.root / 'splits.yaml'}: split {split_name!r} has no identities in this spec; its identities come "
+            f"from `caphuman-bench data prepare --celeba-root DIR --out DIR` (or --identities-dir FACES), then pass "
+            f"--spec DIR --identities-dir DIR/identities"
         )
     tasks = []
     for identity in split.identities:
