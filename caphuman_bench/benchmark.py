@@ -240,9 +240,14 @@ def _load_prompts(path: Path) -> dict[str, Prompt]:
 
 
 def _vector(where: str, name: str, value, size: int) -> np.ndarray:
-    arr = np.asarray(value, dtype=np.float64)
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BenchError(f"{where}: field {name!r} must be {size} numbers") from None
     if arr.size != size:
         raise BenchError(f"{where}: field {name!r} needs {size} numbers, got {arr.size}")
+    if not np.isfinite(arr).all():
+        raise BenchError(f"{where}: field {name!r} has a value that is not a finite number")
     return arr.reshape(-1)
 
 
@@ -277,6 +282,8 @@ def _load_conditions(path: Path) -> dict[str, HeadCondition]:
         light = _vector(where, "light", row.get("light"), N_LIGHT) if "light" in row else None
         if cam is None or light is None:
             raise BenchError(f"{where}: fields 'cam' and 'light' are required")
+        if cam[0] <= 0:
+            raise BenchError(f"{where}: field 'cam' must start with a positive orthographic scale, got {cam[0]}")
         if cid in conditions:
             raise BenchError(f"{where}: duplicate condition id")
         conditions[cid] = HeadCondition(

@@ -130,3 +130,14 @@ def test_weights_resolver_never_downloads_and_names_what_is_missing(tmp_path, mo
     assert weights.resolve("flame_model") == tmp_path / "generic_model.pkl"
     rows = weights.status_rows()
     assert {r["id"] for r in rows} == set(weights.manifest())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("cam", [-6.0, 0.0, 0.0], "positive orthographic scale"),
+    ("light", [[float("nan")] * 3] + [[0.0] * 3] * 8, "not a finite number"),
+    ("jaw", [0.1, 0.2], "needs 3 numbers"),
+])
+def test_condition_with_a_bad_number_is_refused(spec_copy, field, value, message):
+    _edit_yaml(spec_copy / "head_conditions.yaml", lambda d: d["conditions"][0].update({field: value}))
+    with pytest.raises(BenchError, match=rf"frontal.*'{field}'.*{message}"):
+        Benchmark.load(spec_copy)
