@@ -82,7 +82,7 @@ def test_run_is_resumable_and_regenerates_exactly_a_deleted_image(tmp_path, caps
     assert results["metrics"]["id_sim_dlib"]["mean"] >= 0.99  # the reference photo against itself
 
 
-def test_corrupt_reference_photo_is_a_one_line_error_and_keeps_what_was_written(tmp_path, capsys, monkeypatch):
+def test_corrupt_reference_photo_is_a_one_line_error_before_anything_is_written(tmp_path, capsys, monkeypatch):
     spec = tmp_path / "spec"
     import shutil
 
