@@ -14,7 +14,7 @@ from caphuman_bench.cards import CARDS_ENV, DEFAULT_CARDS_DIR, get_card
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.reference import ReferenceMethod
 from caphuman_bench.registry import get_method
-from tests.test_spine_cli import cli, only_run
+from tests.cli_helpers import cli, only_run
 
 
 def card_copy(tmp_path, monkeypatch, name: str, edit) -> str:

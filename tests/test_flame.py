@@ -10,7 +10,11 @@ from scipy.spatial.transform import Rotation
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.render.flame import FLAME
-from caphuman_bench.render.flame_io import load_flame_pickle, load_texture_space, load_uv_layout
+from caphuman_bench.render.flame_io import (
+    load_flame_pickle,
+    load_texture_space,
+    load_uv_layout,
+)
 from caphuman_bench.render.synthetic import synthetic_flame, write_synthetic_flame
 
 

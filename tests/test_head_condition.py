@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import itertools
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from caphuman_bench.benchmark import Benchmark
-from caphuman_bench.cli import main
 from caphuman_bench.errors import BenchError
 from caphuman_bench.render.head_condition import (
     CODE_SIZES,
@@ -20,6 +18,7 @@ from caphuman_bench.render.head_condition import (
     mix_coefficients,
     neutral_identity_code,
 )
+from tests.cli_helpers import cli
 
 SIZE = 128
 CONDITION_KEYS = ("pose", "exp", "cam", "light")
@@ -245,15 +244,6 @@ def test_load_of_an_incomplete_cache_names_the_missing_file(renderer, conditions
 # --- caphuman-bench render ----------------------------------------------------------------------
 
 
-def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["caphuman-bench", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def read_rgb(path) -> np.ndarray:

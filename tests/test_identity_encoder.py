@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.models.face_parser import BiSeNet, FaceParser, WHITENED_IDS
+from caphuman_bench.models.face_parser import WHITENED_IDS, BiSeNet, FaceParser
 from caphuman_bench.models.identity_encoder import (
     CAPHUMAN_CLIP_VISION_PREFIX,
     IdentityEncoder,

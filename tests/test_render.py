@@ -5,8 +5,15 @@ import pytest
 import torch
 
 from caphuman_bench.benchmark import HeadCondition
-from caphuman_bench.render.head_condition import HeadConditionRenderer, neutral_identity_code
-from caphuman_bench.render.renderer import SH_CONSTANTS, MeshRenderer, orthographic_projection
+from caphuman_bench.render.head_condition import (
+    HeadConditionRenderer,
+    neutral_identity_code,
+)
+from caphuman_bench.render.renderer import (
+    SH_CONSTANTS,
+    MeshRenderer,
+    orthographic_projection,
+)
 
 
 def _renderer_for(faces: np.ndarray) -> MeshRenderer:

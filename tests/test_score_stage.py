@@ -3,29 +3,17 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import pandas as pd
 from PIL import Image
 
-from caphuman_bench.cli import main
-
-
-def cli(capsys, monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["caphuman-bench", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    capsys.readouterr()
-    return code
+from tests.cli_helpers import cli
 
 
 def test_rows_follow_the_image_and_the_scoring_options(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     assert cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--runs-dir", runs,
-               "--metrics", "id_sim_dlib") == 0
+               "--metrics", "id_sim_dlib")[0] == 0
     (run,) = list(runs.iterdir())
 
     def dlib():
@@ -35,7 +23,7 @@ def test_rows_follow_the_image_and_the_scoring_options(tmp_path, capsys, monkeyp
     blank = sorted((run / "images").glob("*.png"))[0]
     Image.new("RGB", (256, 256), (128, 128, 128)).save(blank)  # no face any more
 
-    assert cli(capsys, monkeypatch, "score", run, "--metrics", "id_sim_dlib", "--no-face", "skip") == 0
+    assert cli(capsys, monkeypatch, "score", run, "--metrics", "id_sim_dlib", "--no-face", "skip")[0] == 0
     scores = pd.read_parquet(run / "scores.parquet")
     row = scores[scores["task_id"] == blank.stem].iloc[0]
     assert row["status"] == "no_face" and pd.isna(row["id_sim_dlib"])  # the changed image was rescored
@@ -43,7 +31,7 @@ def test_rows_follow_the_image_and_the_scoring_options(tmp_path, capsys, monkeyp
     results = json.loads((run / "results.json").read_text())
     assert results["scored_with"]["id_sim_dlib"]["options"]["no_face"] == "skip"
 
-    assert cli(capsys, monkeypatch, "score", run, "--metrics", "id_sim_dlib") == 0  # back to no_face=zero
+    assert cli(capsys, monkeypatch, "score", run, "--metrics", "id_sim_dlib")[0] == 0  # back to no_face=zero
     assert dlib()["n"] == 12 and dlib()["mean"] < 0.95  # every row rescored under the new rule
     assert json.loads((run / "results.json").read_text())["scored_with"]["id_sim_dlib"]["options"]["no_face"] == "zero"
     assert len(pd.read_parquet(run / "scores.parquet")) == 12

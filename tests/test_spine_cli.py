@@ -2,34 +2,17 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import sys
 
-
-from caphuman_bench.cli import main
+from tests.cli_helpers import cli, image_digests, only_run
 
 FAST_METRICS = "face_detection,id_sim_dlib"
 
 
-def cli(capsys, monkeypatch, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["caphuman-bench", *map(str, args)])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
-def image_digests(run_dir) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run_dir / "images").glob("*.png"))}
 
 
-def only_run(runs_dir):
-    (run,) = [p for p in runs_dir.iterdir() if p.is_dir()]
-    return run
 
 
 def test_help_lists_every_command(capsys, monkeypatch):

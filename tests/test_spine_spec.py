@@ -9,7 +9,12 @@ import pytest
 import yaml
 
 from caphuman_bench import weights
-from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark, axis_angle_to_euler, euler_to_axis_angle
+from caphuman_bench.benchmark import (
+    DEFAULT_SPEC_DIR,
+    Benchmark,
+    axis_angle_to_euler,
+    euler_to_axis_angle,
+)
 from caphuman_bench.cards import all_cards, load_card
 from caphuman_bench.errors import BenchError, MissingWeightsError
 from caphuman_bench.stages.plan import Shard, parse_shard, plan_tasks
