@@ -18,6 +18,7 @@ from diffusers import AutoencoderKL, DDIMScheduler
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from caphuman_bench.loaders.convert_caphuman import (
+    SD15_HPARAMS,
     build_components,
     caphuman_configs,
     clip_tokenizer,
@@ -27,24 +28,15 @@ from caphuman_bench.loaders.convert_caphuman import (
 )
 from caphuman_bench.pipelines.pipeline_caphuman import CapHumanPipeline
 
-# tests/data/caphuman_tiny/hparams.json (variant "caphuman_tiny_a"), sizes only
-_TINY_NET = {
-    "image_size": 32, "in_channels": 4, "out_channels": 4, "model_channels": 32, "attention_resolutions": [1],
-    "num_res_blocks": 1, "channel_mult": [1, 2], "num_heads": 2, "num_head_channels": -1,
-    "use_spatial_transformer": True, "transformer_depth": 1, "context_dim": 32, "use_checkpoint": True,
-    "legacy": False,
-}
+# The sizes of tests/data/caphuman_tiny/hparams.json (variant "caphuman_tiny_a"): SD-1.5's layout, shrunk.
+_TINY_NET = {**SD15_HPARAMS["unet"], "model_channels": 32, "attention_resolutions": [1], "num_res_blocks": 1,
+             "channel_mult": [1, 2], "num_heads": 2, "context_dim": 32}
 TINY_HPARAMS: dict = {
+    **{k: v for k, v in SD15_HPARAMS.items() if k not in ("vae", "text_encoder", "image_encoder")},
     "variant": "caphuman_tiny_a",
-    "diffusion": {"timesteps": 1000, "linear_start": 0.00085, "linear_end": 0.012, "scale_factor": 0.18215,
-                  "parameterization": "eps", "channels": 4, "beta_schedule": "linear"},
     "unet": _TINY_NET,
-    "capface": {**_TINY_NET, "hint_channels": 9, "cond_mode": "img+id", "mask_predict_in_channels": 32,
-                "hint_block_channels": [16, 16, 32, 32, 96, 96, 256]},
-    "conditioning": {"context_dim": 32, "id_dim": 512, "id_tokens": 1, "img_linear_dim": 64,
-                     "num_image_tokens": 17, "num_text_tokens": 77, "cond_mode": "img+id"},
-    "mask_loss_weight": 1.0,
-    "mask_threshold": 0.5,
+    "capface": {**SD15_HPARAMS["capface"], **_TINY_NET, "mask_predict_in_channels": 32},
+    "conditioning": {**SD15_HPARAMS["conditioning"], "context_dim": 32, "img_linear_dim": 64, "num_image_tokens": 17},
 }
 
 
