@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.benchmark import HeadCondition
+from caphuman_bench.errors import BenchError
 from caphuman_bench.cards import COMMAND_LINE, MethodCard, ParamTypes
 
 
@@ -40,6 +41,9 @@ class MethodContext:
     weights: dict[str, Path] = field(default_factory=dict)  # resolved manifest id -> local path
 
 
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
 class MethodAdapter:
     """Base for method adapters; subclasses are registered with `@register_method(name)`."""
 
@@ -55,7 +59,14 @@ class MethodAdapter:
 
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
-        """Checks beyond types (choices, ranges, relations); raise BenchError naming `where`."""
+        """Checks beyond types (choices, ranges, relations); raise BenchError naming `where`.
+        Subclasses extend it (calling super); the generate stage runs it once before any work."""
+        if "dtype" in params and str(params["dtype"]) not in TORCH_DTYPES:
+            raise BenchError(f"{where}: parameter 'dtype' must be one of {', '.join(TORCH_DTYPES)}, got {params['dtype']!r}")
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The card's `dtype` on CUDA; float32 elsewhere (half precision on a CPU is slow and lossy)."""
+        return TORCH_DTYPES[str(self.params.get("dtype", "float16"))] if device.type == "cuda" else torch.float32
 
     @classmethod
     def validated_params(cls, card: MethodCard, preset: str | None, overrides: dict[str, Any]) -> dict[str, Any]:

@@ -33,22 +33,10 @@ from caphuman_bench.methods.head_renders import HeadRenderMixin
 from caphuman_bench.registry import register_method
 
 log = logging.getLogger(__name__)
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BACKBONES = ("caphuman", "realistic_vision")
 BASE_WEIGHTS = ("caphuman_ckpt", "facenet_vggface2", "face_parser_bisenet", "deca_model",
                 "flame_model", "flame_texture", "flame_head_template")
 OVERLAY_WEIGHTS = ("realistic_vision_v3", "vae_ft_mse")
-
-
-def _check_params(params: dict[str, Any], where: str) -> None:
-    if params.get("backbone", "caphuman") not in BACKBONES:
-        raise BenchError(f"{where}: parameter 'backbone' must be one of {', '.join(BACKBONES)}, got {params['backbone']!r}")
-    if str(params.get("dtype", "float16")) not in DTYPES:
-        raise BenchError(f"{where}: parameter 'dtype' must be one of {', '.join(DTYPES)}, got {params['dtype']!r}")
-    if int(params.get("height", 512)) != int(params.get("width", 512)):
-        raise BenchError(f"{where}: CapHuman renders square head conditions; parameters 'height' and 'width' must be equal")
-    if float(params.get("tau", 0)) < 0:
-        raise BenchError(f"{where}: parameter 'tau' must be >= 0 (0 = never drop the identity tokens)")
 
 
 @register_method("caphuman")
@@ -70,11 +58,16 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
 
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
-        _check_params(params, where)
+        super().check_params(params, where)
+        if params.get("backbone", "caphuman") not in BACKBONES:
+            raise BenchError(f"{where}: parameter 'backbone' must be one of {', '.join(BACKBONES)}, got {params['backbone']!r}")
+        if int(params.get("height", 512)) != int(params.get("width", 512)):
+            raise BenchError(f"{where}: CapHuman renders square head conditions; parameters 'height' and 'width' must be equal")
+        if float(params.get("tau", 0)) < 0:
+            raise BenchError(f"{where}: parameter 'tau' must be >= 0 (0 = never drop the identity tokens)")
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
-        _check_params(params, card.path or card.name)
         if params.get("tiny"):
             return []
         extra = OVERLAY_WEIGHTS if params.get("backbone") == "realistic_vision" else ()
@@ -84,9 +77,8 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
     # building
 
     def load(self) -> None:
-        _check_params(self.params, self.card.path or self.card.name)
         self.device = torch.device(self.context.device)
-        self.dtype = DTYPES[str(self.params.get("dtype", "float16"))] if self.device.type == "cuda" else torch.float32
+        self.dtype = self.compute_dtype(self.device)
         if self.params.get("tiny"):
             self._load_tiny()
         else:

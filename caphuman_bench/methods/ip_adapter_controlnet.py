@@ -32,7 +32,6 @@ from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
 from caphuman_bench.methods.head_renders import HeadRenderMixin
 from caphuman_bench.registry import register_method
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 MODEL_WEIGHTS = ("stable_diffusion_v1_5", "ip_adapter_plus_face_sd15", "ip_adapter_image_encoder_sd15",
                  "controlnet_normalbae_sd15")
 HEAD_WEIGHTS = ("deca_model", "flame_model", "flame_texture", "flame_head_template")
@@ -64,15 +63,6 @@ def _folder(weights_id: str, path: Path) -> Path:
     if missing:
         raise BenchError(f"{folder}: weights {weights_id!r} incomplete, missing {', '.join(missing)}")
     return folder
-
-
-def _check_params(params: dict[str, Any], where: str) -> None:
-    if str(params.get("dtype", "float16")) not in DTYPES:
-        raise BenchError(f"{where}: parameter 'dtype' must be one of {', '.join(DTYPES)}, got {params['dtype']!r}")
-    if int(params.get("height", 512)) != int(params.get("width", 512)):
-        raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
-    if int(params.get("height", 512)) % 8:
-        raise BenchError(f"{where}: parameter 'height' must be a multiple of 8 (SD latents), got {params['height']}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,19 +158,21 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
 
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
-        _check_params(params, where)
+        super().check_params(params, where)
+        if int(params.get("height", 512)) != int(params.get("width", 512)):
+            raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
+        if int(params.get("height", 512)) % 8:
+            raise BenchError(f"{where}: parameter 'height' must be a multiple of 8 (SD latents), got {params['height']}")
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
-        _check_params(params, card.path or card.name)
         return [] if params.get("tiny") else [*MODEL_WEIGHTS, *HEAD_WEIGHTS]
 
     def load(self) -> None:
-        _check_params(self.params, self.card.path or self.card.name)
         from caphuman_bench.render.head_condition import HeadConditionRenderer
 
         self.device = torch.device(self.context.device)
-        self.dtype = DTYPES[str(self.params.get("dtype", "float16"))] if self.device.type == "cuda" else torch.float32
+        self.dtype = self.compute_dtype(self.device)
         self._codes: dict[str, dict[str, np.ndarray]] = {}
         self._ip_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.params.get("tiny"):

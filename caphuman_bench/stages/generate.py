@@ -37,8 +37,9 @@ def _batches(items: list, size: int):
 
 
 def method_weights(card: MethodCard, params: dict, weights_paths: dict[str, str] | None = None) -> tuple[type, dict]:
-    """The card's adapter class and its weights files; every missing one named in one error."""
+    """The card's adapter class (its parameters checked) and its weights files; every missing one named in one error."""
     adapter_cls = get_method(card.adapter)
+    adapter_cls.check_params(params, card.path or card.name)
     return adapter_cls, weights.require(adapter_cls.required_weights(card, params), weights_paths)
 
 
