@@ -110,6 +110,7 @@ class Benchmark:
     splits: dict[str, Split]
     identities_dir: Path | None = None  # folder of <identity>.jpg (prepared CelebA, or the user's own)
     _images: dict[str, Image.Image] = field(default_factory=dict, repr=False)
+    _digests: dict[str, str] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, root: str | os.PathLike | None = None, identities_dir: str | os.PathLike | None = None) -> "Benchmark":
@@ -146,10 +147,12 @@ class Benchmark:
     def reference_sha256(self, identity_id: str) -> str:
         """sha256 of the reference photo's RGB pixels and size: part of a run's identity, so a
         replaced photo makes another run, and the key of every per-identity cache."""
-        image = self.reference_image(identity_id)
-        h = hashlib.sha256(f"{image.size}".encode())
-        h.update(image.tobytes())
-        return h.hexdigest()
+        if identity_id not in self._digests:
+            image = self.reference_image(identity_id)
+            h = hashlib.sha256(f"{image.size}".encode())
+            h.update(image.tobytes())
+            self._digests[identity_id] = h.hexdigest()
+        return self._digests[identity_id]
 
     def _load_reference(self, ident: Identity) -> Image.Image:
         from caphuman_bench.images import ImageError, load_rgb
