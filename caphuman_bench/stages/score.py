@@ -35,7 +35,6 @@ FLUSH_EVERY = 64  # items: how much scoring an interruption can lose at most
 class ScoreSummary:
     scored: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> reason (missing weights)
-    aggregates: dict[str, dict] = field(default_factory=dict)  # this pass, from the metrics' own states
 
 
 def open_benchmark(run: RunDir) -> Benchmark:
@@ -115,7 +114,6 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
             progress.advance(bar, len(batch))
     if pending:
         _merge_scores(run, pending)
-    summary.aggregates = {name: m.compute() for name, m in instances.items() if summary.scored.get(name)}
     _record_scoring(run, {name: (options, found, signatures[name]) for name, (_, found) in ready.items()}, skipped)
     return summary
 
