@@ -25,7 +25,7 @@ import numpy as np
 
 from caphuman_bench.atomic import atomic_write, write_json_atomic, write_text_atomic
 from caphuman_bench.errors import BenchError
-from caphuman_bench.stages.plan import Task
+from caphuman_bench.tasks import Task
 
 
 class RunDir:

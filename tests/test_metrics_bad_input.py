@@ -17,7 +17,7 @@ from PIL import Image
 
 from caphuman_bench import weights
 from caphuman_bench.images import ImageError, load_rgb
-from caphuman_bench.metrics._faces import DETECT_MAX_SIDE, detect_faces
+from caphuman_bench.faces.detection import DETECT_MAX_SIDE, detect_faces
 from caphuman_bench.metrics.base import ScoreContext, ScoreItem
 from caphuman_bench.metrics.clip_score import ClipScore
 from caphuman_bench.metrics.face_detection import FaceDetectionRate

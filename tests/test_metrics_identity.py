@@ -16,16 +16,14 @@ from PIL import Image, ImageDraw, ImageOps
 
 from caphuman_bench import weights
 from caphuman_bench.errors import BenchError
-from caphuman_bench.metrics._faces import aligned_crops_160, detect_faces
+from caphuman_bench.faces.arcface import ARCFACE_SIZE, ARCFACE_TEMPLATE, arcface_align
+from caphuman_bench.faces.detection import aligned_crops_160, detect_faces
 from caphuman_bench.metrics.base import ScoreContext, ScoreItem
 from caphuman_bench.metrics.face_detection import FaceDetectionRate
 from caphuman_bench.metrics.identity import (
-    ARCFACE_SIZE,
-    ARCFACE_TEMPLATE,
     ArcFaceIdentity,
     DlibIdentity,
     FaceNetIdentity,
-    arcface_align,
     facenet_on,
 )
 

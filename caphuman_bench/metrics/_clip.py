@@ -18,7 +18,7 @@ from PIL import Image
 
 from caphuman_bench import weights
 from caphuman_bench.errors import BenchError
-from caphuman_bench.metrics._memo import BoundedMemo, image_digest
+from caphuman_bench.faces.memo import BoundedMemo, image_digest
 from caphuman_bench.metrics.base import ScoreContext
 
 DEFAULT_CLIP_MODEL = "ViT-L-14"

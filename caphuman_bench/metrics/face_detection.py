@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from caphuman_bench.metrics._faces import DETECTOR_CONVENTION, detect_faces, mtcnn_weights_dir
+from caphuman_bench.faces.detection import DETECTOR_CONVENTION, detect_faces, mtcnn_weights_dir
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
 from caphuman_bench.registry import register_metric
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from caphuman_bench.metrics._faces import DETECTOR_CONVENTION, detect_faces
+from caphuman_bench.faces.detection import DETECTOR_CONVENTION, detect_faces
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
 from caphuman_bench.metrics.geometry import RMSE_GROUPS, coefficient_rmse, euler_differences, pose_errors
 from caphuman_bench.models.deca_encoder import DecaEncoder, deca_crop, encode_crops, load_deca_encoder

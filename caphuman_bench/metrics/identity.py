@@ -32,7 +32,8 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.metrics._faces import (
+from caphuman_bench.faces.arcface import arcface_embeddings, load_arcface
+from caphuman_bench.faces.detection import (
     DETECTOR_CONVENTION,
     FaceDetection,
     aligned_crops_160,
@@ -45,12 +46,6 @@ from caphuman_bench.registry import register_metric
 NO_FACE_POLICIES = ("zero", "skip")
 EMBED_BATCH = 32
 
-# insightface's `arcface_dst` (utils/face_align.py): where the 5 landmarks sit in a 112 × 112 crop.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float64,
-)
-ARCFACE_SIZE = 112
 DLIB_SAME_PERSON_DISTANCE = 0.6
 
 _NO_FACE_CONVENTION = {
@@ -176,55 +171,11 @@ class ArcFaceIdentity(IdentitySimilarity):
     def embed(self, images, detections):
         session = load_arcface(self.context.weights["arcface_antelopev2"], self.device_name)
         present = [i for i, d in enumerate(detections) if d is not None]
+        vectors = arcface_embeddings(session, [images[i] for i in present], [detections[i].landmarks for i in present])
         out: list[np.ndarray | None] = [None] * len(images)
-        input_name = session.get_inputs()[0].name
-        for start in range(0, len(present), EMBED_BATCH):
-            chunk = present[start : start + EMBED_BATCH]
-            crops = np.stack([arcface_align(images[i], detections[i].landmarks) for i in chunk])
-            blob = ((crops.astype(np.float32) - 127.5) / 127.5).transpose(0, 3, 1, 2)
-            vectors = session.run(None, {input_name: np.ascontiguousarray(blob)})[0]
-            for i, vector in zip(chunk, vectors):
-                out[i] = np.asarray(vector, dtype=np.float64)
+        for i, vector in zip(present, vectors):
+            out[i] = vector
         return out
-
-
-def arcface_align(image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
-    """insightface's `norm_crop`: warp the face so its 5 landmarks land on the ArcFace template.
-
-    scikit-image stands in for OpenCV's `warpAffine` (bilinear, black border; OpenCV is not a
-    dependency of the core install). Returns 112 × 112 × 3 uint8 RGB.
-    """
-    from skimage.transform import SimilarityTransform, warp
-
-    transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), ARCFACE_TEMPLATE)
-    if not transform:
-        raise ValueError(f"cannot align landmarks {np.asarray(landmarks).tolist()}: {transform}")
-    warped = warp(np.asarray(image.convert("RGB")), transform.inverse, output_shape=(ARCFACE_SIZE, ARCFACE_SIZE),
-                  order=1, mode="constant", cval=0.0, preserve_range=True)
-    return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
-
-
-_ARCFACES: dict[tuple[str, str], object] = {}
-
-
-def load_arcface(path: str | Path, device: str):
-    """An onnxruntime session for the ArcFace ONNX file; CUDA when asked for and available."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise BenchError(
-            "metric id_sim_arcface needs onnxruntime, which is not installed: pip install 'caphuman-bench[arcface]'"
-        ) from None
-    key = (str(Path(path).resolve()), str(device))
-    if key not in _ARCFACES:
-        providers = ["CPUExecutionProvider"]
-        if str(device).startswith("cuda") and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            _ARCFACES[key] = onnxruntime.InferenceSession(str(path), providers=providers)
-        except Exception as exc:
-            raise BenchError(f"{path}: cannot load the arcface_antelopev2 ONNX model ({type(exc).__name__}: {exc})") from None
-    return _ARCFACES[key]
 
 
 @register_metric(

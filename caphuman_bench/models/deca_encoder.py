@@ -177,8 +177,8 @@ def encode_images(
 
 
 def mtcnn_box_detector(device: str | torch.device = "cpu", weights_dir: str | os.PathLike | None = None) -> BoxDetector:
-    """The scoring pass's MTCNN (`caphuman_bench.metrics._faces`) as a `BoxDetector`: the most confident face."""
-    from caphuman_bench.metrics._faces import detect_faces
+    """The scoring pass's MTCNN (`caphuman_bench.faces.detection`) as a `BoxDetector`: the most confident face."""
+    from caphuman_bench.faces.detection import detect_faces
 
     def box(image: Image.Image) -> Sequence[float] | None:
         (detection,) = detect_faces([image], device, weights_dir)

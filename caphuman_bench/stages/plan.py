@@ -10,23 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.errors import BenchError
-
-
-@dataclass(frozen=True)
-class Task:
-    task_id: str
-    identity_id: str
-    prompt_id: str
-    condition_id: str
-    sample: int
-    seed: int
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+from caphuman_bench.tasks import Task
 
 
 def task_seed(benchmark_version: str, base_seed: int, identity: str, prompt: str, condition: str, sample: int) -> int:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.images import to_rgb
-from caphuman_bench.metrics._memo import BoundedMemo, image_digest
+from caphuman_bench.faces.memo import BoundedMemo, image_digest
 
 DETECT_MAX_SIDE = 2048
 DETECT_BATCH = 16
