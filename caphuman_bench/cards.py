@@ -12,10 +12,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from caphuman_bench.errors import BenchError
 
@@ -23,6 +23,9 @@ CARDS_ENV = "CAPHUMAN_BENCH_CARDS"
 DEFAULT_CARDS_DIR = Path(__file__).resolve().parents[1] / "methods"
 COMMAND_LINE = "the command line (--param, --tau, --no-global, --no-local)"
 ParamTypes = dict[str, type | tuple[type, ...]]
+# What a method may read of a task, and how the head condition reaches it (the leaderboard's `head input`).
+MethodInput = Literal["reference", "prompt", "head"]
+HeadInput = Literal["none", "normals", "landmarks", "3D render", "CapFace"]
 
 
 class MethodCard(BaseModel):
@@ -32,10 +35,19 @@ class MethodCard(BaseModel):
     adapter: str
     description: str
     paper: str = ""
+    inputs: list[MethodInput]  # which parts of a task the method uses; every method is scored on all metrics
+    head_input: HeadInput  # how the head condition reaches the method; "none" when it ignores it
     weights: list[str] = Field(default_factory=list)
     params: dict[str, Any] = Field(default_factory=dict)  # defaults: sampler settings, tau, switches, ...
     presets: dict[str, dict[str, Any]] = Field(default_factory=dict)  # name -> overrides of params
     path: str = Field(default="", exclude=True)
+
+    @model_validator(mode="after")
+    def _head_input_matches_inputs(self) -> "MethodCard":
+        if (self.head_input != "none") != ("head" in self.inputs):
+            raise ValueError(f"head_input {self.head_input!r} and inputs {self.inputs} disagree: "
+                             "a method that uses the head condition names how (head_input), one that ignores it says 'none'")
+        return self
 
     def card_hash(self) -> str:
         """sha256 of the card's content (not its location): part of every run's identity."""
@@ -105,7 +117,8 @@ def load_card(path: Path) -> MethodCard:
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        raise BenchError(f"{path}: field {field!r}: {first['msg']}") from None
+        where = f"field {field!r}: " if field else ""
+        raise BenchError(f"{path}: {where}{first['msg']}") from None
     return card.model_copy(update={"path": str(path)})
 
 

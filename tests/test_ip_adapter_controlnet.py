@@ -11,7 +11,7 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import get_card
 from caphuman_bench.errors import MissingWeightsError
 from caphuman_bench.methods.base import GenerationRequest, MethodContext
-from caphuman_bench.methods.ip_adapter_controlnet import normals_to_controlnet_image
+from caphuman_bench.methods.head_renders import normals_to_controlnet_image
 from caphuman_bench.registry import get_method
 
 

@@ -89,11 +89,23 @@ def test_unknown_split_is_refused():
         Benchmark.load().split("nope")
 
 
+def test_a_card_says_how_the_head_condition_reaches_the_method(tmp_path):
+    assert {name: card.head_input for name, card in all_cards().items()}.items() >= {
+        "caphuman": "CapFace", "ip_adapter_controlnet": "normals", "reference": "none"}.items()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nadapter: reference\ndescription: x\ninputs: [reference, head]\nhead_input: none\n")
+    with pytest.raises(BenchError, match=r"bad.yaml: .*head_input 'none' and inputs .* disagree"):
+        load_card(bad)
+    bad.write_text("name: bad\nadapter: reference\ndescription: x\ninputs: [reference]\nhead_input: depth\n")
+    with pytest.raises(BenchError, match=r"bad.yaml: field 'head_input'"):
+        load_card(bad)
+
+
 def test_cards_load_and_a_wrong_field_names_file_and_field(tmp_path):
     cards = all_cards()
     assert {"caphuman", "reference"} <= set(cards)
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: bad\nadapter: reference\ndescription: x\nsampler_steps: 3\n")
+    bad.write_text("name: bad\nadapter: reference\ndescription: x\ninputs: [reference]\nhead_input: none\nsampler_steps: 3\n")
     with pytest.raises(BenchError, match=r"bad.yaml: field 'sampler_steps'"):
         load_card(bad)
     with pytest.raises(BenchError, match="has no parameter 'nope'"):

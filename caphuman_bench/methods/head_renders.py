@@ -7,6 +7,12 @@ condition: the head render of that code mixed with the condition (`params["mixin
 
 A subclass sets `self.renderer` (a `HeadConditionRenderer`), `self.deca` (DECA encoder or None),
 `self.mtcnn` (face box for DECA's crop; unused without DECA) and `self._codes = {}` in its `load`.
+
+Normal map convention: ControlNet 1.1's normalbae annotator (controlnet_aux `NormalBaeDetector`) writes
+the BAE network's camera-space normal n as RGB = (n + 1) / 2 · 255; BAE predicts ScanNet-protocol
+normals (x to the image's left, y down, z towards the camera: a frontal face is (128, 128, 255)). Our
+renderer's normals are DECA/FLAME's (x to the image's right, y up, z towards the camera), so
+x and y flip sign. Outside the head the normal is 0, i.e. mid-grey.
 """
 
 from __future__ import annotations
@@ -17,6 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+
+def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
+    """Renderer normals [3, H, W] (x right, y up, z to the camera; 0 outside the head) → normalbae RGB."""
+    scannet = normal * np.array([-1.0, -1.0, 1.0], dtype=np.float32)[:, None, None]
+    rgb = np.clip((scannet + 1.0) * 0.5 * 255.0, 0, 255).round().astype(np.uint8)
+    return Image.fromarray(rgb.transpose(1, 2, 0), mode="RGB")
 
 
 class HeadRenderMixin:

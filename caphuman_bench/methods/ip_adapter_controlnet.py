@@ -6,11 +6,7 @@ diffusers' own `load_ip_adapter`. Head: ControlNet `control_v11p_sd15_normalbae`
 of the same head render CapHuman is steered by (`HeadRenderMixin`: the reference's DECA code mixed with
 the condition), so head-control scoring compares both methods with the same target.
 
-Normal map convention: ControlNet 1.1's normalbae annotator (controlnet_aux `NormalBaeDetector`) writes
-the BAE network's camera-space normal n as RGB = (n + 1) / 2 · 255; BAE predicts ScanNet-protocol
-normals (x to the image's left, y down, z towards the camera: a frontal face is (128, 128, 255)). Our
-renderer's normals are DECA/FLAME's (x to the image's right, y up, z towards the camera), so
-x and y flip sign. Outside the head the normal is 0, i.e. mid-grey.
+Normal map: `head_renders.normals_to_controlnet_image` (normalbae's convention).
 
 With `tiny: true` (the smoke preset) every network has random weights and needs no file: a tiny UNet,
 ControlNet, CLIP vision tower and an IP-Adapter state dict in the official file layout (the tiny
@@ -29,7 +25,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
-from caphuman_bench.methods.head_renders import HeadRenderMixin
+from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.registry import register_method
 
 MODEL_WEIGHTS = ("stable_diffusion_v1_5", "ip_adapter_plus_face_sd15", "ip_adapter_image_encoder_sd15",
@@ -47,13 +43,6 @@ FOLDER_FILES = {
 # (tencent-ailab/IP-Adapter ip_adapter-plus-face_demo.ipynb).
 SD15_DDIM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
              "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-
-
-def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
-    """Renderer normals [3, H, W] (x right, y up, z to the camera; 0 outside the head) → normalbae RGB."""
-    scannet = normal * np.array([-1.0, -1.0, 1.0], dtype=np.float32)[:, None, None]
-    rgb = np.clip((scannet + 1.0) * 0.5 * 255.0, 0, 255).round().astype(np.uint8)
-    return Image.fromarray(rgb.transpose(1, 2, 0), mode="RGB")
 
 
 def _folder(weights_id: str, path: Path) -> Path:

@@ -67,6 +67,7 @@ def aggregate_run(run: RunDir) -> dict:
     results = {
         "method": info["label"],
         "method_card": info["method"]["name"],
+        "head_input": info["method"].get("head_input", "none"),
         "benchmark": info["benchmark"]["name"],
         "benchmark_version": info["benchmark"]["version"],
         "split": info["benchmark"]["split"],
@@ -118,6 +119,7 @@ def leaderboard(results: list[dict]) -> pd.DataFrame:
                          "metric": name, "mean": m["mean"], "std": m["std"], "n": m["n"],
                          "ci95_low": (m["ci95"] or [None, None])[0], "ci95_high": (m["ci95"] or [None, None])[1],
                          "higher_is_better": m["higher_is_better"], "images_ok": res["images"]["ok"],
+                         "head_input": res.get("head_input", "none"),
                          "config_hash": res["provenance"].get("config_hash", "")[:12]})
     return pd.DataFrame(rows)
 
@@ -126,8 +128,9 @@ def leaderboard_wide(board: pd.DataFrame) -> pd.DataFrame:
     if board.empty:
         return board
     wide = board.pivot_table(index=["method", "split"], columns="metric", values="mean", aggfunc="first")
-    images = board.groupby(["method", "split"])["images_ok"].first()
-    wide.insert(0, "images", images)
+    first = board.groupby(["method", "split"])[["images_ok", "head_input"]].first()
+    wide.insert(0, "images", first["images_ok"])
+    wide.insert(0, "head input", first["head_input"])
     return wide.reset_index()
 
 
