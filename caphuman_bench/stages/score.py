@@ -79,7 +79,11 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     ready, skipped = select_metrics(metrics, options)
     summary = ScoreSummary(skipped=skipped)
     finished = run.finished_ids()
-    tasks = [t for t in shard.select(run.tasks()) if t.task_id in finished]
+    all_finished = [t for t in run.tasks() if t.task_id in finished]
+    tasks = shard.select(all_finished)
+    groups: dict[tuple[str, str], list[Task]] = {}
+    for t in all_finished:  # (identity, prompt) groups across shards: what group metrics compare within
+        groups.setdefault((t.identity_id, t.prompt_id), []).append(t)
     digests = {t.task_id: sha256_of(run.image_path(t.task_id)) for t in tasks}
     signatures = {name: scoring_signature(name, options, found) for name, (_, found) in ready.items()}
     done = set() if force else _up_to_date(run, signatures, digests)
@@ -95,7 +99,7 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     pending: list[dict] = []
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        items = [_item(run, bench, t) for t in batch]
+        items = [_item(run, bench, t, groups[(t.identity_id, t.prompt_id)]) for t in batch]
         for name, metric in instances.items():
             pairs = [(t, it) for t, it in zip(batch, items) if (t.task_id, name) not in done]
             if not pairs:
@@ -118,7 +122,7 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     return summary
 
 
-def _item(run: RunDir, bench: Benchmark, task: Task) -> ScoreItem:
+def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> ScoreItem:
     try:
         image, error = load_rgb(run.image_path(task.task_id)), None
     except ImageError as exc:
@@ -131,6 +135,7 @@ def _item(run: RunDir, bench: Benchmark, task: Task) -> ScoreItem:
         condition_id=task.condition_id, sample=task.sample, image=image, image_error=error,
         reference=bench.reference_image(task.identity_id), reference_sha256=bench.reference_sha256(task.identity_id),
         prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
+        siblings=tuple((t.task_id, run.image_path(t.task_id)) for t in group if t.task_id != task.task_id),
     )
 
 
