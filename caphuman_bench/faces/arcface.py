@@ -23,18 +23,22 @@ ARCFACE_SIZE = 112
 EMBED_BATCH = 32
 
 
-def arcface_align(image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
+def arcface_align(image: Image.Image, landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
     """insightface's `norm_crop`: warp the face so its 5 landmarks land on the ArcFace template.
 
-    scikit-image stands in for OpenCV's `warpAffine` (bilinear, black border; OpenCV is not a
-    dependency of the core install). Returns 112 × 112 × 3 uint8 RGB.
+    For a `size` that is a multiple of 112 the template is scaled by size / 112, as `norm_crop`'s
+    `image_size` does. scikit-image stands in for OpenCV's `warpAffine` (bilinear, black border;
+    OpenCV is not a dependency of the core install). Returns size × size × 3 uint8 RGB.
     """
     from skimage.transform import SimilarityTransform, warp
 
-    transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), ARCFACE_TEMPLATE)
+    if size % ARCFACE_SIZE:
+        raise ValueError(f"ArcFace alignment size must be a multiple of {ARCFACE_SIZE}, got {size}")
+    template = ARCFACE_TEMPLATE * (size / ARCFACE_SIZE)
+    transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), template)
     if not transform:
         raise ValueError(f"cannot align landmarks {np.asarray(landmarks).tolist()}: {transform}")
-    warped = warp(np.asarray(image.convert("RGB")), transform.inverse, output_shape=(ARCFACE_SIZE, ARCFACE_SIZE),
+    warped = warp(np.asarray(image.convert("RGB")), transform.inverse, output_shape=(size, size),
                   order=1, mode="constant", cval=0.0, preserve_range=True)
     return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
 
