@@ -23,7 +23,7 @@ from tests.cli_helpers import cli, only_run
 
 CARDS = ("sd15", "controlnet_head", "controlnet_landmarks", "ip_adapter_faceid", "ip_adapter_faceid_plusv2",
          "ip_adapter_faceid_controlnet_head", "ip_adapter_faceid_plusv2_controlnet_head")
-SLOW_CARDS = {"controlnet_head", "ip_adapter_faceid", "ip_adapter_faceid_controlnet_head"}  # their paths are covered by the others
+SLOW_CARDS = {"controlnet_head", "ip_adapter_faceid", "ip_adapter_faceid_plusv2", "ip_adapter_faceid_controlnet_head"}  # covered by the others
 
 
 @pytest.fixture(scope="module")
