@@ -78,6 +78,19 @@ def test_open_jaw_moves_only_the_lower_face(landmarks, bench):
     np.testing.assert_allclose(open_[36:48], closed[36:48], atol=0.5)  # eyes stay
 
 
+def test_landmarks_turned_away_from_the_camera_are_marked(landmarks, bench):
+    assert landmarks.facing_camera(landmarks_target(bench, "frontal")).all()
+    turned = landmarks.facing_camera(landmarks_target(bench, "yaw-l45"))
+    assert not turned[0] and turned[16]  # the image-left end of the jaw line turns away, the other end towards us
+    assert turned[48:68].all() and turned[27:48].mean() > 0.8  # the mouth stays in view, nearly all of nose and eyes
+
+
+def landmarks_target(bench, condition_id: str) -> dict:
+    from caphuman_bench.render.head_condition import mix_coefficients
+
+    return mix_coefficients(neutral_identity_code(), bench.conditions[condition_id].coefficients(), "position,pose")
+
+
 def test_barycentric_mix_and_orthographic_pixels_known_answer():
     vertices = torch.tensor([[[0.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     faces = torch.tensor([[0, 1, 2]])
@@ -151,6 +164,12 @@ def test_openpose_face_drawing_follows_controlnet():
             cv2.circle(expected, (int(x), int(y)), 3, (255, 255, 255), thickness=-1)
     np.testing.assert_array_equal(image, expected)
     assert np.asarray(draw_openpose_face(points / 8, 64)).max() == 255  # radius scales down to 1 at 64 px
+    hidden = np.ones(68, dtype=bool)
+    hidden[36] = False  # one point of the right eye hidden: it and the right pupil are not drawn
+    partial = np.asarray(draw_openpose_face(points, 512, visible=hidden))
+    x, y = points[36].astype(int)
+    assert partial[y, x].max() == 0 and image[y, x].max() == 255
+    assert (partial > 0).sum() < (image > 0).sum()
 
 
 def test_five_keypoints_rejects_wrong_shape():

@@ -8,7 +8,8 @@
   through that render's FLAME shape; there is no identity embedding.
 - `controlnet: landmarks`: `lllyasviel/control_v11p_sd15_openpose` on the 68 FLAME landmarks of the
   same head (`render.landmarks`), drawn as ControlNet 1.1's openpose annotator draws a face (white
-  dots on black, `draw_openpose_face`): the landmark-guided row.
+  dots on black, `draw_openpose_face`), those on surfaces turned away from the camera left out as the
+  annotator's detector would not find them: the landmark-guided row.
 
 Sampler defaults are the authors' (written in the cards with their source): CompVis' txt2img script
 for the floor, ControlNet 1.1's gradio demos (DDIM, 20 steps, scale 9, eta 1, "best quality" added
@@ -209,8 +210,9 @@ class StableDiffusion15Method(HeadRenderMixin, MethodAdapter):
             render = self.head_render(request.identity_id, request.reference, request.condition, request.height)
             return normals_to_controlnet_image(render.normal)
         if self.controlnet == "landmarks":
-            points = self.head_landmarks(request.identity_id, request.reference, request.condition, request.height)
-            return draw_openpose_face(points, request.width, request.height)
+            target = self.head_render(request.identity_id, request.reference, request.condition, request.height).target
+            points = self.landmarks.of_target(target, request.height)
+            return draw_openpose_face(points, request.width, request.height, visible=self.landmarks.facing_camera(target))
         raise BenchError(f"{self.card.name}: no ControlNet (parameter 'controlnet' is 'none'), so no condition image")
 
     def head_target(self, identity_id: str, reference: Image.Image, condition):

@@ -169,14 +169,27 @@ class HeadLandmarks:
         return cls(renderer, LandmarkEmbedding.synthetic(seed))
 
     @torch.no_grad()
-    def of_targets(self, targets: list[dict], size: int) -> np.ndarray:
-        """Mixed head codes (a `HeadRender.target`: shape, exp, pose, cam, ...) → [N, 68, 2] pixels."""
+    def _posed(self, targets: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """FLAME vertices [N, V, 3] and cameras [N, 3] of mixed head codes (a `HeadRender.target`)."""
         device = self.renderer.device
         stacked = {k: torch.tensor(np.stack([np.asarray(t[k], dtype=np.float32).reshape(-1) for t in targets]),
                                    device=device) for k in ("shape", "exp", "pose", "cam")}
-        vertices = self.renderer.flame(stacked["shape"], stacked["exp"], stacked["pose"])
+        return self.renderer.flame(stacked["shape"], stacked["exp"], stacked["pose"]), stacked["cam"]
+
+    def of_targets(self, targets: list[dict], size: int) -> np.ndarray:
+        """Mixed head codes (shape, exp, pose, cam, ...) → [N, 68, 2] pixel (x, y)."""
+        vertices, cam = self._posed(targets)
         points = surface_points(vertices, self.renderer.flame.faces, self.embedding)
-        return to_pixels(points, stacked["cam"], size).cpu().numpy().astype(np.float64)
+        return to_pixels(points, cam, size).cpu().numpy().astype(np.float64)
+
+    def facing_camera(self, target: dict) -> np.ndarray:
+        """[68] bool: whether each landmark's triangle turns towards the camera (normal z > 0; DECA's
+        orthographic camera looks along −z). False marks landmarks on surfaces turned away, e.g. the far
+        jaw line of a turned head, which a landmark detector would not find."""
+        vertices, _ = self._posed([target])
+        corners = vertices[:, self.renderer.flame.faces[torch.as_tensor(self.embedding.faces, device=vertices.device)]]
+        normals = torch.linalg.cross(corners[:, :, 1] - corners[:, :, 0], corners[:, :, 2] - corners[:, :, 0], dim=-1)
+        return (normals[0, :, 2] > 0).cpu().numpy()
 
     def of_target(self, target: dict, size: int) -> np.ndarray:
         """One head code → [68, 2] pixel (x, y)."""
@@ -205,17 +218,22 @@ def five_keypoints(landmarks: np.ndarray) -> np.ndarray:
 OPENPOSE_DETECT_RESOLUTION, OPENPOSE_FACE_RADIUS = 512, 3
 
 
-def openpose_face_points(landmarks: np.ndarray) -> np.ndarray:
-    """The 70 points OpenPose's face model outputs: the 68 iBUG landmarks, then the right and left
-    pupils (taken as the eye-contour centres)."""
+def openpose_face_points(landmarks: np.ndarray, visible: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The 70 points OpenPose's face model outputs — the 68 iBUG landmarks, then the right and left
+    pupils (taken as the eye-contour centres) — and which of them are visible (a pupil when its whole
+    eye contour is)."""
     landmarks = np.asarray(landmarks, dtype=np.float64)
-    return np.concatenate([landmarks, landmarks[RIGHT_EYE].mean(0, keepdims=True), landmarks[LEFT_EYE].mean(0, keepdims=True)])
+    visible = np.ones(N_LANDMARKS, dtype=bool) if visible is None else np.asarray(visible, dtype=bool)
+    points = np.concatenate([landmarks, landmarks[RIGHT_EYE].mean(0, keepdims=True), landmarks[LEFT_EYE].mean(0, keepdims=True)])
+    return points, np.concatenate([visible, [visible[RIGHT_EYE].all(), visible[LEFT_EYE].all()]])
 
 
-def draw_openpose_face(landmarks: np.ndarray, width: int, height: int | None = None) -> Image.Image:
+def draw_openpose_face(landmarks: np.ndarray, width: int, height: int | None = None,
+                       visible: np.ndarray | None = None) -> Image.Image:
     """The face part of ControlNet 1.1's openpose image (annotator/openpose/util.py `draw_facepose`):
     a black RGB canvas with a filled white disc of radius 3 at each face point (`int` of its
-    coordinates), points with a negative coordinate skipped. The annotator draws at its detect
+    coordinates), points with a negative coordinate skipped, as are points `visible` marks False (the
+    annotator's face model reports only the peaks it finds). The annotator draws at its detect
     resolution and the image is then resized, so the radius is 3 at 512 px and scales with the canvas
     (rounded, at least 1). Discs as OpenCV's filled `cv2.circle` draws them (every pixel within the
     radius, inclusive), in numpy: OpenCV is not a dependency."""
@@ -223,8 +241,7 @@ def draw_openpose_face(landmarks: np.ndarray, width: int, height: int | None = N
     canvas = np.zeros((height, width, 3), dtype=np.uint8)
     radius = max(1, round(OPENPOSE_FACE_RADIUS * min(width, height) / OPENPOSE_DETECT_RESOLUTION))
     rows, cols = np.ogrid[:height, :width]
-    for x, y in openpose_face_points(landmarks):
-        if x < 0 or y < 0:
-            continue
-        canvas[(cols - int(x)) ** 2 + (rows - int(y)) ** 2 <= radius * radius] = 255
+    for (x, y), shown in zip(*openpose_face_points(landmarks, visible)):
+        if shown and x >= 0 and y >= 0:
+            canvas[(cols - int(x)) ** 2 + (rows - int(y)) ** 2 <= radius * radius] = 255
     return Image.fromarray(canvas, mode="RGB")
