@@ -26,15 +26,15 @@ EMBED_BATCH = 32
 def arcface_align(image: Image.Image, landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
     """insightface's `norm_crop`: warp the face so its 5 landmarks land on the ArcFace template.
 
-    For a `size` that is a multiple of 112 the template is scaled by size / 112, as `norm_crop`'s
-    `image_size` does. scikit-image stands in for OpenCV's `warpAffine` (bilinear, black border;
-    OpenCV is not a dependency of the core install). Returns size × size × 3 uint8 RGB.
+    Other sizes scale the template as insightface's `estimate_norm` does (a multiple of 112: by
+    size / 112; otherwise by size / 128, shifted right by 8 · size / 128), e.g. the 224 px face crop
+    IP-Adapter-FaceID-Plus feeds CLIP. scikit-image stands in for OpenCV's `warpAffine` (bilinear,
+    black border; OpenCV is not a dependency of the core install). Returns size × size × 3 uint8 RGB.
     """
     from skimage.transform import SimilarityTransform, warp
 
-    if size % ARCFACE_SIZE:
-        raise ValueError(f"ArcFace alignment size must be a multiple of {ARCFACE_SIZE}, got {size}")
-    template = ARCFACE_TEMPLATE * (size / ARCFACE_SIZE)
+    ratio, shift = (size / ARCFACE_SIZE, 0.0) if size % ARCFACE_SIZE == 0 else (size / 128.0, 8.0 * size / 128.0)
+    template = ARCFACE_TEMPLATE * ratio + np.array([shift, 0.0])
     transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), template)
     if not transform:
         raise ValueError(f"cannot align landmarks {np.asarray(landmarks).tolist()}: {transform}")
