@@ -201,3 +201,26 @@ def test_resume_skips_and_a_corrupt_artefact_is_retrained_never_used(bench, tmp_
     store.write_record("nasa-astronaut", bench.reference_sha256("nasa-astronaut"), record["subject"], record["identity_phrase"], {})
     assert run(capsys, monkeypatch, runs, "textual_inversion", "--no-score")[0] == 0
     assert len(run_dirs(runs, "textual_inversion")) == 2
+
+
+def test_the_full_model_path_trains_and_generates_from_a_diffusers_folder(tmp_path, capsys, monkeypatch):
+    """Without `tiny`, the base model is the `stable_diffusion_v1_5` folder (here tiny weights saved in its layout)."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    base = load_sd15(None, tiny=True)
+    folder = tmp_path / "stable-diffusion-v1-5"
+    StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=base.unet,
+                            scheduler=PNDMScheduler.from_config(base.scheduler_config), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    base.tokenizer.backend_tokenizer.model.save(str(folder / "tokenizer"))  # vocab.json + merges.txt, as SD-1.5's folder
+    runs = tmp_path / "runs"
+    small = ["--param", "train_steps=1", "--param", "train_resolution=64", "--param", "height=64", "--param", "width=64",
+             "--param", "num_inference_steps=2", "--weights", f"stable_diffusion_v1_5={folder}", "--split", "demo",
+             "--runs-dir", runs, "--device", "cpu"]
+    code, _, err = cli(capsys, monkeypatch, "finetune", "--method", "dreambooth", *small)
+    assert code == 0 and "trained 2" in err and "dreambooth-" in err, err
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "dreambooth", "--no-score", *small)
+    assert code == 0, err
+    (run_dir,) = run_dirs(runs, "dreambooth")
+    assert len(list((run_dir / "images").glob("*.png"))) == 12
+    assert json.loads((run_dir / "run.json").read_text())["params"]["tiny"] is False
