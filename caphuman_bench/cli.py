@@ -305,6 +305,46 @@ def ablate(
 
 
 @app.command()
+def finetune(
+    method: Annotated[str, typer.Option("--method", "-m", help="A fine-tuned method's card: textual_inversion, dreambooth, lora (or a *_controlnet_head variant).")],
+    preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, a few steps).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Whose identities to train (default: demo for --preset smoke, else full).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    spec: Spec = None,
+    identities_dir: IdentitiesDir = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/n: this process trains every n-th identity from i (default: RANK/WORLD_SIZE).")] = None,
+    device: Device = "auto",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a card parameter: KEY=VALUE (YAML value).")] = None,
+    weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+):
+    """Fine-tune a method on each identity's reference photo, into <runs-dir>/finetune/ (resumable). Exit 1 if one failed.
+
+    Example: caphuman-bench finetune --method lora --preset smoke && caphuman-bench run --method lora --preset smoke
+    """
+    from caphuman_bench.benchmark import Benchmark
+    from caphuman_bench.cards import get_card
+    from caphuman_bench.runner import default_split, pick_device
+    from caphuman_bench.stages.finetune import fine_tuned_adapter, finetune as finetune_stage
+    from caphuman_bench.stages.plan import parse_shard
+
+    card = get_card(method)
+    params = fine_tuned_adapter(card).validated_params(card, preset, _parse_pairs(param, "--param"))
+    bench = Benchmark.load(spec, identities_dir)
+    with _progress() as progress:
+        summary = finetune_stage(card, bench, split or default_split(preset), runs_dir, params, device=pick_device(device),
+                                 shard=parse_shard(shard), weights_paths={k: str(v) for k, v in _parse_pairs(weights_path, "--weights").items()},
+                                 progress=progress)
+    for identity_id, reason in summary.retrained.items():
+        console.print(f"[yellow]retrained[/] {identity_id}: {escape(reason)}", soft_wrap=True)
+    console.print(f"finetune {card.name} → {summary.root}: trained {len(summary.trained)}, kept {len(summary.kept)}, "
+                  f"failed {len(summary.failures)}", soft_wrap=True)
+    for identity_id, reason in summary.failures.items():
+        console.print(f"[red]failed[/] {identity_id}: {escape(reason)}", soft_wrap=True)
+    if summary.failures:
+        raise typer.Exit(1)
+
+
+@app.command()
 def methods():
     """List the method cards, their adapters, and whether their weights are present.
 

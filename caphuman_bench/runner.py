@@ -13,6 +13,7 @@ from pathlib import Path
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.provenance import config_hash, environment
+from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import plan_tasks
 
@@ -56,6 +57,9 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
     identity = {"card_hash": card.card_hash(), "params": params, "benchmark": BENCHMARK_NAME,
                 "benchmark_version": bench.version, "spec_hash": bench.spec_hash, "split": split, "seed": seed,
                 "references": references}
+    artefacts = get_method(card.adapter).artefacts(card, params, references, Path(runs_dir))
+    if artefacts:  # fine-tuned weights: a retrained artefact is another configuration
+        identity["artefacts"] = {i: a["sha256"] for i, a in artefacts.items()}
     chash = config_hash(identity)
     label = run_label(card, preset, overrides)
     run = RunDir(Path(runs_dir) / f"{card.name}-{split}-{chash[:10]}")
@@ -71,6 +75,7 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
                       "spec_root": str(bench.root.resolve()),
                       "identities_dir": str(bench.identities_dir.resolve()) if bench.identities_dir else None,
                 "reference_sha256": references},
+        **({"artefacts": artefacts} if artefacts else {}),
         "config_hash": chash,
         "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

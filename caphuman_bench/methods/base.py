@@ -39,6 +39,7 @@ class MethodContext:
     device: str = "cpu"
     workdir: Path | None = None  # <run>/cache/method: per-run pre-computation (reference codes, renders)
     weights: dict[str, Path] = field(default_factory=dict)  # resolved manifest id -> local path
+    artefacts: dict[str, dict] = field(default_factory=dict)  # identity -> its fine-tuned weights as planned (run.json)
 
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -87,6 +88,14 @@ class MethodAdapter:
     def required_weights(cls, card: MethodCard, params: dict[str, Any]) -> list[str]:
         """Manifest ids that must be present before any work starts (default: the card's list)."""
         return [] if params.get("tiny") else list(card.weights)
+
+    @classmethod
+    def artefacts(cls, card: MethodCard, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
+        """Per-identity files an earlier command made for this method (fine-tuned weights), checked when a run
+        is planned: {identity: {"path", "sha256", ...}}. Their hashes join the run's configuration hash, so
+        new artefacts never reuse old images. Raise BenchError naming the command to run when one is
+        missing. `references`: identity -> sha256 of its reference photo. Default: none."""
+        return {}
 
     def load(self) -> None:
         """Build or load the models once, before the first `generate` call."""

@@ -97,3 +97,23 @@ class HeadRenderMixin:
         """The mixed code the method was steered to (the reference's, with the mixed-in condition parts)."""
         size = int(self.params.get("height", 512))
         return dict(self.head_render(identity_id, reference, condition, size).target)
+
+    def load_head_models(self, device, *, tiny: bool) -> None:
+        """What the mixin needs: the synthetic FLAME head without DECA (tiny), or FLAME + DECA + MTCNN from
+        the run's weights (`flame_model`, `flame_texture`, `flame_head_template`, `deca_model`)."""
+        from caphuman_bench.render.head_condition import HeadConditionRenderer
+
+        self._codes = {}
+        if tiny:
+            self.renderer = HeadConditionRenderer.synthetic(device=device)
+            self.deca = self.mtcnn = None
+            return
+        from facenet_pytorch import MTCNN
+
+        from caphuman_bench.models.deca_encoder import load_deca_encoder
+
+        paths = self.context.weights
+        self.renderer = HeadConditionRenderer.from_files(
+            paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=device)
+        self.deca = load_deca_encoder(paths["deca_model"], device=device)
+        self.mtcnn = MTCNN(device=device)  # DECA's face box; packaged weights

@@ -56,7 +56,8 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
     adapter_cls, resolved = method_weights(card, params, weights_paths)
     references = {t.identity_id: bench.reference_image(t.identity_id) for t in todo}
 
-    adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved))
+    adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved,
+                                                      artefacts=run.info().get("artefacts", {})))
     adapter.load()
 
     for identity_id, condition_id in dict.fromkeys((t.identity_id, t.condition_id) for t in todo):
