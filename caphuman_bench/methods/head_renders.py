@@ -6,7 +6,8 @@ condition: the head render of that code mixed with the condition (`params["mixin
 `--modes`), whose mixed code is also the head-control target the method was steered to.
 
 A subclass sets `self.renderer` (a `HeadConditionRenderer`), `self.deca` (DECA encoder or None),
-`self.mtcnn` (face box for DECA's crop; unused without DECA) and `self._codes = {}` in its `load`.
+`self.mtcnn` (face box for DECA's crop; unused without DECA) and `self._codes = {}` in its `load`;
+one steered by landmarks also sets `self.landmarks` (a `render.landmarks.HeadLandmarks`).
 
 Normal map convention: ControlNet 1.1's normalbae annotator (controlnet_aux `NormalBaeDetector`) writes
 the BAE network's camera-space normal n as RGB = (n + 1) / 2 · 255; BAE predicts ScanNet-protocol
@@ -87,6 +88,10 @@ class HeadRenderMixin:
         if folder is None:
             return self.renderer.render(code, condition, mixing, size)
         return self.renderer.render_cached(code, condition, folder, mixing, size)
+
+    def head_landmarks(self, identity_id: str, reference: Image.Image, condition, size: int) -> np.ndarray:
+        """The 68 FLAME landmarks [68, 2] (pixels) of exactly the head `head_render` draws."""
+        return self.landmarks.of_target(self.head_render(identity_id, reference, condition, size).target, size)
 
     def head_target(self, identity_id: str, reference: Image.Image, condition) -> dict[str, np.ndarray]:
         """The mixed code the method was steered to (the reference's, with the mixed-in condition parts)."""
