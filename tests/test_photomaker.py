@@ -1,0 +1,210 @@
+"""PhotoMaker (v1 / v2) with the smoke preset: prompt handling as the authors' pipeline, the ID encoder's
+fusion and key map, the delayed identity merge, the CLI end to end on the demo split."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from caphuman_bench import weights
+from caphuman_bench.benchmark import Benchmark
+from caphuman_bench.cards import get_card
+from caphuman_bench.errors import BenchError, MissingWeightsError
+from caphuman_bench.methods.base import GenerationRequest, MethodContext
+from caphuman_bench.methods.photomaker import start_merge_step, with_trigger_word
+from caphuman_bench.models.photomaker import FuseModule, PhotoMakerIDEncoder, convert_photomaker_id_encoder
+from caphuman_bench.registry import get_method
+from tests.cli_helpers import cli, only_run
+
+
+@pytest.fixture(scope="module")
+def bench() -> Benchmark:
+    return Benchmark.load()
+
+
+def _adapter(name: str, **overrides):
+    card = get_card(name)
+    method = get_method(card.adapter)(card, card.resolve_params("smoke", overrides), MethodContext(device="cpu"))
+    method.load()
+    return method
+
+
+@pytest.fixture(scope="module")
+def v1():
+    return _adapter("photomaker")
+
+
+@pytest.fixture(scope="module")
+def v2():
+    return _adapter("photomaker_v2")
+
+
+def _request(bench, identity_id="nasa-astronaut", seed=3) -> GenerationRequest:
+    return GenerationRequest(
+        task_id=f"{identity_id}-{seed}", identity_id=identity_id,
+        prompt=bench.prompts["acc-red-hat"].fill(bench.identities[identity_id].subject),
+        reference=bench.reference_image(identity_id), condition=bench.conditions["frontal"],
+        generator=torch.Generator().manual_seed(seed), height=64, width=64)
+
+
+def _pixels(adapter, bench, overrides=None, **request) -> np.ndarray:
+    saved = dict(adapter.params)
+    adapter.params.update(overrides or {})
+    try:
+        (image,) = adapter.generate([_request(bench, **request)])
+    finally:
+        adapter.params.clear()
+        adapter.params.update(saved)
+    return np.asarray(image)
+
+
+def test_trigger_word_follows_the_class_word():
+    assert with_trigger_word("a photo of a woman wearing a red hat", "img") == "a photo of a woman img wearing a red hat"
+    assert with_trigger_word("an oil painting of a man", "img") == "an oil painting of a man img"
+    assert with_trigger_word("a pencil sketch of a person, neon", "img") == "a pencil sketch of a person img, neon"
+    with pytest.raises(BenchError, match="no class word"):
+        with_trigger_word("a photo of a cat", "img")
+
+
+def test_start_merge_step_is_the_demo_rule():
+    assert start_merge_step(20, 50) == 10  # the README's start_merge_step=10
+    assert start_merge_step(50, 100) == 30  # capped at 30 as app.py
+    assert start_merge_step(20, 3) == 0
+
+
+@pytest.mark.parametrize("version, copies", [("v1", 1), ("v2", 2)])
+def test_class_token_expansion_as_the_authors_pipeline(v1, v2, version, copies):
+    """The trigger is removed and the class token before it repeated `copies` times (per ID image); the
+    mask marks exactly those copies."""
+    pipe = (v1 if version == "v1" else v2).pipe
+    tok = pipe.tokenizer
+    ids, mask = pipe.class_token_ids(tok, "a photo of a woman img wearing a red hat", num_id_images=1)
+    plain = tok("a photo of a " + " ".join(["woman"] * copies) + " wearing a red hat", padding="max_length",
+                max_length=77, truncation=True).input_ids
+    assert ids == plain and len(ids) == 77
+    woman = tok.convert_tokens_to_ids("woman</w>")
+    assert [i for i, m in enumerate(mask) if m] == [i for i, t in enumerate(ids) if t == woman]
+    with pytest.raises(ValueError, match="exactly once"):
+        pipe.class_token_ids(tok, "a photo of a woman wearing a red hat", num_id_images=1)
+
+
+def test_fuse_module_formula():
+    """fused = LayerNorm(MLP2(MLP1([prompt ‖ id]) + prompt)) at the masked positions, in order; others unchanged."""
+    torch.manual_seed(0)
+    fuse = FuseModule(8).eval()
+    prompt = torch.randn(2, 6, 8)
+    ids = torch.randn(2, 1, 2, 8)
+    mask = torch.zeros(2, 6, dtype=torch.bool)
+    mask[0, 1:3] = mask[1, 4:6] = True
+    out = fuse(prompt, ids, mask)
+    for b, positions in ((0, (1, 2)), (1, (4, 5))):
+        for k, p in enumerate(positions):
+            x = torch.cat([prompt[b, p], ids[b, 0, k]])
+            m1 = fuse.mlp1.fc2(torch.nn.functional.gelu(fuse.mlp1.fc1(fuse.mlp1.layernorm(x))))
+            h = m1 + prompt[b, p]
+            m2 = fuse.mlp2.fc2(torch.nn.functional.gelu(fuse.mlp2.fc1(fuse.mlp2.layernorm(h)))) + h
+            torch.testing.assert_close(out[b, p], fuse.layer_norm(m2))
+    torch.testing.assert_close(out[~mask], prompt[~mask])
+
+
+def test_v2_checkpoint_key_map_covers_the_official_perceiver():
+    """The official names of model_v2.py / resampler.py (token_proj, token_norm, perceiver_resampler with
+    norm1 / norm2 / to_q / to_kv / to_out and FeedForward 1.0 / 1.1 / 1.3) map onto every weight of the
+    port, to_kv split into to_k (first half) and to_v."""
+    encoder = PhotoMakerIDEncoder("v2", vision_config={"hidden_size": 16, "intermediate_size": 32, "projection_dim": 8,
+                                                       "num_hidden_layers": 1, "num_attention_heads": 2,
+                                                       "image_size": 16, "patch_size": 8},
+                                  embed_dim=32, perceiver_dim_head=16)
+    ours = encoder.state_dict()
+    official = {k: v for k, v in ours.items() if not k.startswith("qformer_perceiver.")}
+    p = "qformer_perceiver."
+    official[p + "token_proj.0.weight"], official[p + "token_proj.0.bias"] = ours[p + "proj.net.0.proj.weight"], ours[p + "proj.net.0.proj.bias"]
+    official[p + "token_proj.2.weight"], official[p + "token_proj.2.bias"] = ours[p + "proj.net.2.weight"], ours[p + "proj.net.2.bias"]
+    official[p + "token_norm.weight"], official[p + "token_norm.bias"] = ours[p + "norm.weight"], ours[p + "norm.bias"]
+    r = p + "perceiver_resampler."
+    for name in ("proj_in", "proj_out", "norm_out"):
+        official[f"{r}{name}.weight"], official[f"{r}{name}.bias"] = ours[f"{p}{name}.weight"], ours[f"{p}{name}.bias"]
+    for i in range(4):
+        for norm, ln in (("norm1", "ln0"), ("norm2", "ln1")):
+            for part in ("weight", "bias"):
+                official[f"{r}layers.{i}.0.{norm}.{part}"] = ours[f"{p}layers.{i}.{ln}.{part}"]
+        official[f"{r}layers.{i}.0.to_q.weight"] = ours[f"{p}layers.{i}.attn.to_q.weight"]
+        official[f"{r}layers.{i}.0.to_kv.weight"] = torch.cat([ours[f"{p}layers.{i}.attn.to_k.weight"],
+                                                              ours[f"{p}layers.{i}.attn.to_v.weight"]])
+        official[f"{r}layers.{i}.0.to_out.weight"] = ours[f"{p}layers.{i}.attn.to_out.0.weight"]
+        official[f"{r}layers.{i}.1.0.weight"], official[f"{r}layers.{i}.1.0.bias"] = ours[f"{p}layers.{i}.ff.0.weight"], ours[f"{p}layers.{i}.ff.0.bias"]
+        official[f"{r}layers.{i}.1.1.weight"] = ours[f"{p}layers.{i}.ff.1.net.0.proj.weight"]
+        official[f"{r}layers.{i}.1.3.weight"] = ours[f"{p}layers.{i}.ff.1.net.2.weight"]
+    converted = convert_photomaker_id_encoder(official, "test")
+    assert set(converted) == set(ours)
+    for key in ours:
+        torch.testing.assert_close(converted[key], ours[key])
+    with pytest.raises(BenchError, match="unknown PhotoMaker v2 perceiver key"):
+        convert_photomaker_id_encoder({p + "perceiver_resampler.pos_emb.weight": torch.zeros(1)}, "f.bin")
+
+
+def test_smoke_images_seeded_and_identity_enters_only_after_the_merge_step(v1, v2, bench):
+    for adapter in (v1, v2):
+        base = _pixels(adapter, bench)
+        assert base.shape == (64, 64, 3) and base.std() > 0
+        assert np.array_equal(_pixels(adapter, bench), base)
+        assert not np.array_equal(_pixels(adapter, bench, seed=9), base)
+        # style strength 20 % of 3 steps: merge after step 0, so the reference photo changes the image ...
+        assert not np.array_equal(_pixels(adapter, bench, identity_id="grace-hopper"), base)
+        # ... with 100 % the merge step is the last one: text-only conditioning throughout, the identity has no way in
+        late = {"style_strength_ratio": 100}
+        assert np.array_equal(_pixels(adapter, bench, late, identity_id="grace-hopper"), _pixels(adapter, bench, late))
+
+
+def test_v2_uses_the_arcface_embedding(v2, bench):
+    """Same photo for the CLIP tower, another ArcFace embedding: another image (v2's ID tokens read it)."""
+    base = _pixels(v2, bench)
+    detection, embedding = v2.faces.face("nasa-astronaut", bench.reference_image("nasa-astronaut"))
+    try:
+        v2.faces._faces["nasa-astronaut"] = (detection, -embedding)
+        assert not np.array_equal(_pixels(v2, bench), base)
+    finally:
+        v2.faces._faces["nasa-astronaut"] = (detection, embedding)
+
+
+def test_run_end_to_end_on_the_demo_split(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "photomaker_v2", "--preset", "smoke", "--runs-dir", runs,
+                       "--metrics", "face_detection")
+    assert code == 0, err
+    run = only_run(runs)
+    images = sorted((run / "images").glob("*.png"))
+    assert len(images) == 12
+    from PIL import Image
+    assert {Image.open(p).size for p in images} == {(64, 64)}
+    results = json.loads((run / "results.json").read_text())
+    assert results["images"] == {"planned": 12, "ok": 12, "failed": 0, "missing": 0}
+    for name in ("run.json", "tasks.jsonl", "status.jsonl", "scores.parquet", "leaderboard.md"):
+        assert (run / name).exists()
+
+
+def test_full_run_without_files_names_every_file_first(monkeypatch):
+    for name, files in (("photomaker", ("photomaker-v1.bin", "stable-diffusion-xl-base-1.0")),
+                        ("photomaker_v2", ("photomaker-v2.bin", "w600k_r50.onnx", "buffalo_l"))):
+        card = get_card(name)
+        needed = get_method(card.adapter).required_weights(card, card.resolve_params(None, {}))
+        assert set(needed) == set(card.weights)
+        with pytest.raises(MissingWeightsError) as info:
+            weights.require(needed)
+        for text in files:
+            assert text in str(info.value)
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    card = get_card("photomaker_v2")
+    with pytest.raises(BenchError, match=r"onnxruntime.*caphuman-bench\[arcface\]"):
+        get_method(card.adapter).required_weights(card, card.resolve_params(None, {}))
+
+
+def test_bad_version_names_the_card_field(tmp_path):
+    card = get_card("photomaker")
+    with pytest.raises(BenchError, match="version"):
+        get_method(card.adapter).validated_params(card, None, {"version": "v3"})
