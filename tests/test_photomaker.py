@@ -208,3 +208,27 @@ def test_bad_version_names_the_card_field(tmp_path):
     card = get_card("photomaker")
     with pytest.raises(BenchError, match="version"):
         get_method(card.adapter).validated_params(card, None, {"version": "v3"})
+
+
+def test_sdxl_cards_declare_every_parameter_with_its_type():
+    for name in ("photomaker", "photomaker_v2", "instantid"):
+        card = get_card(name)
+        assert set(card.params) == set(get_method(card.adapter).param_types), name
+        adapter = get_method(card.adapter)
+        assert adapter.validated_params(card, "smoke", {}) == card.resolve_params("smoke", {})
+        assert adapter.validated_params(card, None, {}) == card.resolve_params(None, {})
+
+
+def test_wrong_typed_card_value_names_the_card_and_field(tmp_path, monkeypatch):
+    import shutil
+
+    from caphuman_bench.cards import CARDS_ENV, DEFAULT_CARDS_DIR
+
+    cards = tmp_path / "cards"
+    shutil.copytree(DEFAULT_CARDS_DIR, cards)
+    path = cards / "photomaker_v2.yaml"
+    path.write_text(path.read_text().replace("style_strength_ratio: 20", "style_strength_ratio: twenty"))
+    monkeypatch.setenv(CARDS_ENV, str(cards))
+    card = get_card("photomaker_v2")
+    with pytest.raises(BenchError, match=r"photomaker_v2.yaml: field 'params.style_strength_ratio': expected float"):
+        get_method(card.adapter).validated_params(card, None, {})
