@@ -33,7 +33,7 @@ from caphuman_bench.registry import register_method
 
 SDXL_FOLDER = "stable_diffusion_xl_base"
 SDXL_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-              "text_encoder_2/config.json", "tokenizer/vocab.json", "tokenizer_2/vocab.json",
+              "text_encoder_2/config.json", "tokenizer", "tokenizer_2",
               "scheduler/scheduler_config.json")
 CHECKPOINTS = {"v1": "photomaker_v1", "v2": "photomaker_v2"}
 ARCFACE_WEIGHTS = "arcface_buffalo_l"
