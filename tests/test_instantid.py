@@ -131,3 +131,34 @@ def test_full_run_without_files_names_every_file_first():
     for text in ("ip-adapter.bin", "InstantX/InstantID", "ControlNetModel", "glintr100.onnx", "stable-diffusion-xl-base-1.0",
                  "landmark_embedding.npy", "deca_model.tar"):
         assert text in str(info.value)
+
+
+@pytest.mark.slow
+def test_pipeline_loads_from_files_in_the_official_formats(adapter, bench, tmp_path):
+    """The non-smoke loading path of the networks: an SDXL diffusers folder, IdentityNet's
+    `ControlNetModel/` folder and `ip-adapter.bin` (torch pickle of {"image_proj": Resampler,
+    "ip_adapter": to_k_ip / to_v_ip numbered 1, 3, 5, ...}) at tiny size; the result generates."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from caphuman_bench.methods.ip_adapter_controlnet import tiny_ip_adapter_plus_state_dict
+    from caphuman_bench.pipelines.tiny_sdxl import tiny_sdxl_components
+
+    components = tiny_sdxl_components(0, controlnet=True)
+    components.pop("controlnet").save_pretrained(tmp_path / "ControlNetModel")
+    StableDiffusionXLPipeline(**components).save_pretrained(tmp_path / "sdxl")
+    state_dict = tiny_ip_adapter_plus_state_dict(components["unet"], 512, torch.Generator().manual_seed(2))
+    torch.save(state_dict, tmp_path / "ip-adapter.bin")
+    pipe = adapter._load_pipeline({"stable_diffusion_xl_base": tmp_path / "sdxl",
+                                   "instantid_controlnet": tmp_path / "ControlNetModel" / "diffusion_pytorch_model.safetensors",
+                                   "instantid_ip_adapter": tmp_path / "ip-adapter.bin"})
+    projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    torch.testing.assert_close(projection.latents.detach(), state_dict["image_proj"]["latents"])
+    request = _request(bench)
+    images = pipe([request.prompt], image=[adapter.control_image(request)], face_embedding=torch.randn(512),
+                  height=64, width=64, num_inference_steps=2, generator=[request.generator])
+    assert np.asarray(images[0]).shape == (64, 64, 3)
+    torch.save({"image_proj": {}}, tmp_path / "ip-adapter.bin")
+    with pytest.raises(Exception, match="not InstantID's ip-adapter.bin"):
+        adapter._load_pipeline({"stable_diffusion_xl_base": tmp_path / "sdxl",
+                                "instantid_controlnet": tmp_path / "ControlNetModel",
+                                "instantid_ip_adapter": tmp_path / "ip-adapter.bin"})

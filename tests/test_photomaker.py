@@ -110,40 +110,104 @@ def test_fuse_module_formula():
     torch.testing.assert_close(out[~mask], prompt[~mask])
 
 
-def test_v2_checkpoint_key_map_covers_the_official_perceiver():
-    """The official names of model_v2.py / resampler.py (token_proj, token_norm, perceiver_resampler with
-    norm1 / norm2 / to_q / to_kv / to_out and FeedForward 1.0 / 1.1 / 1.3) map onto every weight of the
-    port, to_kv split into to_k (first half) and to_v."""
-    encoder = PhotoMakerIDEncoder("v2", vision_config={"hidden_size": 16, "intermediate_size": 32, "projection_dim": 8,
-                                                       "num_hidden_layers": 1, "num_attention_heads": 2,
-                                                       "image_size": 16, "patch_size": 8},
-                                  embed_dim=32, perceiver_dim_head=16)
-    ours = encoder.state_dict()
+TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "projection_dim": 8, "num_hidden_layers": 1,
+               "num_attention_heads": 2, "image_size": 16, "patch_size": 8}
+
+
+def official_layout(ours: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A v2 ID encoder's weights under the official names of model_v2.py / resampler.py: token_proj,
+    token_norm, perceiver_resampler with norm1 / norm2 / to_q / to_kv / to_out and FeedForward 1.0 / 1.1 / 1.3."""
     official = {k: v for k, v in ours.items() if not k.startswith("qformer_perceiver.")}
-    p = "qformer_perceiver."
-    official[p + "token_proj.0.weight"], official[p + "token_proj.0.bias"] = ours[p + "proj.net.0.proj.weight"], ours[p + "proj.net.0.proj.bias"]
-    official[p + "token_proj.2.weight"], official[p + "token_proj.2.bias"] = ours[p + "proj.net.2.weight"], ours[p + "proj.net.2.bias"]
-    official[p + "token_norm.weight"], official[p + "token_norm.bias"] = ours[p + "norm.weight"], ours[p + "norm.bias"]
-    r = p + "perceiver_resampler."
-    for name in ("proj_in", "proj_out", "norm_out"):
-        official[f"{r}{name}.weight"], official[f"{r}{name}.bias"] = ours[f"{p}{name}.weight"], ours[f"{p}{name}.bias"]
+    if len(official) == len(ours):
+        return official
+    p, r = "qformer_perceiver.", "qformer_perceiver.perceiver_resampler."
+    for part in ("weight", "bias"):
+        official[f"{p}token_proj.0.{part}"] = ours[f"{p}proj.net.0.proj.{part}"]
+        official[f"{p}token_proj.2.{part}"] = ours[f"{p}proj.net.2.{part}"]
+        official[f"{p}token_norm.{part}"] = ours[f"{p}norm.{part}"]
+        for name in ("proj_in", "proj_out", "norm_out"):
+            official[f"{r}{name}.{part}"] = ours[f"{p}{name}.{part}"]
+        for i in range(4):
+            official[f"{r}layers.{i}.0.norm1.{part}"] = ours[f"{p}layers.{i}.ln0.{part}"]
+            official[f"{r}layers.{i}.0.norm2.{part}"] = ours[f"{p}layers.{i}.ln1.{part}"]
+            official[f"{r}layers.{i}.1.0.{part}"] = ours[f"{p}layers.{i}.ff.0.{part}"]
     for i in range(4):
-        for norm, ln in (("norm1", "ln0"), ("norm2", "ln1")):
-            for part in ("weight", "bias"):
-                official[f"{r}layers.{i}.0.{norm}.{part}"] = ours[f"{p}layers.{i}.{ln}.{part}"]
         official[f"{r}layers.{i}.0.to_q.weight"] = ours[f"{p}layers.{i}.attn.to_q.weight"]
         official[f"{r}layers.{i}.0.to_kv.weight"] = torch.cat([ours[f"{p}layers.{i}.attn.to_k.weight"],
                                                               ours[f"{p}layers.{i}.attn.to_v.weight"]])
         official[f"{r}layers.{i}.0.to_out.weight"] = ours[f"{p}layers.{i}.attn.to_out.0.weight"]
-        official[f"{r}layers.{i}.1.0.weight"], official[f"{r}layers.{i}.1.0.bias"] = ours[f"{p}layers.{i}.ff.0.weight"], ours[f"{p}layers.{i}.ff.0.bias"]
         official[f"{r}layers.{i}.1.1.weight"] = ours[f"{p}layers.{i}.ff.1.net.0.proj.weight"]
         official[f"{r}layers.{i}.1.3.weight"] = ours[f"{p}layers.{i}.ff.1.net.2.weight"]
+    return official
+
+
+def test_v2_checkpoint_key_map_covers_the_official_perceiver():
+    """The official names map onto every weight of the port, to_kv split into to_k (first half) and to_v."""
+    encoder = PhotoMakerIDEncoder("v2", vision_config=TINY_VISION, embed_dim=32, perceiver_dim_head=16)
+    ours = encoder.state_dict()
+    official = official_layout(ours)
+    assert len(official) == len(ours) - 4  # four to_k / to_v pairs fused into to_kv
     converted = convert_photomaker_id_encoder(official, "test")
     assert set(converted) == set(ours)
     for key in ours:
         torch.testing.assert_close(converted[key], ours[key])
     with pytest.raises(BenchError, match="unknown PhotoMaker v2 perceiver key"):
-        convert_photomaker_id_encoder({p + "perceiver_resampler.pos_emb.weight": torch.zeros(1)}, "f.bin")
+        convert_photomaker_id_encoder({"qformer_perceiver.perceiver_resampler.pos_emb.weight": torch.zeros(1)}, "f.bin")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_full_loading_path_with_tiny_files(version, tmp_path, monkeypatch, bench):
+    """The non-smoke path on files in the official formats: an SDXL diffusers folder, photomaker-vN.bin
+    (torch pickle of {"id_encoder": official names, "lora_weights": attention-processor LoRA}) and, for v2,
+    an ArcFace ONNX file run by onnxruntime. Only the sizes are tiny."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from caphuman_bench.methods.photomaker import ARCFACE_WEIGHTS, CHECKPOINTS, SDXL_FOLDER, tiny_photomaker_lora
+    from caphuman_bench.models import photomaker as models
+    from caphuman_bench.pipelines.tiny import redraw_like_reference
+    from caphuman_bench.pipelines.tiny_sdxl import TINY_CROSS_ATTENTION_DIM, tiny_sdxl_components
+
+    monkeypatch.setattr(models, "PHOTOMAKER_VISION_CONFIG", TINY_VISION)
+    monkeypatch.setattr(models, "PERCEIVER_DIM_HEAD", 32)
+    components = tiny_sdxl_components(0)
+    StableDiffusionXLPipeline(**components).save_pretrained(tmp_path / "sdxl")
+    generator = torch.Generator().manual_seed(5)
+    encoder = PhotoMakerIDEncoder(version, TINY_VISION, TINY_CROSS_ATTENTION_DIM, 32)
+    redraw_like_reference(encoder, generator)
+    checkpoint = tmp_path / f"photomaker-{version}.bin"
+    torch.save({"id_encoder": official_layout(encoder.state_dict()),
+                "lora_weights": tiny_photomaker_lora(components["unet"], generator)}, checkpoint)
+    paths = {SDXL_FOLDER: tmp_path / "sdxl" / "model_index.json", CHECKPOINTS[version]: checkpoint}
+    if version == "v2":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnx")
+        network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 8, stride=8), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 512))
+        paths[ARCFACE_WEIGHTS] = tmp_path / "w600k_r50.onnx"
+        torch.onnx.export(network.eval(), torch.zeros(1, 3, 112, 112), str(paths[ARCFACE_WEIGHTS]), input_names=["input.1"],
+                          output_names=["embedding"], dynamic_axes={"input.1": {0: "n"}}, dynamo=False)
+    card = get_card("photomaker" if version == "v1" else "photomaker_v2")
+    params = card.resolve_params(None, {"height": 64, "width": 64, "num_inference_steps": 3, "batch_size": 2})
+    method = get_method(card.adapter)(card, params, MethodContext(device="cpu", weights=paths))
+    method.load()
+    assert type(method.pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    loaded = method.pipe.id_encoder.state_dict()
+    for key, value in encoder.state_dict().items():
+        torch.testing.assert_close(loaded[key], value)
+    images = method.generate([_request(bench), _request(bench, seed=4)])
+    assert [np.asarray(i).shape for i in images] == [(64, 64, 3)] * 2
+    if version == "v2":
+        assert method.faces.session is not None
+
+
+def test_a_checkpoint_of_the_wrong_kind_is_named(tmp_path, bench):
+    bad = tmp_path / "photomaker-v1.bin"
+    torch.save({"image_proj": {}, "ip_adapter": {}}, bad)
+    card = get_card("photomaker")
+    method = get_method(card.adapter)(card, card.resolve_params(None, {}),
+                                      MethodContext(device="cpu", weights={"photomaker_v1": bad, "stable_diffusion_xl_base": tmp_path}))
+    with pytest.raises(BenchError, match="photomaker-v1.bin: not a PhotoMaker checkpoint"):
+        method.load()
 
 
 def test_smoke_images_seeded_and_identity_enters_only_after_the_merge_step(v1, v2, bench):

@@ -19,6 +19,7 @@ RealVisXL demo; any SDXL folder can be given with `--weights stable_diffusion_xl
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -171,10 +172,15 @@ class PhotoMakerMethod(MethodAdapter):
         checkpoint = load_torch_file(checkpoint_path, f"the PhotoMaker {self.version} checkpoint")
         if not isinstance(checkpoint, dict) or sorted(checkpoint) != ["id_encoder", "lora_weights"]:
             raise BenchError(f"{checkpoint_path}: not a PhotoMaker checkpoint (expected keys id_encoder and lora_weights)")
-        id_encoder = load_photomaker_id_encoder(checkpoint["id_encoder"], self.version, str(checkpoint_path)).to(self.dtype)
-        # The authors' ID images go through CLIPImageProcessor() (224 px, CLIP mean / std).
+        folder = sdxl_folder(Path(paths[SDXL_FOLDER]))
+        # The fused tokens live in the UNet's cross-attention space (SDXL: 2048).
+        embed_dim = int(json.loads((folder / "unet" / "config.json").read_text())["cross_attention_dim"])
+        id_encoder = load_photomaker_id_encoder(checkpoint["id_encoder"], self.version, str(checkpoint_path),
+                                                embed_dim=embed_dim).to(self.dtype)
+        # The authors' ID images go through CLIPImageProcessor() (224 px = the tower's size, CLIP mean / std).
+        side = id_encoder.config.image_size
         pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(
-            sdxl_folder(Path(paths[SDXL_FOLDER])), id_encoder=id_encoder, feature_extractor=CLIPImageProcessor(),
+            folder, id_encoder=id_encoder, feature_extractor=CLIPImageProcessor(size=side, crop_size=side),
             trigger_word=str(self.params.get("trigger_word", "img")), torch_dtype=self.dtype, local_files_only=True)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the README's scheduler
         pipe.load_photomaker_lora(checkpoint["lora_weights"])

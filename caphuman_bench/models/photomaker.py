@@ -37,6 +37,7 @@ PHOTOMAKER_VISION_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num
 VERSIONS = ("v1", "v2")
 TOKENS_PER_IMAGE = {"v1": 1, "v2": 2}  # class-token copies per ID image (pipeline.py: v2 sets num_tokens = 2)
 ARCFACE_DIM = 512
+PERCEIVER_DIM_HEAD = 128  # model_v2.py: FacePerceiverResampler(dim_head=128, heads=2048 // 128)
 
 
 class FuseMLP(nn.Module):
@@ -78,7 +79,7 @@ class PhotoMakerIDEncoder(CLIPVisionModelWithProjection):
     """The ID encoder of either version; `embed_dim` is the UNet's cross-attention width (SDXL: 2048)."""
 
     def __init__(self, version: str = "v1", vision_config: dict | None = None, embed_dim: int = 2048,
-                 perceiver_dim_head: int = 128) -> None:
+                 perceiver_dim_head: int = PERCEIVER_DIM_HEAD) -> None:
         if version not in VERSIONS:
             raise ValueError(f"PhotoMaker version must be one of {VERSIONS}, got {version!r}")
         config = CLIPVisionConfig(**(vision_config or PHOTOMAKER_VISION_CONFIG))
@@ -161,9 +162,10 @@ def convert_photomaker_id_encoder(state_dict: dict[str, torch.Tensor], label: st
 
 
 def load_photomaker_id_encoder(state_dict: dict[str, torch.Tensor], version: str, label: str,
-                               **sizes) -> PhotoMakerIDEncoder:
-    """An ID encoder of `version` with the official `id_encoder` weights, loaded strictly."""
-    encoder = PhotoMakerIDEncoder(version, **sizes)
+                               embed_dim: int = 2048) -> PhotoMakerIDEncoder:
+    """An ID encoder of `version` (the official sizes; `embed_dim` = the UNet's cross-attention width)
+    with the official `id_encoder` weights, loaded strictly."""
+    encoder = PhotoMakerIDEncoder(version, PHOTOMAKER_VISION_CONFIG, embed_dim, PERCEIVER_DIM_HEAD)
     converted = convert_photomaker_id_encoder(state_dict, label)
     result = encoder.load_state_dict(converted, strict=False)
     if result.missing_keys or result.unexpected_keys:
