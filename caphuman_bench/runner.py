@@ -13,6 +13,7 @@ from pathlib import Path
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.provenance import config_hash, environment
+from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import plan_tasks
 
@@ -72,6 +73,7 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
                       "identities_dir": str(bench.identities_dir.resolve()) if bench.identities_dir else None,
                 "reference_sha256": references},
         "config_hash": chash,
+        "head_inputs": getattr(get_method(card.adapter), "head_inputs", lambda params: None)(params),
         "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
