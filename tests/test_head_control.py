@@ -56,7 +56,7 @@ def test_end_to_end_on_a_real_photo(encoder):
         item(photo, no_shape),
         item(photo, {**goal, "exp": np.zeros(10)}),  # a target of the wrong size
     ]
-    metric = HeadControl(ScoreContext(device="cpu"), encoder=encoder)
+    metric = HeadControl(ScoreContext(device="cpu", options={"protocol": "caphuman-bench"}), encoder=encoder)  # MTCNN crop
     metric.update(items)
     rows = metric.last_rows
     assert [r.status for r in rows] == ["ok", "no_face", "unreadable", "ok", "error"]
