@@ -7,7 +7,7 @@ CapHuman's `--modes`), whose mixed code is also the head-control target the meth
 
 What DECA sees, as CapHuman's inference.py (`TestData(iscrop=True, size=image_resolution)`):
 1. the photo resized to size × size without keeping its aspect ratio, anti-aliased, truncated to uint8
-   (`deca_encoder.testdata_resize`);
+   (`deca_encoder.resize_as_testdata`);
 2. the crop (`deca_crop`): "kpt68" (default, official) — DECA's `bbox2point(type='kpt68')` square of 68
    landmarks (`faces.landmarks`: FAN when `fan_2dfan4` is present, dlib's 68-point predictor otherwise);
    "mtcnn" — DECA's 'bbox' rule on MTCNN's most confident box. No face: DECA's whole-image fallback.
@@ -132,7 +132,7 @@ class HeadRenderMixin:
     def photo_code(self, name: str, photo: Image.Image):
         """(DECA code, CropFrame) of a photo as CapHuman's inference computes them; cached as `deca/<name>.*.npz`.
         Without a DECA encoder (tiny): FLAME's neutral code and no frame, i.e. the condition's explicit camera."""
-        from caphuman_bench.models.deca_encoder import deca_crop_square, encode_crops, testdata_resize
+        from caphuman_bench.models.deca_encoder import deca_crop_square, encode_crops, resize_as_testdata
         from caphuman_bench.render.head_condition import CropFrame, check_code, neutral_identity_code
 
         if name in self._codes:
@@ -146,7 +146,7 @@ class HeadRenderMixin:
                 stored = {k: data[k] for k in data.files}
         else:
             size = int(self.params.get("height", 512))
-            resized = testdata_resize(photo, size)
+            resized = resize_as_testdata(photo, size)
             square = self.deca_square(resized)
             code = encode_crops(self.deca, deca_crop_square(resized, square)[None])[0]
             stored = {**code, "frame_tform": square.tform, "frame_size": np.array([size, size])}

@@ -203,7 +203,7 @@ def deca_crop_square(image: Image.Image, square: DecaSquare) -> torch.Tensor:
     return torch.from_numpy(cropped.transpose(2, 0, 1).copy()).float()
 
 
-def testdata_resize(image: Image.Image, size: int) -> Image.Image:
+def resize_as_testdata(image: Image.Image, size: int) -> Image.Image:
     """CapHuman's `TestData(size=image_resolution)` resize of a photo before DECA sees it
     (VamosC/CapHuman libs/decalib/datasets/datasets.py): `skimage.transform.resize(im, (size, size),
     anti_aliasing=True)` — the aspect ratio is not kept — then `(· 255).astype(np.uint8)`, i.e. truncated,
