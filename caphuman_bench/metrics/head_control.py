@@ -95,7 +95,8 @@ class HeadControl(BenchMetric):
         found = []
         for index, (square, how) in zip(pending, self._squares([items[i].image for i in pending])):
             if square is None:
-                rows[index] = ItemScore(dict(unscored), "no_face", f"{how['detector']} found no face", how)
+                finder = "MTCNN" if how["crop"] == "bbox" else f"{how['landmarks']} (68 landmarks)"
+                rows[index] = ItemScore(dict(unscored), "no_face", f"{finder} found no face", how)
             else:
                 found.append((index, square, how))
         if found:
