@@ -71,6 +71,8 @@ def landmark_source() -> str:
 
 def head_inputs(params: dict) -> dict:
     """How the head condition was made, for run.json (`head_inputs`) and the leaderboard's provenance."""
+    if params.get("tiny"):
+        return {"tiny": "FLAME's neutral code in the crop frame at the condition's camera (no DECA: no resize, crop or frame)"}
     crop = params.get("deca_crop", "kpt68")
     size = int(params.get("height", 512))
     landmarks = {"fan": "FAN 2DFAN-4 (official)", "dlib": "dlib 68-point predictor (stand-in for FAN)"}
