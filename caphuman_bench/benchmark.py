@@ -289,9 +289,14 @@ def _load_conditions(path: Path) -> dict[str, HeadCondition]:
             raise BenchError(f"{where}: field 'cam' must start with a positive orthographic scale, got {cam[0]}")
         if cid in conditions:
             raise BenchError(f"{where}: duplicate condition id")
+        pose_image = None
+        if row.get("pose_image"):  # relative to the spec folder; read by the head-render methods
+            pose_image = (path.parent / str(row["pose_image"])).resolve()
+            if not pose_image.is_file():
+                raise BenchError(f"{where}: field 'pose_image': file {pose_image} not found")
         conditions[cid] = HeadCondition(
             cid, str(row.get("description", "")), yaw, pitch, roll,
-            np.concatenate([glob, jaw]), exp, cam, light.reshape(9, 3), row.get("pose_image"),
+            np.concatenate([glob, jaw]), exp, cam, light.reshape(9, 3), str(pose_image) if pose_image else None,
         )
     return conditions
 

@@ -46,10 +46,17 @@ def _parse_pairs(values: list[str] | None, what: str) -> dict:
     return pairs
 
 
-def _score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None) -> dict:
+PROTOCOL_HELP = ("fastcomposer (default: the paper's evaluation — largest face, max(cos, 0), CLIP text with the class "
+                 "word, tensor preprocessing) or caphuman-bench (most confident face, signed cosine, 'a person').")
+
+
+def _score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None, protocol: str = "fastcomposer") -> dict:
     if no_face not in ("zero", "skip"):
         raise BenchError(f"--no-face {no_face!r}: expected zero or skip")
-    options = {"no_face": no_face, "weights_paths": {k: str(v) for k, v in _parse_pairs(weight_paths, "--weights").items()}}
+    if protocol not in ("fastcomposer", "caphuman-bench"):
+        raise BenchError(f"--protocol {protocol!r}: expected fastcomposer or caphuman-bench")
+    options = {"no_face": no_face, "protocol": protocol,
+               "weights_paths": {k: str(v) for k, v in _parse_pairs(weight_paths, "--weights").items()}}
     if clip_model:
         options["clip_model"] = clip_model
     return options
@@ -124,6 +131,7 @@ def run(
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (default: every registered metric whose weights are present).")] = None,
     no_face: Annotated[str, typer.Option("--no-face", help="No face in a generated image: zero (scores 0, FastComposer's rule) or skip.")] = "zero",
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help=PROTOCOL_HELP)] = "fastcomposer",
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
     score_batch_size: Annotated[int, typer.Option("--score-batch-size", help="Images per metric batch when scoring.")] = 8,
     no_score: Annotated[bool, typer.Option("--no-score", help="Generate only.")] = False,
@@ -146,7 +154,7 @@ def run(
         overrides["use_global"] = False
     if no_local:
         overrides["use_local"] = False
-    options = _score_options(no_face, clip_model, weights_path)
+    options = _score_options(no_face, clip_model, weights_path, protocol)
     planned, gen, results = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed,
                                      device, parse_shard(shard), force, no_score, metrics.split(",") if metrics else None,
                                      options, score_batch_size)
@@ -170,6 +178,7 @@ def score(
     device: Device = "auto",
     no_face: Annotated[str, typer.Option("--no-face", help="zero (default) or skip.")] = "zero",
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help=PROTOCOL_HELP)] = "fastcomposer",
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/n (default: RANK/WORLD_SIZE).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rescore pairs already in scores.parquet.")] = False,
@@ -188,7 +197,7 @@ def score(
     run_ = RunDir(run_dir).require()
     with _progress() as progress:
         summary = score_stage(run_, metrics=metrics.split(",") if metrics else None, device=pick_device(device),
-                              options=_score_options(no_face, clip_model, weights_path), shard=parse_shard(shard),
+                              options=_score_options(no_face, clip_model, weights_path, protocol), shard=parse_shard(shard),
                               force=force, batch_size=batch_size, progress=progress)
     _print_scores(summary)
     _print_results([aggregate_run(run_)])

@@ -77,6 +77,7 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
                 "reference_sha256": references},
         **({"artefacts": artefacts} if artefacts else {}),
         "config_hash": chash,
+        "head_inputs": getattr(get_method(card.adapter), "head_inputs", lambda params: None)(params),
         "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -29,7 +29,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
-from caphuman_bench.methods.head_renders import HeadRenderMixin
+from caphuman_bench.methods.head_renders import HEAD_PARAM_TYPES, HeadRenderMixin, check_head_params, head_inputs
 from caphuman_bench.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         "negative_prompt": str,
         "dtype": str,
         "tiny": bool,
+        **HEAD_PARAM_TYPES,
     }
 
     @classmethod
@@ -65,6 +66,12 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
             raise BenchError(f"{where}: CapHuman renders square head conditions; parameters 'height' and 'width' must be equal")
         if float(params.get("tau", 0)) < 0:
             raise BenchError(f"{where}: parameter 'tau' must be >= 0 (0 = never drop the identity tokens)")
+        check_head_params(params, where)
+
+    @classmethod
+    def head_inputs(cls, params: dict[str, Any]) -> dict:
+        """Resize, crop rule, landmark source and frame of the head condition (recorded in run.json)."""
+        return head_inputs(params)
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
@@ -96,7 +103,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         token_dim = self.pipe.capface.config.image_token_dim
         self.identity_encoder = IdentityEncoder.random(image_token_dim=token_dim, seed=0, device=self.device)
         self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-        self.deca = self.mtcnn = None
+        self.deca = None
 
     def _load_full(self) -> None:
         from caphuman_bench.loaders.convert_caphuman import load_caphuman_components
@@ -125,7 +132,6 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
             paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device
         )
         self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
-        self.mtcnn = self.identity_encoder.mtcnn  # DECA's face box (HeadRenderMixin)
 
     # ------------------------------------------------------------------------------------------
     # per-run pre-computation, cached in the run directory

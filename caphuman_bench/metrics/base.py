@@ -34,6 +34,7 @@ class ScoreItem:
     image: Image.Image | None  # RGB, or None when it could not be read (see image_error)
     reference: Image.Image  # the identity's reference photo, RGB
     prompt: str  # the prompt with its subject placeholder filled by the neutral phrase
+    subject_prompt: str = ""  # the prompt with the identity's own subject phrase ("a man ..."), FastComposer's CLIP text
     image_error: str | None = None
     reference_sha256: str = ""  # of the reference photo's pixels: keys the per-identity feature cache
     target: dict[str, np.ndarray] | None = None  # head-control target coefficients (shape, exp, pose, cam, light)

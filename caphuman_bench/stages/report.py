@@ -79,7 +79,7 @@ def aggregate_run(run: RunDir) -> dict:
         "images": {"planned": len(tasks), "ok": len(finished),
                    "failed": sum(1 for r in status.values() if r["status"] == "failed"),
                    "missing": len(tasks) - len(finished)},
-        "provenance": {k: info[k] for k in ("config_hash", "card_hash", "params", "environment", "created") if k in info}
+        "provenance": {k: info[k] for k in ("config_hash", "card_hash", "params", "head_inputs", "environment", "created") if k in info}
                       | {"spec_hash": info["benchmark"]["spec_hash"]},
     }
     write_json_atomic(run.results_file, results)

@@ -20,6 +20,7 @@ from caphuman_bench.benchmark import NEUTRAL_SUBJECT, Benchmark
 from caphuman_bench.errors import BenchError
 from caphuman_bench.images import ImageError, load_rgb
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
+from caphuman_bench.metrics.protocol import scoring_protocol
 from caphuman_bench.provenance import config_hash
 from caphuman_bench.registry import all_metrics, get_metric
 from caphuman_bench.rundir import RunDir
@@ -75,6 +76,7 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
           shard: Shard = Shard(0, 1), force: bool = False, batch_size: int = 8, progress=None) -> ScoreSummary:
     run.require()
     options = dict(options or {})
+    scoring_protocol(options)  # an unknown protocol stops here, before any image is read
     bench = open_benchmark(run)
     ready, skipped = select_metrics(metrics, options)
     summary = ScoreSummary(skipped=skipped)
@@ -136,6 +138,7 @@ def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> Score
         reference=bench.reference_image(task.identity_id), reference_sha256=bench.reference_sha256(task.identity_id),
         prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
         siblings=tuple((t.task_id, run.image_path(t.task_id)) for t in group if t.task_id != task.task_id),
+        subject_prompt=bench.prompts[task.prompt_id].fill(bench.identities[task.identity_id].subject),
     )
 
 
@@ -190,6 +193,7 @@ def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str]], skip
         previous = json.loads(run.scoring_file.read_text()) if run.scoring_file.exists() else {}
         metrics = previous.get("metrics", {})
         for name, (options, found, signature) in scored.items():
-            metrics[name] = {"signature": signature, "weights": {wid: str(path) for wid, path in sorted(found.items())},
+            metrics[name] = {"signature": signature, "protocol": scoring_protocol(options).name,
+                             "weights": {wid: str(path) for wid, path in sorted(found.items())},
                              "options": {k: v for k, v in options.items() if k != "weights_paths"}}
         write_json_atomic(run.scoring_file, {"metrics": dict(sorted(metrics.items())), "skipped_metrics": skipped})
