@@ -64,7 +64,7 @@ def subject_pixel_values(image: PIL.Image.Image, object_resolution: int, image_s
     """The official test-time object transform and the image encoder's own resize + normalisation: [3, S, S]."""
     from torchvision.transforms import functional as TF
 
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"))).permute(2, 0, 1)  # uint8 [3, H, W]
+    pixels = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)  # uint8 [3, H, W]
     _, h, w = pixels.shape
     if h != w:
         pad = abs(h - w) // 2
