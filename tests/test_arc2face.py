@@ -150,3 +150,46 @@ def test_smoke_run_through_the_cli(name, tmp_path, capsys, monkeypatch):
         assert (run / item).exists(), item
     assert json.loads((run / "results.json").read_text())["images"] == {"planned": 12, "ok": 12, "failed": 0, "missing": 0}
     assert (run / "targets").exists() == (name == "arc2face_controlnet")
+
+
+def _released_layout(tmp_path, controlnet: bool) -> dict:
+    """The tiny pipeline saved as the released folders: SD-1.5's (VAE, tokenizer, scheduler), Arc2Face's
+    `arc2face/` UNet, `encoder/` (pytorch_model.bin in transformers-4.36 layout) and `controlnet/`."""
+    from caphuman_bench.methods.arc2face import write_tiny_arcface_onnx
+
+    pipe = build_tiny_arc2face_pipeline(controlnet=controlnet)
+    pipe.save_pretrained(tmp_path / "sd15")
+    pipe.unet.save_pretrained(tmp_path / "arc2face")
+    encoder = tmp_path / "encoder"
+    pipe.text_encoder.config.save_pretrained(encoder)
+    torch.save({f"text_model.{k}": v for k, v in pipe.text_encoder.state_dict().items()}, encoder / "pytorch_model.bin")
+    paths = {"stable_diffusion_v1_5": tmp_path / "sd15" / "model_index.json", "arc2face_unet": tmp_path / "arc2face",
+             "arc2face_encoder": encoder / "config.json",
+             "arc2face_arcface": write_tiny_arcface_onnx(tmp_path / "arcface.onnx")}
+    if controlnet:
+        pipe.controlnet.save_pretrained(tmp_path / "controlnet")
+        paths["arc2face_controlnet"] = tmp_path / "controlnet"
+    return pipe, paths
+
+
+@pytest.mark.parametrize("name", ["arc2face", "arc2face_controlnet"])
+def test_released_folders_load_into_the_same_pipeline(name, tmp_path, bench):
+    """The full-weights path (from_pretrained of each folder, local files only) on folders in the released layout."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    card = get_card(name)
+    tiny, paths = _released_layout(tmp_path, controlnet=name == "arc2face_controlnet")
+    method = get_method(card.adapter)(card, card.resolve_params(None, {}), MethodContext(device="cpu", weights=paths))
+    method.dtype = torch.float32
+    pipe = method._load_pipeline()
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
+    for part in ("unet", "text_encoder", "vae") + (("controlnet",) if name == "arc2face_controlnet" else ()):
+        for (key, ours), theirs in zip(getattr(pipe, part).state_dict().items(), getattr(tiny, part).state_dict().values()):
+            assert torch.equal(ours, theirs), f"{part}.{key}"
+    if name == "arc2face":  # the whole adapter on these files: ArcFace from the onnx file, an image out
+        method.load()
+        (image,) = method.generate([_request(bench)])
+        assert image.size == (64, 64)
+    (paths["arc2face_unet"] / "config.json").unlink()
+    with pytest.raises(BenchError, match=r"weights 'arc2face_unet' incomplete, missing config.json"):
+        method._load_pipeline()

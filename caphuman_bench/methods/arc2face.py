@@ -56,7 +56,7 @@ MODEL_WEIGHTS = ("stable_diffusion_v1_5", "arc2face_unet", "arc2face_encoder")
 HEAD_WEIGHTS = ("arc2face_controlnet", "deca_model", "flame_model", "flame_texture", "flame_head_template")
 # What each folder-shaped weights entry must hold for `from_pretrained` with local files only.
 FOLDER_FILES = {
-    "stable_diffusion_v1_5": ("model_index.json", "vae/config.json", "tokenizer/vocab.json", "tokenizer/merges.txt",
+    "stable_diffusion_v1_5": ("model_index.json", "vae/config.json", "tokenizer/tokenizer_config.json",
                               "scheduler/scheduler_config.json"),
     "arc2face_unet": ("config.json",),
     "arc2face_encoder": ("config.json",),
