@@ -39,12 +39,17 @@ def source():
     return _modules(seed=0)
 
 
-def test_official_layout_converts_exactly(source, tmp_path):
+@pytest.fixture(scope="module")
+def target():
+    """Other random weights of the same architecture (tests only read its names and shapes, or load into it)."""
+    return _modules(seed=1)
+
+
+def test_official_layout_converts_exactly(source, target, tmp_path):
     state = official_layout(source)
     assert any(".attentions.0.query." in k for k in state)  # the legacy names are exercised
     path = tmp_path / "pytorch_model.bin"
     torch.save(state, path)
-    target = _modules(seed=1)
     converted = convert_fastcomposer_state_dict(load_checkpoint_file(path), target, label=str(path))
     for name in COMPONENTS:
         target[name].load_state_dict(converted[name], strict=True)
@@ -62,14 +67,14 @@ def test_released_architecture_maps_one_to_one():
     assert converted["image_encoder"]["visual_projection.weight"].shape == (768, 1024)
 
 
-def test_missing_extra_and_misshapen_keys_are_named(source):
+def test_missing_extra_and_misshapen_keys_are_named(source, target):
     state = official_layout(source)
     del state["postfuse_module.mlp2.fc1.bias"]
     state["unet.extra_block.weight"] = torch.zeros(1)
     state["ema_param"] = torch.zeros(1)
     state["image_encoder.visual_projection.weight"] = torch.zeros(3, 3)
     with pytest.raises(BenchError) as info:
-        convert_fastcomposer_state_dict(state, _modules(seed=1), label="ckpt.bin")
+        convert_fastcomposer_state_dict(state, target, label="ckpt.bin")
     message = str(info.value)
     assert message.startswith("ckpt.bin: ")
     for text in ("postfuse_module.mlp2.fc1.bias", "unet.extra_block.weight", "ema_param",
@@ -77,11 +82,11 @@ def test_missing_extra_and_misshapen_keys_are_named(source):
         assert text in message, text
 
 
-def test_position_ids_must_be_arange(source):
+def test_position_ids_must_be_arange(source, target):
     state = official_layout(source)
     state["text_encoder.embeddings.position_ids"] = torch.arange(77).flip(0)[None]
     with pytest.raises(BenchError, match=r"text_encoder.embeddings.position_ids is not arange\(77\)"):
-        convert_fastcomposer_state_dict(state, _modules(seed=1))
+        convert_fastcomposer_state_dict(state, target)
 
 
 def test_a_file_that_runs_code_is_refused(tmp_path):

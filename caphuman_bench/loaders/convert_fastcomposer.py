@@ -53,13 +53,12 @@ def fastcomposer_modules(meta: bool = True) -> dict[str, torch.nn.Module]:
     from accelerate import init_empty_weights
 
     sd15 = caphuman_configs(SD15_HPARAMS)
-    vision = {**SD15_HPARAMS["image_encoder"]}
     with init_empty_weights(include_buffers=False) if meta else torch.device("cpu"):
         return {
             "unet": UNet2DConditionModel(**{**sd15.unet, "sample_size": 64}),
             "vae": AutoencoderKL(**sd15.vae),
             "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_HPARAMS["text_encoder"])),
-            "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)),
+            "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**SD15_HPARAMS["image_encoder"])),
             "postfuse_module": FastComposerPostfuseModule(embed_dim=SD15_HPARAMS["text_encoder"]["hidden_size"]),
         }
 

@@ -3,7 +3,9 @@
 Identity: the reference's ArcFace embedding, through the project's one ArcFace path
 (`faces/detection.py` MTCNN landmarks → `faces/arcface.py` alignment + onnxruntime), the largest face
 when there are several (Arc2Face's README sorts insightface's faces by box area), made unit-length and
-written into Arc2Face's text encoder (`models/arc2face.py`). The prompt is not used: Arc2Face is
+written into Arc2Face's text encoder (`models/arc2face.py`). Arc2Face's own code aligns on the five
+landmarks of insightface's SCRFD detector (antelopev2 `scrfd_10g`); here MTCNN's five landmarks feed the
+same `norm_crop` alignment, as for every ArcFace use in the project. The prompt is not used: Arc2Face is
 conditioned on the identity alone ("photo of a id person"), so its cards list no `prompt` input.
 
 Recogniser: Arc2Face was trained with the embeddings of its own `arcface.onnx` (an ArcFace R100 on

@@ -10,7 +10,8 @@ follows from the official code (mit-han-lab/fastcomposer, `fastcomposer/pipeline
   a red hat". The trigger is removed; the token before it (the last BPE token of "woman") is the
   subject token. The official code adds "img" to the tokenizer as a special token and removes its id;
   tokenizing the prompt without the word gives the same ids (CLIP's BPE works word by word), and the
-  subject token's index is that of the last token of the text before the trigger.
+  subject token's index is that of the last token of the text before the trigger. (Only prompts over
+  77 tokens differ: the official code cuts them without keeping the end token; the benchmark's are short.)
 * Text-only embeddings = the text encoder on the prompt without the trigger (the official
   `prompt.replace("img", "")`); augmented embeddings = the same hidden states with the subject token
   fused with the image embedding (`FastComposerPostfuseModule`).
