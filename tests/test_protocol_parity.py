@@ -210,6 +210,7 @@ def _host(random_deca, tmp_path, **params):
     return host
 
 
+@pytest.mark.slow
 def test_reference_code_and_frame_are_the_official_inputs(random_deca, tmp_path):
     """Default: 64² TestData resize, kpt68 square of dlib's landmarks (no FAN file here), DECA on that crop; the
     head keeps the reference's camera and is drawn in the reference's frame with the condition's rotation."""
@@ -236,6 +237,7 @@ def test_reference_code_and_frame_are_the_official_inputs(random_deca, tmp_path)
     np.testing.assert_array_equal(again_code["cam"], code["cam"]) and np.testing.assert_array_equal(again_frame.tform, frame.tform)
 
 
+@pytest.mark.slow
 def test_explicit_camera_mtcnn_crop_and_pose_image(random_deca, tmp_path):
     import dataclasses
 
