@@ -275,3 +275,23 @@ def test_head_parameters_are_checked():
     recorded = head_inputs({})
     assert recorded["deca_crop"] == "kpt68" and recorded["head_frame"] == "reference"
     assert recorded["landmarks"].startswith("dlib")  # no FAN file on this machine
+
+
+def test_pose_image_resolves_beside_the_spec_and_a_missing_one_is_named(tmp_path):
+    import shutil
+
+    import yaml
+
+    from caphuman_bench.benchmark import Benchmark
+
+    spec = tmp_path / "spec"
+    shutil.copytree(Benchmark.load().root, spec)
+    conditions = yaml.safe_load((spec / "head_conditions.yaml").read_text())
+    conditions["conditions"][0]["pose_image"] = "poses/frontal.png"
+    (spec / "head_conditions.yaml").write_text(yaml.safe_dump(conditions))
+    with pytest.raises(BenchError, match=r"field 'pose_image': file .*poses/frontal.png not found"):
+        Benchmark.load(spec)
+    (spec / "poses").mkdir()
+    Image.new("RGB", (32, 32)).save(spec / "poses" / "frontal.png")
+    first = Benchmark.load(spec).conditions[conditions["conditions"][0]["id"]]
+    assert first.pose_image == str((spec / "poses" / "frontal.png").resolve())
