@@ -210,6 +210,7 @@ def _host(random_deca, tmp_path, **params):
     return host
 
 
+@pytest.mark.slow
 def test_reference_code_and_frame_are_the_official_inputs(random_deca, tmp_path):
     """Default: 64² TestData resize, kpt68 square of dlib's landmarks (no FAN file here), DECA on that crop; the
     head keeps the reference's camera and is drawn in the reference's frame with the condition's rotation."""
@@ -236,6 +237,7 @@ def test_reference_code_and_frame_are_the_official_inputs(random_deca, tmp_path)
     np.testing.assert_array_equal(again_code["cam"], code["cam"]) and np.testing.assert_array_equal(again_frame.tform, frame.tform)
 
 
+@pytest.mark.slow
 def test_explicit_camera_mtcnn_crop_and_pose_image(random_deca, tmp_path):
     import dataclasses
 
@@ -273,3 +275,23 @@ def test_head_parameters_are_checked():
     recorded = head_inputs({})
     assert recorded["deca_crop"] == "kpt68" and recorded["head_frame"] == "reference"
     assert recorded["landmarks"].startswith("dlib")  # no FAN file on this machine
+
+
+def test_pose_image_resolves_beside_the_spec_and_a_missing_one_is_named(tmp_path):
+    import shutil
+
+    import yaml
+
+    from caphuman_bench.benchmark import Benchmark
+
+    spec = tmp_path / "spec"
+    shutil.copytree(Benchmark.load().root, spec)
+    conditions = yaml.safe_load((spec / "head_conditions.yaml").read_text())
+    conditions["conditions"][0]["pose_image"] = "poses/frontal.png"
+    (spec / "head_conditions.yaml").write_text(yaml.safe_dump(conditions))
+    with pytest.raises(BenchError, match=r"field 'pose_image': file .*poses/frontal.png not found"):
+        Benchmark.load(spec)
+    (spec / "poses").mkdir()
+    Image.new("RGB", (32, 32)).save(spec / "poses" / "frontal.png")
+    first = Benchmark.load(spec).conditions[conditions["conditions"][0]["id"]]
+    assert first.pose_image == str((spec / "poses" / "frontal.png").resolve())
