@@ -229,8 +229,8 @@ def test_full_loading_path_with_tiny_files(version, tmp_path, monkeypatch, bench
     encoder = PhotoMakerIDEncoder(version, TINY_VISION, TINY_CROSS_ATTENTION_DIM, 32)
     redraw_like_reference(encoder, generator)
     checkpoint = tmp_path / f"photomaker-{version}.bin"
-    torch.save({"id_encoder": official_layout(encoder.state_dict()),
-                "lora_weights": tiny_photomaker_lora(components["unet"], generator)}, checkpoint)
+    lora = tiny_photomaker_lora(components["unet"], generator)
+    torch.save({"id_encoder": official_layout(encoder.state_dict()), "lora_weights": lora}, checkpoint)
     paths = {SDXL_FOLDER: tmp_path / "sdxl" / "model_index.json", CHECKPOINTS[version]: checkpoint}
     if version == "v2":
         pytest.importorskip("onnxruntime")
@@ -247,6 +247,12 @@ def test_full_loading_path_with_tiny_files(version, tmp_path, monkeypatch, bench
     loaded = method.pipe.id_encoder.state_dict()
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(loaded[key], value)
+    # the LoRA is fused as the README's pipe.fuse_lora(): W + up · down (no alpha in this format: scale 1)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    fused = method.pipe.unet.get_submodule(name.removesuffix(".processor")).to_q
+    base = components["unet"].get_submodule(name.removesuffix(".processor")).to_q.weight
+    expected = base + lora[f"unet.{name}.to_q_lora.up.weight"] @ lora[f"unet.{name}.to_q_lora.down.weight"]
+    torch.testing.assert_close(getattr(fused, "base_layer", fused).weight.detach(), expected.detach())
     images = method.generate([_request(bench), _request(bench, seed=4)])
     assert [np.asarray(i).shape for i in images] == [(64, 64, 3)] * 2
     if version == "v2":
