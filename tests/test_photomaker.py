@@ -155,6 +155,59 @@ def test_v2_checkpoint_key_map_covers_the_official_perceiver():
         convert_photomaker_id_encoder({"qformer_perceiver.perceiver_resampler.pos_emb.weight": torch.zeros(1)}, "f.bin")
 
 
+def _official_v2_tokens(weights: dict, id_embed: torch.Tensor, hidden: torch.Tensor, dim_head: int) -> torch.Tensor:
+    """model_v2.py's QFormerPerceiver + resampler.py's FacePerceiverResampler, transcribed on the official
+    weight names: token_proj → token_norm; per layer PerceiverAttention (q from norm2(latents), k / v
+    from [norm1(x) ‖ norm2(latents)] via to_kv's two halves, softmax(q·k / √d)) and FeedForward, both
+    residual; proj_out → norm_out; plus the perceiver's residual to the normed tokens."""
+    F = torch.nn.functional
+    p, r = "qformer_perceiver.", "qformer_perceiver.perceiver_resampler."
+
+    def ln(t, name):
+        return F.layer_norm(t, t.shape[-1:], weights[f"{name}.weight"], weights[f"{name}.bias"])
+
+    def split(t):
+        return t.reshape(t.shape[0], t.shape[1], -1, dim_head).transpose(1, 2)
+
+    tokens = F.linear(F.gelu(F.linear(id_embed, weights[p + "token_proj.0.weight"], weights[p + "token_proj.0.bias"])),
+                      weights[p + "token_proj.2.weight"], weights[p + "token_proj.2.bias"])
+    dim = weights[p + "token_norm.weight"].shape[0]
+    tokens = ln(tokens.reshape(id_embed.shape[0], -1, dim), p + "token_norm")
+    x = F.linear(hidden, weights[r + "proj_in.weight"], weights[r + "proj_in.bias"])
+    latents = tokens
+    for i in range(4):
+        layer = f"{r}layers.{i}."
+        xn, ln_latents = ln(x, layer + "0.norm1"), ln(latents, layer + "0.norm2")
+        q = F.linear(ln_latents, weights[layer + "0.to_q.weight"])
+        k, v = F.linear(torch.cat([xn, ln_latents], dim=1), weights[layer + "0.to_kv.weight"]).chunk(2, dim=-1)
+        attention = torch.softmax(split(q) @ split(k).transpose(-2, -1) / dim_head ** 0.5, dim=-1) @ split(v)
+        latents = F.linear(attention.transpose(1, 2).flatten(2), weights[layer + "0.to_out.weight"]) + latents
+        ff = F.linear(F.gelu(F.linear(ln(latents, layer + "1.0"), weights[layer + "1.1.weight"])), weights[layer + "1.3.weight"])
+        latents = ff + latents
+    out = ln(F.linear(latents, weights[r + "proj_out.weight"], weights[r + "proj_out.bias"]), r + "norm_out")
+    return tokens + out
+
+
+def test_v2_perceiver_computes_the_authors_formula_from_official_weights():
+    """The port loaded from official-layout weights gives the authors' v2 ID tokens (every norm, bias and
+    projection random, so a swapped norm1 / norm2 or to_kv half would show)."""
+    from caphuman_bench.pipelines.tiny import redraw_like_reference
+
+    encoder = PhotoMakerIDEncoder("v2", vision_config=TINY_VISION, embed_dim=32, perceiver_dim_head=16)
+    redraw_like_reference(encoder, torch.Generator().manual_seed(7))
+    official = official_layout(encoder.state_dict())
+    port = PhotoMakerIDEncoder("v2", vision_config=TINY_VISION, embed_dim=32, perceiver_dim_head=16)
+    port.load_state_dict(convert_photomaker_id_encoder(official, "test"))
+    torch.manual_seed(1)
+    id_embed, hidden = torch.randn(3, 512), torch.randn(3, 5, TINY_VISION["hidden_size"])
+    port.qformer_perceiver.clip_embeds = hidden[:, None]
+    with torch.no_grad():
+        ours = port.qformer_perceiver(id_embed)
+        reference = _official_v2_tokens(official, id_embed, hidden, dim_head=16)
+    assert ours.shape == (3, 2, 32)
+    torch.testing.assert_close(ours, reference, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_full_loading_path_with_tiny_files(version, tmp_path, monkeypatch, bench):
@@ -176,8 +229,8 @@ def test_full_loading_path_with_tiny_files(version, tmp_path, monkeypatch, bench
     encoder = PhotoMakerIDEncoder(version, TINY_VISION, TINY_CROSS_ATTENTION_DIM, 32)
     redraw_like_reference(encoder, generator)
     checkpoint = tmp_path / f"photomaker-{version}.bin"
-    torch.save({"id_encoder": official_layout(encoder.state_dict()),
-                "lora_weights": tiny_photomaker_lora(components["unet"], generator)}, checkpoint)
+    lora = tiny_photomaker_lora(components["unet"], generator)
+    torch.save({"id_encoder": official_layout(encoder.state_dict()), "lora_weights": lora}, checkpoint)
     paths = {SDXL_FOLDER: tmp_path / "sdxl" / "model_index.json", CHECKPOINTS[version]: checkpoint}
     if version == "v2":
         pytest.importorskip("onnxruntime")
@@ -194,6 +247,12 @@ def test_full_loading_path_with_tiny_files(version, tmp_path, monkeypatch, bench
     loaded = method.pipe.id_encoder.state_dict()
     for key, value in encoder.state_dict().items():
         torch.testing.assert_close(loaded[key], value)
+    # the LoRA is fused as the README's pipe.fuse_lora(): W + up · down (no alpha in this format: scale 1)
+    name = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.processor"
+    fused = method.pipe.unet.get_submodule(name.removesuffix(".processor")).to_q
+    base = components["unet"].get_submodule(name.removesuffix(".processor")).to_q.weight
+    expected = base + lora[f"unet.{name}.to_q_lora.up.weight"] @ lora[f"unet.{name}.to_q_lora.down.weight"]
+    torch.testing.assert_close(getattr(fused, "base_layer", fused).weight.detach(), expected.detach())
     images = method.generate([_request(bench), _request(bench, seed=4)])
     assert [np.asarray(i).shape for i in images] == [(64, 64, 3)] * 2
     if version == "v2":
