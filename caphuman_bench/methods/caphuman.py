@@ -29,7 +29,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
-from caphuman_bench.methods.head_renders import HEAD_PARAM_TYPES, HeadRenderMixin, check_head_params, head_inputs
+from caphuman_bench.methods.head_renders import HeadRenderMixin
 from caphuman_bench.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,6 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         "negative_prompt": str,
         "dtype": str,
         "tiny": bool,
-        **HEAD_PARAM_TYPES,
     }
 
     @classmethod
@@ -66,12 +65,6 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
             raise BenchError(f"{where}: CapHuman renders square head conditions; parameters 'height' and 'width' must be equal")
         if float(params.get("tau", 0)) < 0:
             raise BenchError(f"{where}: parameter 'tau' must be >= 0 (0 = never drop the identity tokens)")
-        check_head_params(params, where)
-
-    @classmethod
-    def head_inputs(cls, params: dict[str, Any]) -> dict:
-        """Resize, crop rule, landmark source and frame of the head condition (recorded in run.json)."""
-        return head_inputs(params)
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:

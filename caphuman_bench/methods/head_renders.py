@@ -21,8 +21,7 @@ at the reference's own DECA camera, with the condition's rotation, expression an
 
 A subclass sets `self.renderer` (a `HeadConditionRenderer`), `self.deca` (DECA encoder or None),
 `self.mtcnn` (unused; the shared detector of `faces.detection` gives the box) and `self._codes = {}` in
-its `load`, and merges `HEAD_PARAM_TYPES` into its `param_types`; one steered by landmarks also sets
-`self.landmarks` (a `render.landmarks.HeadLandmarks`).
+its `load`; one steered by landmarks also sets `self.landmarks` (a `render.landmarks.HeadLandmarks`).
 
 Normal map convention: ControlNet 1.1's normalbae annotator (controlnet_aux `NormalBaeDetector`) writes
 the BAE network's camera-space normal n as RGB = (n + 1) / 2 · 255; BAE predicts ScanNet-protocol
@@ -87,6 +86,22 @@ def head_inputs(params: dict) -> dict:
 
 
 class HeadRenderMixin:
+    """Gives an adapter the head-input parameters (`deca_crop`, `head_frame`: declared, checked, and
+    recorded in run.json as `head_inputs`) and the renders; list it before `MethodAdapter`."""
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.param_types = {**cls.param_types, **HEAD_PARAM_TYPES}
+
+    @classmethod
+    def check_params(cls, params: dict, where: str) -> None:
+        super().check_params(params, where)
+        check_head_params(params, where)
+
+    @classmethod
+    def head_inputs(cls, params: dict) -> dict:
+        return head_inputs(params)
+
     def _cache_path(self, folder: str, *parts: str) -> Path | None:
         """`<workdir>/<folder>/<parts...>` with its parent folder created; None without a workdir."""
         if self.context.workdir is None:

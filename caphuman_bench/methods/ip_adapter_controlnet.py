@@ -25,13 +25,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
-from caphuman_bench.methods.head_renders import (
-    HEAD_PARAM_TYPES,
-    HeadRenderMixin,
-    check_head_params,
-    head_inputs,
-    normals_to_controlnet_image,
-)
+from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.methods.sd15 import HEAD_WEIGHTS, SD15_DDIM, build_tiny_sd15_pipeline, weights_folder
 from caphuman_bench.registry import register_method
 
@@ -103,7 +97,6 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         "mixing": str,
         "dtype": str,
         "tiny": bool,
-        **HEAD_PARAM_TYPES,
     }
 
     @classmethod
@@ -113,11 +106,6 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
             raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
         if int(params.get("height", 512)) % 8:
             raise BenchError(f"{where}: parameter 'height' must be a multiple of 8 (SD latents), got {params['height']}")
-        check_head_params(params, where)
-
-    @classmethod
-    def head_inputs(cls, params: dict[str, Any]) -> dict:
-        return head_inputs(params)
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
