@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import math
 import os
 import socket
@@ -20,6 +21,7 @@ from typing import Any, BinaryIO, Callable
 
 from caphuman_bench.errors import BenchError
 
+log = logging.getLogger(__name__)
 TEMP_SUFFIX = ".tmp"
 _HINTS = {
     errno.ENOSPC: "the disk is full: free space, then rerun the same command (finished work is kept)",
@@ -88,6 +90,19 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         raise environment_fault(exc, path) from None
     if written != len(data):
         raise environment_fault(OSError(errno.ENOSPC, f"short write ({written} of {len(data)} bytes)"), path)
+
+
+def read_cached(path: str | os.PathLike, load: Callable[[Path], Any]) -> Any:
+    """A cache entry, or None when absent or unreadable: a damaged entry is a miss (recomputed and
+    rewritten), never an error that stops every later run."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return load(path)
+    except Exception as exc:  # numpy, safetensors, json: each fails on junk in its own way
+        log.warning("%s: unreadable cache entry (%s: %s); recomputing it", path, type(exc).__name__, exc)
+        return None
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> int:

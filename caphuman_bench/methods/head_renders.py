@@ -18,11 +18,17 @@ x and y flip sign. Outside the head the normal is 0, i.e. mid-grey.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from caphuman_bench.atomic import atomic_write, read_cached
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
 
 
 def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
@@ -57,15 +63,11 @@ class HeadRenderMixin:
             code = neutral_identity_code()
         else:
             path = self._cache_path("deca", f"{identity_id}.{self._fingerprint(reference)}.npz")
-            if path is not None and path.exists():
-                with np.load(path, allow_pickle=False) as data:
-                    code = {k: data[k] for k in data.files}
-            else:
+            code = read_cached(path, _load_npz) if path is not None else None
+            if code is None:
                 code = self._encode_deca(reference)
                 if path is not None:
-                    tmp = path.with_suffix(".tmp.npz")
-                    np.savez(tmp, **code)
-                    os.replace(tmp, path)
+                    atomic_write(path, lambda fh: np.savez(fh, **code))
         self._codes[identity_id] = check_code(code, f"identity {identity_id!r} DECA code")
         return self._codes[identity_id]
 
