@@ -114,7 +114,7 @@ def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shar
         gen = generate(planned.run, bench, card, planned.params, device=device, shard=shard, force=force,
                        weights_paths=options["weights_paths"], progress=progress)
     console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard"
-                  + (f", {gen.elsewhere} left to another process generating this run" if gen.elsewhere else ""))
+                  + (f", {gen.elsewhere} left to another process generating this run" if gen.elsewhere else ""), soft_wrap=True)
     for failure in gen.failures[:5]:
         console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
     if generate_only:

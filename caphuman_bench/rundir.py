@@ -137,10 +137,10 @@ class RunDir:
                 raise BenchError(f"{self.tasks_file}: line {number}: duplicate task_id {record['task_id']!r}")
             seen.add(record["task_id"])
             tasks.append(Task(**record))
-        if not raw.endswith(b"\n"):
-            raise BenchError(f"{self.tasks_file}: truncated (no newline at its end)")
         if not tasks:
             raise BenchError(f"{self.tasks_file}: no tasks")
+        if not raw.endswith(b"\n"):
+            raise BenchError(f"{self.tasks_file}: truncated (no newline at its end)")
         return tasks
 
     # -- status log ---------------------------------------------------------------------------

@@ -114,11 +114,13 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
             pairs = [(t, it) for t, it in zip(batch, items) if (t.task_id, name) not in done]
             if not pairs:
                 continue
-            rows = _measure(metric, [it for _, it in pairs])
+            try:
+                rows = _measure(metric, [it for _, it in pairs])
+            except BenchError as exc:
+                raise BenchError(_cannot_run(name, str(exc))) from None
             failures = [r.reason for r in rows if r.status == "error"]
             if name not in proven and failures and len(failures) == len(rows):
-                raise BenchError(f"metric {name} cannot run ({failures[0]}); nothing was written; "
-                                 f"fix the cause (weights file, --device, model name) or leave it out with --metrics")
+                raise BenchError(_cannot_run(name, failures[0]))
             proven.add(name)
             pending += [_row(t, name, r, digests[t.task_id], signatures[name]) for (t, _), r in zip(pairs, rows)]
             summary.scored[name] = summary.scored.get(name, 0) + len(pairs)
@@ -133,6 +135,11 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
         _merge_scores(run, pending)
     _record_scoring(run, {name: (options, found, signatures[name]) for name, (_, found) in ready.items()}, skipped)
     return summary
+
+
+def _cannot_run(metric: str, cause: str) -> str:
+    return (f"metric {metric} cannot run ({' '.join(cause.split())}); scoring stopped; fix the "
+            f"cause (weights file, --device, model name) or leave it out with --metrics")
 
 
 def _measure(metric: BenchMetric, items: list[ScoreItem]) -> list[ItemScore]:
