@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from caphuman_bench.atomic import atomic_write, remove_stale_temps
+from caphuman_bench.atomic import remove_stale_temps
 from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark
 from caphuman_bench.cli import main
 from caphuman_bench.errors import BenchError
@@ -441,15 +441,29 @@ def test_written_files_are_readable_by_the_group_and_others(baseline):
             assert path.stat().st_mode & 0o044 == 0o044, path
 
 
-def test_two_writers_of_one_entry_use_their_own_temp_files(tmp_path):
-    target = tmp_path / "entry.npy"
+def test_each_write_of_a_cache_entry_has_its_own_temp_file(tmp_path, monkeypatch):
+    """Two processes writing one reference-feature entry must not share a temp file (one would
+    rename the other's half-written file, the other would find its temp gone)."""
+    from PIL import Image
 
-    def outer(fh):
-        atomic_write(target, lambda inner: inner.write(b"inner"))  # another writer, mid-way through ours
-        fh.write(b"outer")
+    from caphuman_bench.metrics.base import ScoreContext
+    from caphuman_bench.metrics.face_detection import FaceDetectionRate
 
-    atomic_write(target, outer)
-    assert target.read_bytes() == b"outer" and [p.name for p in tmp_path.iterdir()] == ["entry.npy"]
+    renamed, real_replace = [], os.replace
+
+    def recording(src, dst, *args, **kwargs):
+        renamed.append(Path(src).name)
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", recording)
+    image = Image.new("RGB", (8, 8))
+    for _ in range(2):  # two writers of the same entry (each with an empty cache)
+        metric = FaceDetectionRate(ScoreContext(cache_dir=tmp_path))
+        metric.reference_features("someone", image, lambda im: np.ones(3), reference_sha256="x")
+        (entry,) = list(tmp_path.rglob("*.npy"))
+        np.testing.assert_array_equal(np.load(entry), np.ones(3))
+        entry.unlink()
+    assert len(renamed) == 2 and renamed[0] != renamed[1]
 
 
 def test_temp_files_of_dead_processes_are_removed_at_start(damaged, spec):
