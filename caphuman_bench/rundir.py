@@ -177,10 +177,11 @@ class RunDir:
         if inner:
             number, problem = inner[0]
             raise BenchError(f"{self.status_file}: line {number}: {problem}; remove that line (its task is then redone)")
-        self.dropped_status_lines = len(parsed) - last_valid - 1
-        if self.dropped_status_lines:
+        dropped = len(parsed) - last_valid - 1
+        if dropped and dropped != self.dropped_status_lines:  # once, not at every read
             log.warning("%s: dropped %d torn or invalid line(s) at its end (an interrupted write); those tasks are redone",
-                        self.status_file, self.dropped_status_lines)
+                        self.status_file, dropped)
+        self.dropped_status_lines = dropped
         records = parsed[: last_valid + 1]
         latest = {}
         for _, record in records:

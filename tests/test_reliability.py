@@ -582,3 +582,14 @@ def test_the_same_command_twice_at_once_generates_each_task_once(tmp_path):
     (run,) = list(tmp_path.iterdir())
     records = status_records(run)
     assert len(records) == 12 and len({r["task_id"] for r in records}) == 12
+
+
+def test_a_damaged_head_target_is_an_error_for_score_and_rebuilt_by_generate(tmp_path):
+    from caphuman_bench.stages.generate import _stored_target
+
+    run = RunDir(tmp_path)
+    run.write_target("someone", "frontal", {"pose": np.zeros(6)})
+    run.target_path("someone", "frontal").write_bytes(b"PK\x03\x04 torn")
+    with pytest.raises(BenchError, match="someone__frontal.npz: damaged head-control target"):
+        run.read_target("someone", "frontal")
+    assert _stored_target(run, "someone", "frontal") is None  # generate: a miss, made again

@@ -239,19 +239,22 @@ def _checked_scores(where) -> pd.DataFrame:
     return df
 
 
-def _trusted_scores(run: RunDir) -> pd.DataFrame:
+def _trusted_scores(run: RunDir, warn: bool) -> pd.DataFrame:
     """The stored rows, or none when the file is damaged: every pair is then rescored and the file rebuilt."""
+    if not run.scores_file.exists():
+        return pd.DataFrame(columns=KEY_COLUMNS)
     try:
-        return read_scores(run)
+        return _checked_scores(run.scores_file)
     except DamagedScores as exc:
-        log.warning("%s (rescoring every image now)", exc)
+        if warn:
+            log.warning("%s; rescoring every image to rebuild it", exc)
         return pd.DataFrame(columns=KEY_COLUMNS)
 
 
 def _up_to_date(run: RunDir, signatures: dict[str, str], digests: dict[str, str]) -> set[tuple[str, str]]:
     """(task, metric) pairs whose stored row was scored on this very image with these settings and
     did not fail (an `error` row is retried)."""
-    df = _trusted_scores(run)
+    df = _trusted_scores(run, warn=True)
     return {(tid, metric) for tid, metric, sig, digest, status
             in zip(df["task_id"], df["metric"], df["scored_with"], df["image_sha256"], df["status"])
             if signatures.get(metric) == sig and digests.get(tid) == digest and status != "error"}
@@ -261,7 +264,7 @@ def _merge_scores(run: RunDir, rows: list[dict]) -> None:
     """Add rows to scores.parquet under a lock, replacing older rows of the same (task, metric)."""
     new = pd.DataFrame(rows)
     with run.lock("scores"):
-        old = _trusted_scores(run)
+        old = _trusted_scores(run, warn=False)  # _up_to_date said so, unless --force asked to rescore anyway
         if len(old):
             keys = set(zip(new["task_id"], new["metric"]))
             old = old[[k not in keys for k in zip(old["task_id"], old["metric"])]]
