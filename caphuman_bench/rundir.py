@@ -67,8 +67,13 @@ class RunDir:
         except OSError as exc:
             raise environment_fault(exc, self.path) from None
         self.remove_stale_temps()
+        old = None
         if self.run_json.exists():
-            old = self.info()
+            try:
+                old = self.info()
+            except BenchError as exc:  # the folder's name is this configuration's hash: write it again
+                log.warning("%s; writing it again from this command's configuration", exc)
+        if old is not None:
             if old.get("config_hash") != info["config_hash"]:
                 raise BenchError(f"{self.run_json}: field 'config_hash' {old.get('config_hash')} != {info['config_hash']}: "
                                  "this folder holds a run of another configuration")

@@ -227,11 +227,16 @@ def test_torn_or_empty_tasks_file_is_an_error_for_score_and_report_and_rewritten
     same_results(damaged, baseline)
 
 
-def test_run_json_without_its_fields_is_a_one_line_error(damaged, tmp_path):
+def test_run_json_without_its_fields_is_a_one_line_error_and_rewritten_by_run(damaged, baseline, spec, tmp_path):
     (damaged / "run.json").write_text("[]")
     assert_one_line_error(invoke("report", damaged, "--out", tmp_path / "b"), "run.json", "JSON object")
     (damaged / "run.json").write_text('{"label": "x", "method": {}, "benchmark": {}, "config_hash": "y"}')
     assert_one_line_error(invoke("score", damaged), "run.json", "benchmark.name")
+    (damaged / "run.json").write_text('{"label": ')
+    code, _, err = invoke(*run_args(spec, damaged.parent))  # the folder name is the configuration's hash
+    assert code == 0 and "generated 0, kept 2" in err, err
+    assert json.loads((damaged / "run.json").read_text())["config_hash"] == json.loads((baseline / "run.json").read_text())["config_hash"]
+    same_results(damaged, baseline)
 
 
 # --- 6, 7. spec fields of the wrong type, non-finite angles, package photos ----------------------

@@ -56,7 +56,10 @@ def open_benchmark(run: RunDir) -> Benchmark:
     if bench.spec_hash != spec["spec_hash"]:
         raise BenchError(f"{bench.root}: the benchmark spec changed since {run.run_json} was written "
                          f"(field 'benchmark.spec_hash' {spec['spec_hash'][:12]} != {bench.spec_hash[:12]})")
-    for identity_id, digest in spec.get("reference_sha256", {}).items():
+    references = spec.get("reference_sha256") or {}
+    if not isinstance(references, dict):
+        raise BenchError(f"{run.run_json}: field 'benchmark.reference_sha256' must be a JSON object")
+    for identity_id, digest in references.items():
         if bench.reference_sha256(identity_id) != digest:
             raise BenchError(f"identity {identity_id!r}: the reference photo changed since {run.run_json} was written "
                              f"(field 'benchmark.reference_sha256'); plan a new run")
