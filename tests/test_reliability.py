@@ -598,3 +598,13 @@ def test_a_damaged_head_target_is_an_error_for_score_and_rebuilt_by_generate(tmp
     with pytest.raises(BenchError, match="someone__frontal.npz: damaged head-control target"):
         run.read_target("someone", "frontal")
     assert _stored_target(run, "someone", "frontal") is None  # generate: a miss, made again
+
+
+@pytest.mark.parametrize("world, rank", [("two", "0"), ("2", "5"), ("2", "-1")])
+def test_a_bad_torchrun_environment_is_one_line(world, rank, monkeypatch):
+    from caphuman_bench.stages.plan import parse_shard
+
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", rank)
+    with pytest.raises(BenchError, match="expected 0 <= RANK < WORLD_SIZE"):
+        parse_shard(None)
