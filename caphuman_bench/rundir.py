@@ -10,6 +10,10 @@
       scores.parquet    one row per image per metric family
       scoring.json      options of the last scoring pass (no-face policy, CLIP model) and metrics skipped
       results.json      aggregates with provenance
+
+Each file is read through one validating reader here (scores.parquet: stages/score.py) whose
+errors name the file, the line and what is wrong; every write is atomic or one complete appended
+line; per-task claims keep two processes from generating the same task.
 """
 
 from __future__ import annotations
