@@ -12,6 +12,7 @@ from pathlib import Path
 
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
+from caphuman_bench.errors import BenchError
 from caphuman_bench.provenance import config_hash, environment
 from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
@@ -21,14 +22,23 @@ BENCHMARK_NAME = "humaniphc"
 
 
 def pick_device(device: str) -> str:
-    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate) or the CPU."""
-    if device != "auto":
-        return device
+    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate) or the CPU; any
+    other name is checked here, so a bad `--device` is one error before any work."""
     import torch
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
-    return "cpu"
+    if device == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {device!r}: no CUDA GPU is available here; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise BenchError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise BenchError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto")
+    return device
 
 
 def run_label(card: MethodCard, preset: str | None, overrides: dict) -> str:

@@ -33,13 +33,18 @@ x and y flip sign. Outside the head the normal is 0, i.e. mid-grey.
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.errors import BenchError
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
 
 
 def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
@@ -159,19 +164,15 @@ class HeadRenderMixin:
             self._codes[name] = (neutral_identity_code(), None)
             return self._codes[name]
         path = self._cache_path("deca", f"{name}.{self._deca_fingerprint(photo)}.npz")
-        if path is not None and path.exists():
-            with np.load(path, allow_pickle=False) as data:
-                stored = {k: data[k] for k in data.files}
-        else:
+        stored = read_cached(path, _load_npz) if path is not None else None  # an unreadable entry is a miss
+        if stored is None:
             size = int(self.params.get("height", 512))
             resized = resize_as_testdata(photo, size)
             square = self.deca_square(resized)
             code = encode_crops(self.deca, deca_crop_square(resized, square)[None])[0]
             stored = {**code, "frame_tform": square.tform, "frame_size": np.array([size, size])}
             if path is not None:
-                tmp = path.with_suffix(".tmp.npz")
-                np.savez(tmp, **stored)
-                os.replace(tmp, path)
+                atomic_write(path, lambda fh: np.savez(fh, **stored))
         code = check_code(stored, f"{name!r} DECA code")
         width, height = (int(v) for v in stored["frame_size"])
         self._codes[name] = (code, CropFrame(np.asarray(stored["frame_tform"], dtype=np.float64), width, height))

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchmetrics import Metric
 
+from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.registry import MetricInfo
 
 
@@ -152,16 +153,14 @@ class BenchMetric(Metric):
         path = None
         if self.context.cache_dir is not None:
             path = Path(self.context.cache_dir) / self.metric_name / f"{identity_id}.{key}.npy"
-            if path.exists():
-                value = np.load(path, allow_pickle=False)
-                value = None if value.size == 0 else value
+            stored = read_cached(path, lambda p: np.load(p, allow_pickle=False))
+            if stored is not None:
+                value = None if stored.size == 0 else stored
                 self._reference_memo[memo_key] = value
                 return value
         value = compute(image)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, np.zeros(0) if value is None else np.asarray(value))
-            tmp.replace(path)
+            stored = np.zeros(0) if value is None else np.asarray(value)
+            atomic_write(path, lambda fh: np.save(fh, stored))
         self._reference_memo[memo_key] = value
         return value

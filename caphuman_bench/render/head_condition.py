@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +31,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caphuman_bench.atomic import atomic_write, write_text_atomic
 from caphuman_bench.benchmark import N_CAM, N_EXP, N_LIGHT, N_POSE, N_SHAPE, N_TEX, HeadCondition
 from caphuman_bench.errors import BenchError
 from caphuman_bench.render.flame import FLAME, FlameTexture
 from caphuman_bench.render.flame_io import TextureSpace, UVLayout, load_flame_pickle, load_texture_space, load_uv_layout
 from caphuman_bench.render.renderer import MeshRenderer
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODE = "position,pose"
 MODE_PARTS = ("position", "pose", "expression", "lighting")
@@ -134,14 +138,13 @@ class HeadRender:
         return np.concatenate([self.normal, self.albedo, self.rendered]).astype(np.float32)
 
     def save(self, folder: str | os.PathLike) -> None:
+        """Both files written atomically, the images first: the key in the JSON vouches for them."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (RENDER_FILE + ".tmp.npz")
-        np.savez_compressed(tmp, normal=self.normal, albedo=self.albedo, rendered=self.rendered, mask=self.mask)
-        os.replace(tmp, folder / RENDER_FILE)
+        atomic_write(folder / RENDER_FILE, lambda fh: np.savez_compressed(
+            fh, normal=self.normal, albedo=self.albedo, rendered=self.rendered, mask=self.mask))
         meta = {"mode": self.mode, "condition_id": self.condition_id, "key": self.key,
                 "target": {k: np.asarray(v).tolist() for k, v in self.target.items()}}
-        (folder / TARGET_FILE).write_text(json.dumps(meta, indent=1))
+        write_text_atomic(folder / TARGET_FILE, json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "HeadRender":
@@ -152,8 +155,10 @@ class HeadRender:
                 images = {k: npz[k].astype(np.float32) for k in ("normal", "albedo", "rendered", "mask")}
         except FileNotFoundError as exc:
             raise BenchError(f"{folder}: cached head render incomplete ({Path(exc.filename).name} missing)") from None
-        except (ValueError, KeyError, OSError) as exc:
-            raise BenchError(f"{folder}: cached head render unreadable ({exc})") from None
+        except Exception as exc:  # json, numpy and zipfile each fail on junk in their own way
+            raise BenchError(f"{folder}: cached head render unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict):
+            raise BenchError(f"{folder / TARGET_FILE}: cached head render unreadable (not a JSON object)")
         target = check_code(meta.get("target", {}), str(folder / TARGET_FILE))
         return cls(**images, target=target, mode=meta.get("mode", DEFAULT_MODE),
                    condition_id=meta.get("condition_id"), key=meta.get("key", ""))
@@ -267,9 +272,13 @@ class HeadConditionRenderer:
         folder = Path(folder)
         key = self.cache_key(identity_code, condition, mode, size, frame)
         if (folder / TARGET_FILE).exists() and (folder / RENDER_FILE).exists():
-            cached = HeadRender.load(folder)
-            if cached.key == key:
-                return cached
+            try:
+                cached = HeadRender.load(folder)
+            except BenchError as exc:  # a torn or damaged entry is a miss, rendered again
+                log.warning("%s; rendering it again", exc)
+            else:
+                if cached.key == key:
+                    return cached
         result = self.render(identity_code, condition, mode, size, frame)
         result.save(folder)
         return result

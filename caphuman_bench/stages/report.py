@@ -35,7 +35,8 @@ def bootstrap_ci95(values: np.ndarray, seed: int = 0) -> list[float] | None:
 
 
 def aggregate_run(run: RunDir) -> dict:
-    """Compute and write `<run>/results.json` and the run's own leaderboard from the run's files."""
+    """A run's results from its files, in memory: reading never writes into a run directory
+    (`write_run_results` does, after `run` or `score`)."""
     run.require()
     info = run.info()
     families = all_metrics()
@@ -63,7 +64,7 @@ def aggregate_run(run: RunDir) -> dict:
     status = run.latest_status()
     tasks = run.tasks()
     finished = run.finished_ids()
-    scoring = json.loads(run.scoring_file.read_text()) if run.scoring_file.exists() else {}
+    scoring = run.scoring()
     results = {
         "method": info["label"],
         "method_card": info["method"]["name"],
@@ -82,9 +83,13 @@ def aggregate_run(run: RunDir) -> dict:
         "provenance": {k: info[k] for k in ("config_hash", "card_hash", "params", "head_inputs", "environment", "created") if k in info}
                       | {"spec_hash": info["benchmark"]["spec_hash"]},
     }
+    return results
+
+
+def write_run_results(run: RunDir, results: dict) -> None:
+    """`<run>/results.json` and the run's own leaderboard (by the stages that write the run)."""
     write_json_atomic(run.results_file, results)
     write_leaderboard([results], run.path)
-    return results
 
 
 def find_runs(paths: list[Path]) -> list[RunDir]:
@@ -207,16 +212,36 @@ def _rows_of(payload: dict | list, source: Path) -> dict[tuple[str, str, str], d
     if isinstance(payload, dict) and "rows" in payload:
         rows = payload["rows"]
     elif isinstance(payload, dict) and "metrics" in payload:
-        rows = leaderboard([payload]).to_dict(orient="records")
+        try:
+            rows = leaderboard([payload]).to_dict(orient="records")
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+            raise BenchError(f"{source}: not a results.json of caphuman-bench ({type(exc).__name__}: {exc})") from None
     else:
         raise BenchError(f"{source}: neither a leaderboard.json (field 'rows') nor a results.json (field 'metrics')")
+    if not isinstance(rows, list):
+        raise BenchError(f"{source}: field 'rows' must be a list")
     keyed = {}
-    for row in rows:
+    for i, row in enumerate(rows):
+        _check_row(row, f"{source}: rows[{i}]")
         key = (row["method"], row["split"], row["metric"])
         if key in keyed:
             raise BenchError(f"{source}: two rows for method {key[0]!r}, split {key[1]!r}, metric {key[2]!r}")
         keyed[key] = row
     return keyed
+
+
+def _check_row(row, where: str) -> None:
+    """A leaderboard row as `compare` reads it: names are strings, the mean a finite number or null."""
+    if not isinstance(row, dict):
+        raise BenchError(f"{where}: expected an object")
+    for name in ("method", "split", "metric"):
+        if not isinstance(row.get(name), str):
+            raise BenchError(f"{where}: field {name!r} must be a string")
+    mean = row.get("mean")
+    if mean is not None and (isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean)):
+        raise BenchError(f"{where}: field 'mean' {mean!r} must be a finite number or null")
+    if not isinstance(row.get("higher_is_better"), bool):
+        raise BenchError(f"{where}: field 'higher_is_better' must be true or false")
 
 
 def _number(value) -> float | None:
@@ -232,7 +257,7 @@ def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[s
     for path in (old_path, new_path):
         try:
             loaded.append(_rows_of(json.loads(Path(path).read_text()), Path(path)))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
             raise BenchError(f"{path}: unreadable ({exc})") from None
     old, new = loaded
     if old and not set(old) & set(new):
