@@ -16,10 +16,11 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import get_card
 from caphuman_bench.errors import BenchError, MissingWeightsError
 from caphuman_bench.methods.arc2face import build_tiny_arc2face_pipeline, normals_to_arc2face_image
-from caphuman_bench.methods.base import GenerationRequest, MethodContext
+from caphuman_bench.methods.base import MethodContext
 from caphuman_bench.models.arc2face import arc2face_prompt_embeds, id_token_mask
 from caphuman_bench.registry import get_method
 from tests.cli_helpers import cli, image_digests, only_run
+from tests.method_helpers import generation_request
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
@@ -37,15 +38,6 @@ def controlnet_adapter(tmp_path_factory):
     method = get_method(card.adapter)(card, params, MethodContext(device="cpu", workdir=tmp_path_factory.mktemp("method")))
     method.load()
     return method
-
-
-def _request(bench, identity_id="nasa-astronaut", condition_id="yaw-r20", prompt_id="acc-red-hat", seed=3):
-    return GenerationRequest(
-        task_id=f"{identity_id}-{condition_id}-{seed}", identity_id=identity_id,
-        prompt=bench.prompts[prompt_id].fill(bench.identities[identity_id].subject),
-        reference=bench.reference_image(identity_id), condition=bench.conditions[condition_id],
-        generator=torch.Generator().manual_seed(seed), height=64, width=64,
-    )
 
 
 def test_id_embedding_replaces_the_id_token_and_only_later_tokens_change():
@@ -92,8 +84,8 @@ def test_control_image_is_emocas_normal_images():
 
 
 def test_control_image_follows_the_head_condition(controlnet_adapter, bench):
-    left = np.asarray(controlnet_adapter.control_image(_request(bench, condition_id="yaw-l45"))).astype(int)
-    right = np.asarray(controlnet_adapter.control_image(_request(bench, condition_id="yaw-r20"))).astype(int)
+    left = np.asarray(controlnet_adapter.control_image(generation_request(bench, condition_id="yaw-l45"))).astype(int)
+    right = np.asarray(controlnet_adapter.control_image(generation_request(bench, condition_id="yaw-r20"))).astype(int)
     assert np.abs(left - right).max() > 50
     head = (np.abs(left - 127).sum(-1) > 0) & (np.abs(right - 127).sum(-1) > 0)
     # red is x: the head turned one way shows normals to one side, turned the other way to the other
@@ -102,7 +94,7 @@ def test_control_image_follows_the_head_condition(controlnet_adapter, bench):
 
 def test_identity_steers_the_image_and_the_prompt_does_not(controlnet_adapter, bench):
     base, other_prompt, other_identity = controlnet_adapter.generate([
-        _request(bench), _request(bench, prompt_id="sty-van-gogh"), _request(bench, identity_id="grace-hopper")])
+        generation_request(bench), generation_request(bench, prompt_id="sty-van-gogh"), generation_request(bench, identity_id="grace-hopper")])
     assert np.array_equal(np.asarray(base), np.asarray(other_prompt))
     assert not np.array_equal(np.asarray(base), np.asarray(other_identity))
     target = controlnet_adapter.head_target("nasa-astronaut", bench.reference_image("nasa-astronaut"), bench.conditions["yaw-r20"])
@@ -111,7 +103,7 @@ def test_identity_steers_the_image_and_the_prompt_does_not(controlnet_adapter, b
 
 
 def test_no_face_in_the_reference_is_a_clear_error(controlnet_adapter, bench):
-    request = _request(bench)
+    request = generation_request(bench)
     request.reference = Image.new("RGB", (64, 64), (90, 90, 90))
     request.identity_id = "blank"
     with pytest.raises(BenchError, match="identity 'blank': MTCNN found no face"):
@@ -188,7 +180,7 @@ def test_released_folders_load_into_the_same_pipeline(name, tmp_path, bench):
             assert torch.equal(ours, theirs), f"{part}.{key}"
     if name == "arc2face":  # the whole adapter on these files: ArcFace from the onnx file, an image out
         method.load()
-        (image,) = method.generate([_request(bench)])
+        (image,) = method.generate([generation_request(bench)])
         assert image.size == (64, 64)
     (paths["arc2face_unet"] / "config.json").unlink()
     with pytest.raises(BenchError, match=r"weights 'arc2face_unet' incomplete, missing config.json"):

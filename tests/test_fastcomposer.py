@@ -10,11 +10,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.fastcomposer import build_tiny_fastcomposer_pipeline, with_trigger
+from caphuman_bench.benchmark import Benchmark
+from caphuman_bench.methods.base import with_trigger_word
+from caphuman_bench.methods.fastcomposer import build_tiny_fastcomposer_pipeline
 from caphuman_bench.models.fastcomposer import FastComposerPostfuseModule
 from caphuman_bench.pipelines.pipeline_fastcomposer import split_trigger, subject_pixel_values
 from tests.cli_helpers import cli, image_digests, only_run
+from tests.method_helpers import generation_request
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +57,7 @@ def test_fusion_is_the_official_formula_at_the_subject_token_only():
 
 def test_subject_token_is_the_official_noun_phrase_end(pipe):
     """Against the official `_tokenize_and_mask_noun_phrases_ends`, run on a tokenizer with "img" added."""
-    prompt = with_trigger("a photo of a woman wearing a rainbow scarf")
+    prompt = with_trigger_word(generation_request(Benchmark.load(), prompt_id="acc-rainbow-scarf"), "img")
     assert prompt == "a photo of a woman img wearing a rainbow scarf"
     special = _tokenizer_with_trigger(pipe.tokenizer)
     image_token_id = special.convert_tokens_to_ids("img")
@@ -86,12 +88,9 @@ def _tokenizer_with_trigger(tokenizer):
 
 def test_trigger_rules():
     assert split_trigger("a man img reading") == ("a man", "a man  reading")
-    assert with_trigger("a pencil sketch of a Man") == "a pencil sketch of a Man img"
     for bad in ("a man reading", "img a man", "a man img and a woman img"):
         with pytest.raises(ValueError):
             split_trigger(bad)
-    with pytest.raises(BenchError, match="names no subject"):
-        with_trigger("a photo of a cat")
 
 
 def test_subject_image_is_padded_square_with_black_then_resized():

@@ -14,10 +14,11 @@ from caphuman_bench import weights
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import get_card
 from caphuman_bench.errors import MissingWeightsError
-from caphuman_bench.methods.base import GenerationRequest, MethodContext
+from caphuman_bench.methods.base import MethodContext
 from caphuman_bench.pipelines.pipeline_instantid import draw_keypoints
 from caphuman_bench.registry import get_method
 from tests.cli_helpers import cli, only_run
+from tests.method_helpers import generation_request
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,6 @@ def adapter(tmp_path_factory):
                                       MethodContext(device="cpu", workdir=tmp_path_factory.mktemp("method")))
     method.load()
     return method
-
-
-def _request(bench, identity_id="nasa-astronaut", condition_id="yaw-r20", seed=3, size=64) -> GenerationRequest:
-    return GenerationRequest(
-        task_id=f"{identity_id}-{condition_id}-{seed}", identity_id=identity_id,
-        prompt=bench.prompts["acc-red-hat"].fill(bench.identities[identity_id].subject),
-        reference=bench.reference_image(identity_id), condition=bench.conditions[condition_id],
-        generator=torch.Generator().manual_seed(seed), height=size, width=size)
 
 
 def test_draw_keypoints_follows_draw_kps():
@@ -71,25 +64,25 @@ def test_draw_keypoints_follows_draw_kps():
 def test_target_keypoints_follow_the_yaw(adapter, bench):
     """The five keypoints of the target head: a yaw-left head's lie left of a yaw-right one's, same rows."""
     for left, right in (("yaw-l20", "yaw-r20"), ("yaw-l45", "yaw-r45")):
-        lk = adapter.target_keypoints(_request(bench, condition_id=left, size=512))
-        rk = adapter.target_keypoints(_request(bench, condition_id=right, size=512))
+        lk = adapter.target_keypoints(generation_request(bench, condition_id=left, size=512))
+        rk = adapter.target_keypoints(generation_request(bench, condition_id=right, size=512))
         assert lk.shape == (5, 2)
         assert np.all(lk[:, 0] < rk[:, 0])
         np.testing.assert_allclose(lk[:, 1], rk[:, 1], atol=3)
-    frontal = adapter.target_keypoints(_request(bench, condition_id="frontal", size=512))
+    frontal = adapter.target_keypoints(generation_request(bench, condition_id="frontal", size=512))
     assert frontal[0, 0] < frontal[2, 0] < frontal[1, 0]  # eyes either side of the nose, InsightFace's order
     assert frontal[3, 0] < frontal[4, 0] and frontal[:2, 1].max() < frontal[2, 1] < frontal[3:, 1].min()
 
 
 def test_conditioning_image_differs_between_head_conditions(adapter, bench):
-    images = [np.asarray(adapter.control_image(_request(bench, condition_id=c, size=256))) for c in ("frontal", "yaw-l45")]
+    images = [np.asarray(adapter.control_image(generation_request(bench, condition_id=c, size=256))) for c in ("frontal", "yaw-l45")]
     assert not np.array_equal(*images)
     assert {tuple(c) for c in images[0].reshape(-1, 3)} >= {(255, 0, 0), (0, 255, 0), (0, 0, 255)}
 
 
 def test_smoke_images_depend_on_seed_identity_and_head(adapter, bench):
     def pixels(**kw):
-        (image,) = adapter.generate([_request(bench, **kw)])
+        (image,) = adapter.generate([generation_request(bench, **kw)])
         return np.asarray(image)
 
     base = pixels()
@@ -153,7 +146,7 @@ def test_pipeline_loads_from_files_in_the_official_formats(adapter, bench, tmp_p
                                    "instantid_ip_adapter": tmp_path / "ip-adapter.bin"})
     projection = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     torch.testing.assert_close(projection.latents.detach(), state_dict["image_proj"]["latents"])
-    request = _request(bench)
+    request = generation_request(bench)
     images = pipe([request.prompt], image=[adapter.control_image(request)], face_embedding=torch.randn(512),
                   height=64, width=64, num_inference_steps=2, generator=[request.generator])
     assert np.asarray(images[0]).shape == (64, 64, 3)

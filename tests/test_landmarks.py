@@ -4,7 +4,6 @@ head render's frame, InsightFace's 5 keypoints and ControlNet's openpose face dr
 from __future__ import annotations
 
 import os
-import pickle
 
 import numpy as np
 import pytest

@@ -13,11 +13,13 @@ from caphuman_bench import weights
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import get_card
 from caphuman_bench.errors import BenchError, MissingWeightsError
-from caphuman_bench.methods.base import GenerationRequest, MethodContext
-from caphuman_bench.methods.photomaker import start_merge_step, with_trigger_word
+from caphuman_bench.methods.base import MethodContext
+from caphuman_bench.methods.base import with_trigger_word
+from caphuman_bench.methods.photomaker import start_merge_step
 from caphuman_bench.models.photomaker import FuseModule, PhotoMakerIDEncoder, convert_photomaker_id_encoder
 from caphuman_bench.registry import get_method
 from tests.cli_helpers import cli, only_run
+from tests.method_helpers import generated_pixels, generation_request
 
 
 @pytest.fixture(scope="module")
@@ -42,31 +44,14 @@ def v2():
     return _adapter("photomaker_v2")
 
 
-def _request(bench, identity_id="nasa-astronaut", seed=3) -> GenerationRequest:
-    return GenerationRequest(
-        task_id=f"{identity_id}-{seed}", identity_id=identity_id,
-        prompt=bench.prompts["acc-red-hat"].fill(bench.identities[identity_id].subject),
-        reference=bench.reference_image(identity_id), condition=bench.conditions["frontal"],
-        generator=torch.Generator().manual_seed(seed), height=64, width=64)
-
-
-def _pixels(adapter, bench, overrides=None, **request) -> np.ndarray:
-    saved = dict(adapter.params)
-    adapter.params.update(overrides or {})
-    try:
-        (image,) = adapter.generate([_request(bench, **request)])
-    finally:
-        adapter.params.clear()
-        adapter.params.update(saved)
-    return np.asarray(image)
-
-
-def test_trigger_word_follows_the_class_word():
-    assert with_trigger_word("a photo of a woman wearing a red hat", "img") == "a photo of a woman img wearing a red hat"
-    assert with_trigger_word("an oil painting of a man", "img") == "an oil painting of a man img"
-    assert with_trigger_word("a pencil sketch of a person, neon", "img") == "a pencil sketch of a person img, neon"
-    with pytest.raises(BenchError, match="no class word"):
-        with_trigger_word("a photo of a cat", "img")
+def test_trigger_word_follows_the_class_word(bench):
+    """The class word ends the identity's subject phrase: the trigger goes right after the phrase."""
+    assert with_trigger_word(generation_request(bench), "img") == "a photo of a woman img wearing a red hat"
+    for prompt, expected in (("an oil painting of a woman", "an oil painting of a woman img"),
+                             ("a pencil sketch of a woman, neon", "a pencil sketch of a woman img, neon")):
+        assert with_trigger_word(generation_request(bench, prompt=prompt), "img") == expected
+    with pytest.raises(BenchError, match="does not contain the identity's subject phrase 'a woman'"):
+        with_trigger_word(generation_request(bench, prompt="a photo of a cat"), "img")
 
 
 def test_start_merge_step_is_the_demo_rule():
@@ -253,7 +238,7 @@ def test_full_loading_path_with_tiny_files(version, tmp_path, monkeypatch, bench
     base = components["unet"].get_submodule(name.removesuffix(".processor")).to_q.weight
     expected = base + lora[f"unet.{name}.to_q_lora.up.weight"] @ lora[f"unet.{name}.to_q_lora.down.weight"]
     torch.testing.assert_close(getattr(fused, "base_layer", fused).weight.detach(), expected.detach())
-    images = method.generate([_request(bench), _request(bench, seed=4)])
+    images = method.generate([generation_request(bench), generation_request(bench, seed=4)])
     assert [np.asarray(i).shape for i in images] == [(64, 64, 3)] * 2
     if version == "v2":
         assert method.faces.session is not None
@@ -271,24 +256,24 @@ def test_a_checkpoint_of_the_wrong_kind_is_named(tmp_path, bench):
 
 def test_smoke_images_seeded_and_identity_enters_only_after_the_merge_step(v1, v2, bench):
     for adapter in (v1, v2):
-        base = _pixels(adapter, bench)
+        base = generated_pixels(adapter, bench)
         assert base.shape == (64, 64, 3) and base.std() > 0
-        assert np.array_equal(_pixels(adapter, bench), base)
-        assert not np.array_equal(_pixels(adapter, bench, seed=9), base)
+        assert np.array_equal(generated_pixels(adapter, bench), base)
+        assert not np.array_equal(generated_pixels(adapter, bench, seed=9), base)
         # style strength 20 % of 3 steps: merge after step 0, so the reference photo changes the image ...
-        assert not np.array_equal(_pixels(adapter, bench, identity_id="grace-hopper"), base)
+        assert not np.array_equal(generated_pixels(adapter, bench, identity_id="grace-hopper"), base)
         # ... with 100 % the merge step is the last one: text-only conditioning throughout, the identity has no way in
         late = {"style_strength_ratio": 100}
-        assert np.array_equal(_pixels(adapter, bench, late, identity_id="grace-hopper"), _pixels(adapter, bench, late))
+        assert np.array_equal(generated_pixels(adapter, bench, late, identity_id="grace-hopper"), generated_pixels(adapter, bench, late))
 
 
 def test_v2_uses_the_arcface_embedding(v2, bench):
     """Same photo for the CLIP tower, another ArcFace embedding: another image (v2's ID tokens read it)."""
-    base = _pixels(v2, bench)
+    base = generated_pixels(v2, bench)
     detection, embedding = v2.faces.face("nasa-astronaut", bench.reference_image("nasa-astronaut"))
     try:
         v2.faces._faces["nasa-astronaut"] = (detection, -embedding)
-        assert not np.array_equal(_pixels(v2, bench), base)
+        assert not np.array_equal(generated_pixels(v2, bench), base)
     finally:
         v2.faces._faces["nasa-astronaut"] = (detection, embedding)
 

@@ -16,7 +16,6 @@ from caphuman_bench.faces.detection import FaceDetection, _detection_input
 from caphuman_bench.faces.landmarks import LandmarkDetector, dlib_landmarks, fan_crop_frame, heatmap_points
 from caphuman_bench.models.deca_encoder import bbox2point, landmark_square, no_face_square, resize_as_testdata
 from caphuman_bench.render.head_condition import CropFrame, HeadConditionRenderer, neutral_identity_code
-from caphuman_bench.render.renderer import orthographic_projection
 
 
 def official_bbox2point(left, right, top, bottom, kind):

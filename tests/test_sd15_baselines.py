@@ -16,10 +16,11 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import get_card
 from caphuman_bench.errors import BenchError, MissingWeightsError
 from caphuman_bench.faces.arcface import ARCFACE_TEMPLATE, arcface_align
-from caphuman_bench.methods.base import GenerationRequest, MethodContext
+from caphuman_bench.methods.base import MethodContext
 from caphuman_bench.registry import get_method
 from caphuman_bench.render.landmarks import draw_openpose_face
 from tests.cli_helpers import cli, only_run
+from tests.method_helpers import generated_pixels, generation_request
 
 CARDS = ("sd15", "controlnet_head", "controlnet_landmarks", "ip_adapter_faceid", "ip_adapter_faceid_plusv2",
          "ip_adapter_faceid_controlnet_head", "ip_adapter_faceid_plusv2_controlnet_head")
@@ -37,26 +38,6 @@ def _adapter(name: str, tmp_path_factory, **overrides):
     method = get_method(card.adapter)(card, params, MethodContext(device="cpu", workdir=tmp_path_factory.mktemp(name)))
     method.load()
     return method
-
-
-def _request(bench, identity_id="nasa-astronaut", condition_id="yaw-r20", seed=3, prompt=None) -> GenerationRequest:
-    return GenerationRequest(
-        task_id=f"{identity_id}-{condition_id}-{seed}", identity_id=identity_id,
-        prompt=prompt or bench.prompts["acc-red-hat"].fill(bench.identities[identity_id].subject),
-        reference=bench.reference_image(identity_id), condition=bench.conditions[condition_id],
-        generator=torch.Generator().manual_seed(seed), height=64, width=64,
-    )
-
-
-def _pixels(adapter, bench, overrides=None, **request) -> np.ndarray:
-    saved = dict(adapter.params)
-    adapter.params.update(overrides or {})
-    try:
-        (image,) = adapter.generate([_request(bench, **request)])
-    finally:
-        adapter.params.clear()
-        adapter.params.update(saved)
-    return np.asarray(image)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,17 +81,17 @@ def normals_adapter(tmp_path_factory):
 
 def test_condition_images_follow_the_head_condition(landmarks_adapter, normals_adapter, bench):
     for adapter in (landmarks_adapter, normals_adapter):
-        left = np.asarray(adapter.control_image(_request(bench, condition_id="yaw-l45")))
-        right = np.asarray(adapter.control_image(_request(bench, condition_id="yaw-r20")))
+        left = np.asarray(adapter.control_image(generation_request(bench, condition_id="yaw-l45")))
+        right = np.asarray(adapter.control_image(generation_request(bench, condition_id="yaw-r20")))
         assert left.shape == right.shape == (64, 64, 3) and not np.array_equal(left, right)
     # landmarks: a yaw to the left moves the dots to the left
-    columns = [np.nonzero(np.asarray(landmarks_adapter.control_image(_request(bench, condition_id=c)))[..., 0])[1].mean()
+    columns = [np.nonzero(np.asarray(landmarks_adapter.control_image(generation_request(bench, condition_id=c)))[..., 0])[1].mean()
                for c in ("yaw-l45", "yaw-r45")]
     assert columns[0] < columns[1] - 2
 
 
 def test_landmark_image_is_the_openpose_drawing_of_the_target_heads_visible_landmarks(landmarks_adapter, bench):
-    request = _request(bench, condition_id="yaw-l45")
+    request = generation_request(bench, condition_id="yaw-l45")
     render = landmarks_adapter.head_render(request.identity_id, request.reference, request.condition, 64)
     points = landmarks_adapter.head_landmarks(request.identity_id, request.reference, request.condition, 64)
     visible = landmarks_adapter.landmarks.facing_camera(render.target)
@@ -122,14 +103,14 @@ def test_landmark_image_is_the_openpose_drawing_of_the_target_heads_visible_land
 
 
 def test_head_control_changes_the_image_and_a_prompt_only_method_has_no_target(landmarks_adapter, bench, tmp_path_factory):
-    assert not np.array_equal(_pixels(landmarks_adapter, bench, condition_id="yaw-l45"), _pixels(landmarks_adapter, bench))
+    assert not np.array_equal(generated_pixels(landmarks_adapter, bench, condition_id="yaw-l45"), generated_pixels(landmarks_adapter, bench))
     floor = _adapter("sd15", tmp_path_factory)
-    request = _request(bench)
+    request = generation_request(bench)
     assert floor.head_target(request.identity_id, request.reference, request.condition) is None
     # the floor ignores reference and head condition: same prompt and seed, same image
     same = "a photo of a person"
-    assert np.array_equal(_pixels(floor, bench, prompt=same),
-                          _pixels(floor, bench, identity_id="grace-hopper", condition_id="yaw-l45", prompt=same))
+    assert np.array_equal(generated_pixels(floor, bench, prompt=same),
+                          generated_pixels(floor, bench, identity_id="grace-hopper", condition_id="yaw-l45", prompt=same))
     target = landmarks_adapter.head_target(request.identity_id, request.reference, request.condition)
     np.testing.assert_allclose(target["pose"][:3], request.condition.pose[:3])
 
@@ -139,20 +120,20 @@ def test_head_control_changes_the_image_and_a_prompt_only_method_has_no_target(l
 
 
 def test_faceid_identity_reaches_the_image_only_through_the_adapter(normals_adapter, bench):
-    base = _pixels(normals_adapter, bench)
-    assert np.array_equal(_pixels(normals_adapter, bench), base)  # same seed, same bytes
-    assert not np.array_equal(_pixels(normals_adapter, bench, identity_id="grace-hopper"), base)
+    base = generated_pixels(normals_adapter, bench)
+    assert np.array_equal(generated_pixels(normals_adapter, bench), base)  # same seed, same bytes
+    assert not np.array_equal(generated_pixels(normals_adapter, bench, identity_id="grace-hopper"), base)
     no_identity, same = {"ip_adapter_scale": 0.0}, "a photo of a person"
     # with scale 0 the ArcFace path is closed: another identity, same prompt, condition and seed, same image
-    assert np.array_equal(_pixels(normals_adapter, bench, no_identity, prompt=same),
-                          _pixels(normals_adapter, bench, no_identity, identity_id="grace-hopper", prompt=same))
-    assert not np.array_equal(_pixels(normals_adapter, bench, {"shortcut_scale": 0.0}), base)  # Plus v2's shortcut acts
+    assert np.array_equal(generated_pixels(normals_adapter, bench, no_identity, prompt=same),
+                          generated_pixels(normals_adapter, bench, no_identity, identity_id="grace-hopper", prompt=same))
+    assert not np.array_equal(generated_pixels(normals_adapter, bench, {"shortcut_scale": 0.0}), base)  # Plus v2's shortcut acts
 
 
 def test_faceid_embeddings_as_diffusers_documents_them(normals_adapter, bench):
     """Normalised ArcFace embedding, zeros for the unconditional branch; Plus: CLIP hidden states of the
     224 px aligned crop on the projection layer, unconditional rows first, shortcut on."""
-    requests = [_request(bench), _request(bench, seed=4)]
+    requests = [generation_request(bench), generation_request(bench, seed=4)]
     inputs = normals_adapter.extra_pipeline_inputs(requests, guided=True)
     (embeds,) = inputs["ip_adapter_image_embeds"]
     assert embeds.shape == (2, 1, 512)
@@ -164,11 +145,11 @@ def test_faceid_embeddings_as_diffusers_documents_them(normals_adapter, bench):
 
 
 def test_faceid_batches_never_mix_identities(normals_adapter, bench):
-    base = _pixels(normals_adapter, bench)
+    base = generated_pixels(normals_adapter, bench)
     normals_adapter.params["batch_size"] = 3
     try:
-        images = normals_adapter.generate([_request(bench, "grace-hopper", "frontal", 1), _request(bench),
-                                           _request(bench, "grace-hopper", "frontal", 1)])
+        images = normals_adapter.generate([generation_request(bench, "grace-hopper", "frontal", 1), generation_request(bench),
+                                           generation_request(bench, "grace-hopper", "frontal", 1)])
     finally:
         normals_adapter.params["batch_size"] = 2
     assert np.array_equal(np.asarray(images[1]), base)

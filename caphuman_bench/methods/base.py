@@ -30,6 +30,18 @@ class GenerationRequest:
     generator: torch.Generator
     height: int
     width: int
+    subject: str = ""  # the identity's subject phrase as it stands in `prompt` ("a woman")
+
+
+def with_trigger_word(request: GenerationRequest, trigger: str) -> str:
+    """The prompt with `trigger` right after the identity's subject phrase: 'a photo of a woman img wearing
+    a red hat'. FastComposer and PhotoMaker attach the reference to the word before their trigger."""
+    at = request.prompt.find(request.subject) if request.subject else -1
+    if at < 0:
+        raise BenchError(f"prompt {request.prompt!r} does not contain the identity's subject phrase {request.subject!r}, "
+                         f"after which the trigger word {trigger!r} goes")
+    end = at + len(request.subject)
+    return f"{request.prompt[:end]} {trigger}{request.prompt[end:]}"
 
 
 @dataclass

@@ -6,9 +6,8 @@ Weights: the one official file `pytorch_model.bin` (UNet, VAE, text and image en
 MLP), converted strictly by `loaders/convert_fastcomposer.py`.
 
 The benchmark's prompts name the subject with the identity's phrase ("a photo of a woman wearing a
-red hat"); the trigger word goes right after the subject noun ("a woman img"), as in FastComposer's
-own evaluation prompts ("a man img ..."). The noun is the first of `SUBJECT_NOUNS` in the prompt;
-a prompt without one is an error naming it.
+red hat"); the trigger word goes right after that phrase ("a woman img"), as in FastComposer's
+own evaluation prompts ("a man img ..."); a prompt without the phrase is an error naming it.
 
 With `tiny: true` (the smoke preset) every network has random weights and needs no file: SD-1.5's
 layout at toy size, a tiny CLIP vision tower with projection and the fusion MLP at width 32.
@@ -16,30 +15,14 @@ layout at toy size, a tiny CLIP vision tower with projection and the fusion MLP 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, with_trigger_word
 from caphuman_bench.registry import register_method
-
-SUBJECT_NOUNS = ("woman", "man", "person", "girl", "boy")  # the subject phrases data prepare writes, and kin
-_NOUN = re.compile(rf"\b({'|'.join(SUBJECT_NOUNS)})\b", re.IGNORECASE)
-
-
-def with_trigger(prompt: str) -> str:
-    """'a photo of a woman wearing a red hat' → 'a photo of a woman img wearing a red hat'."""
-    from caphuman_bench.pipelines.pipeline_fastcomposer import TRIGGER_WORD
-
-    found = _NOUN.search(prompt)
-    if found is None:
-        raise BenchError(f"fastcomposer: prompt {prompt!r} names no subject ({', '.join(SUBJECT_NOUNS)}) to attach "
-                         "the reference to")
-    return f"{prompt[:found.end()]} {TRIGGER_WORD}{prompt[found.end():]}"
-
 
 def build_tiny_fastcomposer_pipeline(seed: int = 0):
     """FastComposer's components at toy size (64 px images, 8×8 latents, width-32 CLIP), random weights."""
@@ -111,12 +94,14 @@ class FastComposerMethod(MethodAdapter):
         self.pipe.set_progress_bar_config(disable=True)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        from caphuman_bench.pipelines.pipeline_fastcomposer import TRIGGER_WORD
+
         sizes = {(r.height, r.width) for r in requests}
         if len(sizes) != 1:
             raise BenchError(f"fastcomposer: a batch needs one size, got {sorted(sizes)}")
         height, width = sizes.pop()
         output = self.pipe(
-            [with_trigger(r.prompt) for r in requests],
+            [with_trigger_word(r, TRIGGER_WORD) for r in requests],
             reference_images=[r.reference for r in requests],
             negative_prompt=str(self.params.get("negative_prompt", "")),
             height=height,

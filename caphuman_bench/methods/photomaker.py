@@ -8,8 +8,7 @@ uses). Head: none; PhotoMaker ignores the head condition and is scored on head c
 
 Prompt: the benchmark prompt with the trigger word inserted after the class word ("a photo of a
 woman img wearing a red hat"), as the authors' README requires ("the trigger word `img` must follow
-the class word"). The class word is the first of `CLASS_WORDS` in the prompt (the subject phrase is
-"a man", "a woman" or "a person").
+the class word"): the class word ends the identity's subject phrase ("a man", "a woman", "a person").
 
 Pipeline: `PhotoMakerStableDiffusionXLPipeline` (`caphuman_bench/pipelines/pipeline_photomaker.py`),
 weights: SDXL base 1.0 (the base model of the paper and of the authors' infer scripts before v2's
@@ -28,7 +27,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, with_trigger_word
 from caphuman_bench.methods.reference_faces import ReferenceFaces, require_onnxruntime
 from caphuman_bench.registry import register_method
 
@@ -38,7 +37,6 @@ SDXL_FILES = ("model_index.json", "unet/config.json", "vae/config.json", "text_e
               "scheduler/scheduler_config.json")
 CHECKPOINTS = {"v1": "photomaker_v1", "v2": "photomaker_v2"}
 ARCFACE_WEIGHTS = "arcface_buffalo_l"
-CLASS_WORDS = ("woman", "man", "person", "girl", "boy", "lady", "child")
 
 
 def sdxl_folder(path: Path) -> Path:
@@ -48,15 +46,6 @@ def sdxl_folder(path: Path) -> Path:
     if missing:
         raise BenchError(f"{folder}: weights {SDXL_FOLDER!r} incomplete, missing {', '.join(missing)}")
     return folder
-
-
-def with_trigger_word(prompt: str, trigger_word: str) -> str:
-    """The prompt with the trigger word right after its class word."""
-    match = re.search(rf"\b({'|'.join(CLASS_WORDS)})\b", prompt)
-    if match is None:
-        raise BenchError(f"photomaker: prompt {prompt!r} has no class word ({', '.join(CLASS_WORDS)}) to put "
-                         f"the trigger word {trigger_word!r} after")
-    return f"{prompt[:match.end()]} {trigger_word}{prompt[match.end():]}"
 
 
 def start_merge_step(style_strength_ratio: float, num_inference_steps: int) -> int:
@@ -210,7 +199,7 @@ class PhotoMakerMethod(MethodAdapter):
         trigger = self.pipe.config.trigger_word
         id_embeds = self.faces.embedding(first.identity_id, first.reference)[None] if self.faces else None
         output = self.pipe(
-            [with_trigger_word(r.prompt, trigger) for r in requests],
+            [with_trigger_word(r, trigger) for r in requests],
             input_id_images=[first.reference.convert("RGB")],
             id_embeds=id_embeds,
             start_merge_step=start_merge_step(float(self.params.get("style_strength_ratio", 20)), steps),

@@ -19,7 +19,6 @@ and `draw_openpose_face` (ControlNet 1.1's openpose face image).
 from __future__ import annotations
 
 import os
-import pickle
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path

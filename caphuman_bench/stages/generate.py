@@ -140,6 +140,7 @@ def _request(task: Task, bench: Benchmark, references, height: int, width: int) 
         task_id=task.task_id,
         identity_id=task.identity_id,
         prompt=bench.prompts[task.prompt_id].fill(identity.subject),
+        subject=identity.subject,
         reference=references[task.identity_id],
         condition=bench.conditions[task.condition_id],
         generator=generator,
