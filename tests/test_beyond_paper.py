@@ -67,3 +67,49 @@ def test_fastcomposer_spec_runs_on_the_smoke_preset(tmp_path, capsys, monkeypatc
     assert code == 0, err
     results = json.loads((only_run(runs) / "results.json").read_text())
     assert results["images"]["ok"] == 4 and results["benchmark_version"] == "fastcomposer-eval-1.0"
+
+
+def _tiny_backbone_folder(path: Path) -> Path:
+    """A tiny SD-1.5-layout model in diffusers' folder format: the tiny CapHuman's UNet, VAE and text
+    encoder with other random weights (seed 1), saved with save_pretrained."""
+    from caphuman_bench.pipelines.tiny import build_tiny_caphuman_pipeline
+
+    other = build_tiny_caphuman_pipeline(seed=1)
+    for name in ("unet", "vae", "text_encoder"):
+        getattr(other, name).save_pretrained(path / name)
+    return path
+
+
+def test_a_diffusers_backbone_folder_replaces_unet_vae_and_text_encoder(tmp_path):
+    import torch
+
+    from caphuman_bench.loaders.convert_caphuman import overlay_any_backbone
+    from caphuman_bench.pipelines.tiny import build_tiny_caphuman_pipeline
+
+    folder = _tiny_backbone_folder(tmp_path / "backbone")
+    pipe, other = build_tiny_caphuman_pipeline(seed=0), build_tiny_caphuman_pipeline(seed=1)
+    capface_before = {k: v.clone() for k, v in pipe.capface.state_dict().items()}
+    assert overlay_any_backbone({n: getattr(pipe, n) for n in ("unet", "vae", "text_encoder")}, None, folder) == [
+        "unet", "vae", "text_encoder"]
+    for name in ("unet", "vae", "text_encoder"):
+        ours, theirs = getattr(pipe, name).state_dict(), getattr(other, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert all(torch.equal(v, capface_before[k]) for k, v in pipe.capface.state_dict().items())  # CapFace stays
+
+
+def test_ablate_sweeps_the_backbone_and_records_its_hash(tmp_path, capsys, monkeypatch):
+    folder = _tiny_backbone_folder(tmp_path / "backbone")
+    runs = tmp_path / "runs"
+    code, out, err = cli(capsys, monkeypatch, "ablate", "--method", "caphuman", "--preset", "smoke", "--backbone", "caphuman",
+                         "--backbone", folder, "--runs-dir", runs, "--out", tmp_path / "ablation", "--metrics", "face_detection",
+                         "--param", "num_inference_steps=2")
+    assert code == 0, err
+    runs_by_backbone = {json.loads((r / "run.json").read_text())["params"]["backbone"]: r for r in runs.iterdir() if r.is_dir()}
+    assert set(runs_by_backbone) == {"caphuman", str(folder)}
+    info = json.loads((runs_by_backbone[str(folder)] / "run.json").read_text())
+    assert info["artefacts"]["backbone"]["path"] == str(folder.resolve()) and len(info["artefacts"]["backbone"]["sha256"]) == 64
+    first = sorted(p.name for p in (runs_by_backbone["caphuman"] / "images").glob("*.png"))[0]
+    assert (runs_by_backbone["caphuman"] / "images" / first).read_bytes() != (runs_by_backbone[str(folder)] / "images" / first).read_bytes()
+    bad = cli(capsys, monkeypatch, "run", "--method", "caphuman", "--preset", "smoke", "--param", "backbone=/no/such/model",
+              "--runs-dir", runs)
+    assert bad[0] == 2 and "parameter 'backbone'" in bad[2] and "/no/such/model" in bad[2]

@@ -103,9 +103,10 @@ class MethodAdapter:
 
     @classmethod
     def artefacts(cls, card: MethodCard, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
-        """Per-identity files an earlier command made for this method (fine-tuned weights), checked when a run
-        is planned: {identity: {"path", "sha256", ...}}. Their hashes join the run's configuration hash, so
-        new artefacts never reuse old images. Raise BenchError naming the command to run when one is
+        """Files outside the weights manifest that the images depend on, checked when a run is planned:
+        per identity, what an earlier command made (fine-tuned weights), or a user's file (CapHuman's
+        `backbone` path): {key: {"path", "sha256", ...}}. Their hashes join the run's configuration hash,
+        so new artefacts never reuse old images. Raise BenchError naming the command to run when one is
         missing. `references`: identity -> sha256 of its reference photo. Default: none."""
         return {}
 
