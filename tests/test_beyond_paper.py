@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from caphuman_bench.benchmark import Benchmark, axis_angle_to_euler
 from caphuman_bench.stages.plan import plan_tasks
 from tests.cli_helpers import cli, only_run
@@ -113,3 +115,64 @@ def test_ablate_sweeps_the_backbone_and_records_its_hash(tmp_path, capsys, monke
     bad = cli(capsys, monkeypatch, "run", "--method", "caphuman", "--preset", "smoke", "--param", "backbone=/no/such/model",
               "--runs-dir", runs)
     assert bad[0] == 2 and "parameter 'backbone'" in bad[2] and "/no/such/model" in bad[2]
+
+
+def test_the_references_split_runs_each_identity_with_one_three_and_five_photos():
+    bench = Benchmark.load()
+    split = bench.split("references")
+    assert split.references == (1, 3, 5)
+    assert set(split.identities) == {f"{i}@{k}" for i in ("nasa-astronaut", "grace-hopper") for k in (1, 3, 5)}
+    assert [len(bench.reference_images(f"nasa-astronaut@{k}")) for k in (1, 3, 5)] == [1, 3, 5]
+    assert len(bench.reference_images("nasa-astronaut")) == 1  # other splits: the first photo only (the paper's protocol)
+    assert bench.reference_sha256("nasa-astronaut@1") == bench.reference_sha256("nasa-astronaut")
+    assert len({bench.reference_sha256(f"nasa-astronaut@{k}") for k in (1, 3, 5)}) == 3
+    assert bench.identities["nasa-astronaut@3"].subject == "a woman"
+    assert len(plan_tasks(bench, "references")) == 6 * 2
+
+
+def test_a_references_split_asking_for_more_photos_than_listed_names_the_identity(tmp_path):
+    import shutil
+
+    import pytest
+
+    from caphuman_bench.errors import BenchError
+
+    spec = tmp_path / "spec"
+    shutil.copytree(Benchmark.load().root, spec)
+    text = (spec / "splits.yaml").read_text().replace("references: [1, 3, 5]", "references: [1, 6]")
+    (spec / "splits.yaml").write_text(text)
+    with pytest.raises(BenchError, match=r"identity 'nasa-astronaut' has 5 reference photos, field 'references' asks for 6"):
+        Benchmark.load(spec)
+
+
+def test_identity_metrics_score_against_the_first_photo_and_the_mean_of_all(tmp_path, capsys, monkeypatch):
+    """dlib (offline) on the reference method (the first photo, resized): against the first photo the value
+    is the same for @1, @3 and @5; against the mean of the photos (with mirrored, cropped, dimmed variants)
+    it is another value for @3 and @5, and not scored for @1."""
+    import pandas as pd
+
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--split", "references",
+                       "--runs-dir", runs, "--metrics", "id_sim_dlib")
+    assert code == 0, err
+    rows = pd.read_parquet(only_run(runs) / "scores.parquet").set_index("identity_id")
+    assert len(rows) == 12 and set(rows["status"]) == {"ok"}
+    for identity in ("nasa-astronaut", "grace-hopper"):
+        first = rows.loc[[f"{identity}@{k}" for k in (1, 3, 5)], "id_sim_dlib"]
+        assert np.allclose(first, first.iloc[0]) and first.iloc[0] > 0.99
+        assert np.isnan(rows.loc[f"{identity}@1", "id_sim_dlib_mean_ref"]).all()
+        for k in (3, 5):
+            mean_ref = rows.loc[f"{identity}@{k}", "id_sim_dlib_mean_ref"]
+            assert (abs(mean_ref - first.iloc[0]) > 1e-4).all() and (mean_ref > 0.9).all()
+
+
+def test_photomaker_gets_every_photo_of_a_references_identity(tmp_path, capsys, monkeypatch):
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "photomaker", "--preset", "smoke", "--split", "references",
+                       "--runs-dir", runs, "--metrics", "face_detection", "--param", "num_inference_steps=2")
+    assert code == 0, err
+    images = {p.name: p.read_bytes() for p in (only_run(runs) / "images").glob("*.png")}
+    assert len(images) == 12
+    one = [b for n, b in images.items() if "nasa-astronaut@1" in n]
+    five = [b for n, b in images.items() if "nasa-astronaut@5" in n]
+    assert one and five and one[0] != five[0]  # five ID images condition the generation differently from one

@@ -31,6 +31,13 @@ class GenerationRequest:
     height: int
     width: int
     subject: str = ""  # the identity's subject phrase as it stands in `prompt` ("a woman")
+    # Every photo the method gets: [reference], or the first k of a `references` split's "<id>@k".
+    # Methods that take several use them all (PhotoMaker, IP-Adapters by averaging); the others use `reference`.
+    references: list[Image.Image] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.references:
+            self.references = [self.reference]
 
 
 def with_trigger_word(request: GenerationRequest, trigger: str) -> str:

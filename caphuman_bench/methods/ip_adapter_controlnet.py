@@ -164,11 +164,13 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         return normals_to_controlnet_image(render.normal)
 
     @torch.no_grad()
-    def identity_embeds(self, identity_id: str, reference: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def identity_embeds(self, identity_id: str, photos: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference, all-black image) CLIP penultimate hidden states [1, 1, T, D]: IP-Adapter plus's
-        conditional and unconditional inputs (diffusers' `encode_image`), once per identity."""
+        conditional and unconditional inputs (diffusers' `encode_image`), once per identity; with several
+        photos (a `references` split), the mean of their hidden states."""
         if identity_id not in self._ip_embeds:
-            positive, negative = self.pipe.encode_image(reference.convert("RGB"), self.device, 1, output_hidden_states=True)
+            encoded = [self.pipe.encode_image(p.convert("RGB"), self.device, 1, output_hidden_states=True) for p in photos]
+            positive, negative = (torch.stack([e[i] for e in encoded]).mean(dim=0) for i in (0, 1))
             self._ip_embeds[identity_id] = (positive[None], negative[None])
         return self._ip_embeds[identity_id]
 
@@ -212,5 +214,5 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
 
     def _pipeline_embeds(self, request: GenerationRequest, guided: bool) -> torch.Tensor:
         """The identity's embedding as the pipeline takes it: [1, 1, T, D]; with guidance [2, ...], unconditional first."""
-        positive, negative = self.identity_embeds(request.identity_id, request.reference)
+        positive, negative = self.identity_embeds(request.identity_id, request.references)
         return torch.cat([negative, positive]) if guided else positive

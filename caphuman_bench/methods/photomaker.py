@@ -1,6 +1,6 @@
 """The `photomaker` method: SDXL + PhotoMaker (TencentARC, CVPR 2024), v1 or v2 (`version`).
 
-Identity: the reference photo as PhotoMaker's single ID image (CLIP ViT-L/14 through the ID encoder,
+Identity: the reference photo(s) as PhotoMaker's ID images (several in a `references` split) (CLIP ViT-L/14 through the ID encoder,
 fused into the class word); v2 also takes its ArcFace embedding (`reference_faces`: MTCNN + the
 project's onnxruntime ArcFace on buffalo_l's `w600k_r50.onnx`, the model insightface's `FaceAnalysis`
 loads by default, which is what the authors' `FaceAnalysis2(...)` in inference_pmv2.py / app_v2.py
@@ -197,10 +197,11 @@ class PhotoMakerMethod(MethodAdapter):
         first = requests[0]
         steps = int(self.params.get("num_inference_steps", 50))
         trigger = self.pipe.config.trigger_word
-        id_embeds = self.faces.embedding(first.identity_id, first.reference)[None] if self.faces else None
+        id_embeds = (torch.stack([self.faces.embedding(f"{first.identity_id}#{n}", photo) for n, photo in enumerate(first.references)])
+                     if self.faces else None)  # one ArcFace embedding per ID image, as the authors' app_v2 stacks them
         output = self.pipe(
             [with_trigger_word(r, trigger) for r in requests],
-            input_id_images=[first.reference.convert("RGB")],
+            input_id_images=[photo.convert("RGB") for photo in first.references],
             id_embeds=id_embeds,
             start_merge_step=start_merge_step(float(self.params.get("style_strength_ratio", 20)), steps),
             negative_prompt=[str(self.params.get("negative_prompt", ""))] * len(requests),
