@@ -224,3 +224,9 @@ def test_the_full_model_path_trains_and_generates_from_a_diffusers_folder(tmp_pa
     (run_dir,) = run_dirs(runs, "dreambooth")
     assert len(list((run_dir / "images").glob("*.png"))) == 12
     assert json.loads((run_dir / "run.json").read_text())["params"]["tiny"] is False
+
+
+def test_finetune_on_a_split_without_identities_says_how_to_prepare_it(tmp_path, capsys, monkeypatch):
+    code, _, err = cli(capsys, monkeypatch, "finetune", "--method", "lora", "--preset", "smoke", "--split", "full",
+                       "--runs-dir", tmp_path / "runs")
+    assert code == 2 and "data prepare" in err and not (tmp_path / "runs").exists()

@@ -18,7 +18,7 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore
 from caphuman_bench.finetune.training import identity_phrase
 from caphuman_bench.registry import get_method
-from caphuman_bench.stages.plan import Shard
+from caphuman_bench.stages.plan import Shard, plan_tasks
 
 
 @dataclass
@@ -48,7 +48,8 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
     resolved = weights.require(adapter_cls.training_weights(params), weights_paths)
     store = ArtefactStore(runs_dir, adapter_cls.recipe, params)
     summary = FinetuneSummary(root=str(store.root))
-    identities = shard.select(list(bench.split(split).identities))
+    # The planned tasks' identities: an empty split stops here with plan_tasks' message on how to prepare it.
+    identities = shard.select(list(dict.fromkeys(t.identity_id for t in plan_tasks(bench, split))))
     references = {i: bench.reference_sha256(i) for i in identities}
     todo = []
     for identity_id in identities:
