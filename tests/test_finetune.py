@@ -159,6 +159,7 @@ def test_finetune_then_run_end_to_end(recipe, bench, tmp_path, capsys, monkeypat
         for identity_id in ("nasa-astronaut", "grace-hopper"):
             record = json.loads((store.folder(identity_id) / "finetune.json").read_text())
             assert info["artefacts"][identity_id]["sha256"] == record["sha256"]
+            assert info["artefacts"][identity_id]["path"] == str(store.file(identity_id).relative_to(runs))
         images = sorted((run_dir / "images").glob("*.png"))
         assert len(images) == 12 and {np.asarray(Image.open(p)).shape for p in images} == {(64, 64, 3)}
         for part in ("tasks.jsonl", "status.jsonl", "scores.parquet", "results.json", "leaderboard.md"):
@@ -201,6 +202,12 @@ def test_resume_skips_and_a_corrupt_artefact_is_retrained_never_used(bench, tmp_
     store.write_record("nasa-astronaut", bench.reference_sha256("nasa-astronaut"), record["subject"], record["identity_phrase"], {})
     assert run(capsys, monkeypatch, runs, "textual_inversion", "--no-score")[0] == 0
     assert len(run_dirs(runs, "textual_inversion")) == 2
+
+    # run.json names the artefacts relative to the runs folder: a moved folder generates as before
+    moved = tmp_path / "moved"
+    runs.rename(moved)
+    assert run(capsys, monkeypatch, moved, "textual_inversion", "--no-score", "--force")[0] == 0
+    assert len(run_dirs(moved, "textual_inversion")) == 2
 
 
 def test_the_full_model_path_trains_and_generates_from_a_diffusers_folder(tmp_path, capsys, monkeypatch):

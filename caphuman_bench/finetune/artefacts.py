@@ -15,6 +15,7 @@ reference photo and its file has the recorded sha256; anything else is trained a
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,11 @@ class Artefact:
     sha256: str
     record: dict
 
-    def to_run_json(self) -> dict:
-        return {"path": str(self.file.resolve()), "sha256": self.sha256, "identity_phrase": self.record["identity_phrase"],
-                "subject": self.record["subject"]}
+    def to_run_json(self, runs_dir: str | Path) -> dict:
+        """What a run records: the path relative to the runs folder (which holds the run too, so the folder
+        can move), the sha256 and the phrase that replaces the subject in the prompts."""
+        return {"path": os.path.relpath(self.file, runs_dir), "sha256": self.sha256,
+                "identity_phrase": self.record["identity_phrase"], "subject": self.record["subject"]}
 
 
 class ArtefactStore:

@@ -99,7 +99,7 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
             if artefact is None:
                 problems.append(f"{identity_id}: {reason}")
             else:
-                found[identity_id] = artefact.to_run_json()
+                found[identity_id] = artefact.to_run_json(runs_dir)
         if problems:
             raise BenchError(f"{card.name}: {len(problems)} of {len(references)} identities have no usable fine-tuned weights "
                              f"under {store.root} (first: {problems[0]}); run `caphuman-bench finetune --method {card.name}` "
@@ -140,7 +140,7 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
 
     def _activate(self, identity_id: str) -> dict:
         """The identity's planned artefact, verified against its planned sha256 and loaded into the pipeline."""
-        planned = self.context.artefacts.get(identity_id)
+        planned = self.context.artefacts.get(identity_id)  # its path already made absolute by the generate stage
         if planned is None:
             raise BenchError(f"{self.card.name}: this run was planned without fine-tuned weights for identity {identity_id!r}; "
                              f"run `caphuman-bench finetune --method {self.card.name}`, then `run` again")
