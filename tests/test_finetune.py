@@ -3,6 +3,7 @@ resumes and retrains what does not verify; `run` uses the artefacts it planned w
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -237,3 +238,22 @@ def test_finetune_on_a_split_without_identities_says_how_to_prepare_it(tmp_path,
     code, _, err = cli(capsys, monkeypatch, "finetune", "--method", "lora", "--preset", "smoke", "--split", "full",
                        "--runs-dir", tmp_path / "runs")
     assert code == 2 and "data prepare" in err and not (tmp_path / "runs").exists()
+
+
+def test_an_artefact_counts_only_for_its_photo_subject_and_bytes(tmp_path):
+    store = ArtefactStore(tmp_path, "lora", smoke_params("lora"))
+    assert store.root.parent == tmp_path / "finetune" and store.root.name.startswith("lora-")
+    assert store.verify("ada", "photo-sha", "a woman", full=True) == (None, f"no artefact ({store.folder('ada')}/finetune.json missing)")
+    store.file("ada").parent.mkdir(parents=True)
+    store.file("ada").write_bytes(b"weights")
+    store.write_record("ada", "photo-sha", "a woman", "a sks woman", {})
+    artefact, _ = store.verify("ada", "photo-sha", "a woman", full=True)
+    assert artefact.sha256 == hashlib.sha256(b"weights").hexdigest() == artefact.record["sha256"]
+    assert store.verify("ada", "other-photo", "a woman", full=True)[0] is None
+    assert "subject phrase" in store.verify("ada", "photo-sha", "a man", full=True)[1]
+    store.file("ada").write_bytes(b"weighTs")  # same size: planning's cheap check passes, the full one does not
+    assert store.verify("ada", "photo-sha", "a woman", full=False)[0] is not None
+    assert "sha256 differs" in store.verify("ada", "photo-sha", "a woman", full=True)[1]
+    # another training setting is another folder; the _controlnet_head card shares this one
+    assert ArtefactStore(tmp_path, "lora", smoke_params("lora", train_steps=3)).root != store.root
+    assert ArtefactStore(tmp_path, "lora", smoke_params("lora_controlnet_head")).root == store.root

@@ -1,7 +1,7 @@
 """Stage 1b — finetune: per-identity weights of the fine-tuning baselines, before their runs are planned.
 
-Resumable like generation: an identity whose artefact verifies (record complete, same reference photo
-and training configuration, file sha256 as recorded) is skipped; one that does not is trained again
+Resumable like generation: an identity whose artefact verifies (record complete, same reference photo,
+subject phrase and training configuration, file sha256 as recorded) is skipped; one that does not is trained again
 from the base model, never used. Identities are sharded like tasks (`--shard`, RANK / WORLD_SIZE).
 A failure is reported with its reason and the other identities go on.
 """
@@ -53,7 +53,8 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
     references = {i: bench.reference_sha256(i) for i in identities}
     todo = []
     for identity_id in identities:
-        artefact, reason = store.verify(identity_id, references[identity_id], full=True)
+        artefact, reason = store.verify(identity_id, references[identity_id], bench.identities[identity_id].subject,
+                                        full=True)
         if artefact is not None:
             summary.kept.append(identity_id)
             continue
