@@ -91,17 +91,18 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
         return [*BASE_WEIGHTS, *((*CONTROLNET_WEIGHTS, *HEAD_WEIGHTS) if params.get("controlnet_head") else ())]
 
     @classmethod
-    def artefacts(cls, card, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
+    def artefacts(cls, card, params: dict[str, Any], bench, identity_ids: list[str], runs_dir: Path) -> dict[str, dict]:
         store = ArtefactStore(runs_dir, cls.recipe, params)
         found, problems = {}, []
-        for identity_id, reference_sha256 in references.items():
-            artefact, reason = store.verify(identity_id, reference_sha256, full=False)
+        for identity_id in identity_ids:
+            artefact, reason = store.verify(identity_id, bench.reference_sha256(identity_id),
+                                            bench.identities[identity_id].subject, full=False)
             if artefact is None:
                 problems.append(f"{identity_id}: {reason}")
             else:
-                found[identity_id] = artefact.to_run_json()
+                found[identity_id] = artefact.to_run_json(runs_dir)
         if problems:
-            raise BenchError(f"{card.name}: {len(problems)} of {len(references)} identities have no usable fine-tuned weights "
+            raise BenchError(f"{card.name}: {len(problems)} of {len(identity_ids)} identities have no usable fine-tuned weights "
                              f"under {store.root} (first: {problems[0]}); run `caphuman-bench finetune --method {card.name}` "
                              "with this run's --split, --preset, --param and --runs-dir first")
         return found
@@ -140,7 +141,7 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
 
     def _activate(self, identity_id: str) -> dict:
         """The identity's planned artefact, verified against its planned sha256 and loaded into the pipeline."""
-        planned = self.context.artefacts.get(identity_id)
+        planned = self.context.artefacts.get(identity_id)  # its path already made absolute by the generate stage
         if planned is None:
             raise BenchError(f"{self.card.name}: this run was planned without fine-tuned weights for identity {identity_id!r}; "
                              f"run `caphuman-bench finetune --method {self.card.name}`, then `run` again")

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from caphuman_bench.benchmark import HeadCondition
+from caphuman_bench.benchmark import Benchmark, HeadCondition
 from caphuman_bench.errors import BenchError
 from caphuman_bench.cards import COMMAND_LINE, MethodCard, ParamTypes
 
@@ -109,12 +109,13 @@ class MethodAdapter:
         return [] if params.get("tiny") else list(card.weights)
 
     @classmethod
-    def artefacts(cls, card: MethodCard, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
+    def artefacts(cls, card: MethodCard, params: dict[str, Any], bench: Benchmark, identity_ids: list[str],
+                  runs_dir: Path) -> dict[str, dict]:
         """Files outside the weights manifest that the images depend on, checked when a run is planned:
         per identity, what an earlier command made (fine-tuned weights), or a user's file (CapHuman's
         `backbone` path): {key: {"path", "sha256", ...}}. Their hashes join the run's configuration hash,
         so new artefacts never reuse old images. Raise BenchError naming the command to run when one is
-        missing. `references`: identity -> sha256 of its reference photo. Default: none."""
+        missing. Default: none."""
         return {}
 
     def load(self) -> None:

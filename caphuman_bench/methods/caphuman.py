@@ -83,7 +83,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         return [*BASE_WEIGHTS, *extra]
 
     @classmethod
-    def artefacts(cls, card, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
+    def artefacts(cls, card, params: dict[str, Any], bench, identity_ids: list[str], runs_dir: Path) -> dict[str, dict]:
         """A backbone given by path: its files' sha256 (a replaced file is another configuration)."""
         backbone = params.get("backbone", "caphuman")
         if backbone in BACKBONES:

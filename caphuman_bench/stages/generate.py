@@ -65,8 +65,10 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
     photos = {t.identity_id: bench.reference_images(t.identity_id) for t in todo}
     references = {identity_id: images[0] for identity_id, images in photos.items()}
 
+    # Fine-tuned weights as planned; run.json holds their paths relative to the runs folder that holds the run.
+    artefacts = {i: {**a, "path": str(run.path.parent / a["path"])} for i, a in run.info().get("artefacts", {}).items()}
     adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved,
-                                                      artefacts=run.info().get("artefacts", {})))
+                                                      artefacts=artefacts))
     adapter.load()
 
     for identity_id, condition_id in dict.fromkeys((t.identity_id, t.condition_id) for t in todo):
