@@ -25,7 +25,7 @@ from PIL import Image
 from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore
 from caphuman_bench.finetune.training import SAVE_DTYPES, TRAIN_DTYPES
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.methods.ip_adapter_controlnet import HEAD_WEIGHTS
 from caphuman_bench.weights import sha256_of
@@ -162,17 +162,8 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         """Batches of consecutive requests of one identity: the pipeline holds one identity's weights at a time."""
-        batch_size = max(1, int(self.params.get("batch_size", 1)))
-        images: list[Image.Image] = []
-        batch: list[GenerationRequest] = []
-        for request in requests:
-            if batch and (len(batch) == batch_size or request.identity_id != batch[0].identity_id):
-                images.extend(self._generate_batch(batch))
-                batch = []
-            batch.append(request)
-        if batch:
-            images.extend(self._generate_batch(batch))
-        return images
+        batch_size = int(self.params.get("batch_size", 1))
+        return [image for batch in consecutive_batches(requests, batch_size) for image in self._generate_batch(batch)]
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         planned = self._activate(requests[0].identity_id)

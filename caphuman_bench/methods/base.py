@@ -40,6 +40,19 @@ class GenerationRequest:
             self.references = [self.reference]
 
 
+def consecutive_batches(requests: list[GenerationRequest], batch_size: int, key=lambda r: r.identity_id):
+    """Runs of at most `batch_size` consecutive requests with one `key` (by default one identity): what an
+    adapter whose pipeline call holds one identity (one image embedding, one fine-tuned model) can batch."""
+    batch: list[GenerationRequest] = []
+    for request in requests:
+        if batch and (len(batch) == max(1, batch_size) or key(request) != key(batch[0])):
+            yield batch
+            batch = []
+        batch.append(request)
+    if batch:
+        yield batch
+
+
 def with_trigger_word(request: GenerationRequest, trigger: str) -> str:
     """The prompt with `trigger` right after the identity's subject phrase: 'a photo of a woman img wearing
     a red hat'. FastComposer and PhotoMaker attach the reference to the word before their trigger."""
