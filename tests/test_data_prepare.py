@@ -37,7 +37,8 @@ def mini_celeba(tmp_path):
 def test_selection_rule_is_deterministic_and_documented(mini_celeba):
     chosen = select_celeba_identities(mini_celeba, count=4)
     assert [i.id for i in chosen] == ["celeba-00001", "celeba-00004", "celeba-00009", "celeba-00012"]
-    assert chosen[0].file == "000002.jpg"  # smallest test-partition file of identity 1
+    assert chosen[0].files[0] == "000002.jpg"  # smallest test-partition file of identity 1: its reference
+    assert list(chosen[0].files) == sorted(chosen[0].files) and len(chosen[0].files) == 5  # the references split's photos
     assert chosen[0].subject == "a man" and chosen[1].subject == "a woman"
     with pytest.raises(BenchError, match="only 11 test identities"):
         select_celeba_identities(mini_celeba, count=20)
@@ -48,15 +49,17 @@ def test_prepare_writes_a_spec_that_runs_and_reports_missing_files(mini_celeba, 
     report = prepare(out, celeba_root=mini_celeba, count=4)
     assert not report.missing and len(report.written) == 4
     bench = Benchmark.load(out, identities_dir=out / "identities")
-    celeba = [i for i in bench.identities.values() if i.source == "celeba"]
-    assert len(celeba) == 4 and all(len(i.sha256) == 64 for i in celeba)
+    celeba = [i for i in bench.identities.values() if i.source == "celeba" and not i.of]  # rows, not "<id>@k"
+    assert len(celeba) == 4 and all(len(d) == 64 for i in celeba for d in i.sha256.split(";"))
     assert len(bench.split("identity").identities) == 4
     assert bench.reference_image("celeba-00004").size == (64, 64)
+    assert len(bench.reference_images("celeba-00004@5")) == 5  # photos 2-5 copied as <id>.<n>.jpg
+    assert (out / "identities" / "celeba-00004.5.jpg").exists()
 
     # A second preparation verifies the listed sha256 and names a file that went missing.
-    (mini_celeba / "img_align_celeba" / celeba[1].file).unlink()
+    (mini_celeba / "img_align_celeba" / celeba[1].files[0]).unlink()
     again = prepare(tmp_path / "again", celeba_root=mini_celeba, spec_root=out)
-    assert len(again.missing) == 1 and celeba[1].file in again.missing[0]
+    assert len(again.missing) == 1 and celeba[1].files[0] in again.missing[0]
 
 
 def test_prepare_from_a_folder_of_faces(tmp_path):

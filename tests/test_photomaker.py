@@ -270,12 +270,12 @@ def test_smoke_images_seeded_and_identity_enters_only_after_the_merge_step(v1, v
 def test_v2_uses_the_arcface_embedding(v2, bench):
     """Same photo for the CLIP tower, another ArcFace embedding: another image (v2's ID tokens read it)."""
     base = generated_pixels(v2, bench)
-    detection, embedding = v2.faces.face("nasa-astronaut", bench.reference_image("nasa-astronaut"))
+    detection, embedding = v2.faces.face("nasa-astronaut#0", bench.reference_image("nasa-astronaut"))  # photo 0 of the identity
     try:
-        v2.faces._faces["nasa-astronaut"] = (detection, -embedding)
+        v2.faces._faces["nasa-astronaut#0"] = (detection, -embedding)
         assert not np.array_equal(generated_pixels(v2, bench), base)
     finally:
-        v2.faces._faces["nasa-astronaut"] = (detection, embedding)
+        v2.faces._faces["nasa-astronaut#0"] = (detection, embedding)
 
 
 def test_run_end_to_end_on_the_demo_split(tmp_path, capsys, monkeypatch):
