@@ -97,10 +97,24 @@ def grouped_bars(groups: list[str], series: dict[str, tuple[list, list, list]], 
     k = max(len(series), 1)
     fig, ax = plt.subplots(figsize=(max(5.6, 1.0 + 0.55 * len(groups) * k), 3.6), layout="constrained")
     width = 0.8 / k
+    plotted = 0
     for i, (name, (means, lows, highs)) in enumerate(series.items()):
-        xs = [g + (i - (k - 1) / 2) * width for g in range(len(groups))]
-        ax.bar(xs, [0.0 if m is None else m for m in means], width * 0.92, yerr=_errors(means, lows, highs),
-               color=color_of(name, names), label=wrap(name, 30), capsize=3, error_kw={"elinewidth": 1})
+        kept = [(g + (i - (k - 1) / 2) * width, m, lo, hi) for g, (m, lo, hi) in enumerate(zip(means, lows, highs))
+                if m is not None]  # an unscored group gets no bar (a zero-height bar would read as 0)
+        if not kept:
+            continue
+        xs, means, lows, highs = (list(c) for c in zip(*kept))
+        ax.bar(xs, means, width * 0.92, yerr=_errors(means, lows, highs), color=color_of(name, names),
+               label=wrap(name, 30), capsize=3, error_kw={"elinewidth": 1})
+        plotted += 1
+        if len(groups) * k <= 16:  # few bars: write each mean, so a zero is seen as a zero, not a gap
+            for x, m in zip(xs, means):
+                if m is not None:
+                    ax.annotate(f"{m:.3g}", (x, m), xytext=(0, 2), textcoords="offset points", ha="center",
+                                va="bottom", fontsize=8)
+    if not plotted:
+        ax.text(0.5, 0.5, "not scored", transform=ax.transAxes, ha="center", va="center", color="#555")
+    ax.set_xlim(-0.5, len(groups) - 0.5)
     long = max((len(str(g)) for g in groups), default=0) > 10
     ax.set_xticks(range(len(groups)), [wrap(g, 14) for g in groups], rotation=30 if long else 0,
                   ha="right" if long else "center")
@@ -109,8 +123,8 @@ def grouped_bars(groups: list[str], series: dict[str, tuple[list, list, list]], 
         ax.set_xlabel(xlabel)
     ax.grid(axis="y", color="white", linewidth=1)
     ax.set_axisbelow(True)
-    if series:
-        fig.legend(loc="outside lower center", ncols=min(len(series), 3), frameon=False, fontsize=9)
+    if plotted:
+        fig.legend(loc="outside lower center", ncols=min(plotted, 3), frameon=False, fontsize=9)
     return fig
 
 
@@ -127,7 +141,9 @@ def tau_curves(panels: list[tuple[str, bool | None, dict[str, tuple[list, list, 
             if not points:
                 continue
             t, m, lo, hi = zip(*points)
-            handle = ax.errorbar(t, m, yerr=_errors(m, lo, hi), marker="o", capsize=4, color=PALETTE[i % len(PALETTE)],
+            # Markers and dashes differ per setting, so lines that coincide stay visible.
+            handle = ax.errorbar(t, m, yerr=_errors(m, lo, hi), marker="os^Dv"[i % 5], markersize=8 - 1.5 * (i % 3),
+                                 linestyle=("-", "--", ":", "-.")[i % 4], capsize=4, color=PALETTE[i % len(PALETTE)],
                                  label=name)
             handles[name] = handle
             plotted = True

@@ -43,6 +43,7 @@ th{background:#f3f5f8;text-align:center}td.l,th.l{text-align:left}
 .ci{color:#5b6470;font-size:.8rem;white-space:nowrap}
 .figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,420px),1fr));gap:1rem}
 .figs.wide{grid-template-columns:repeat(auto-fill,minmax(min(100%,620px),1fr))}
+.figs.one{grid-template-columns:minmax(0,1100px)}
 figure{margin:0;background:#fff;border:1px solid #e3e7ec;border-radius:6px;padding:.4rem}
 figure img{width:100%;height:auto;display:block}
 figcaption{font-size:.85rem;color:#4b5563;padding:.2rem}
@@ -362,7 +363,7 @@ def ablation_page(results: list[dict], labels: list[str], order: list[str], out_
             lines = {f: ([t for t in taus], *map(list, zip(*[cell(t, f, name) for t in taus]))) for f in features}
             panels.append((name, higher.get(name), lines))
         written += figures.save_files(figures.tau_curves(panels), out_dir / "ablation_tau")
-        body += ["<h2>τ: identity against head control</h2><div class='figs wide'>",
+        body += ["<h2>τ: identity against head control</h2><div class='figs one'>",
                  _figure(written[-2].read_bytes(), "tau sweep", "one line per identity-feature setting"), "</div>"]
         body += ["<h2>Identity features</h2><div class='figs wide'>"]
         for name in panels_for:
