@@ -74,6 +74,11 @@ def test_breakdowns_sum_back_to_the_overall_mean(tmp_path):
     assert list(by_condition) == ["frontal", "yaw-r20"]  # the spec's order
     assert by_condition["frontal"]["id_sim_dlib"]["n"] == 18
     assert set(results["breakdowns"]) == {"condition", "abs_yaw", "category", "identity"}
+    from caphuman_bench.stages.report import breakdowns_table
+
+    long = breakdowns_table([results])
+    frontal = long[(long["axis"] == "condition") & (long["group"] == "frontal") & (long["metric"] == "id_sim_dlib")]
+    assert frontal["n"].tolist() == [18]
 
 
 def test_yaw_bins():
@@ -90,7 +95,8 @@ def test_numbers_are_written_rounded_and_reruns_are_byte_identical(tmp_path, cap
     for out in ("r1", "r2"):
         assert cli(capsys, monkeypatch, "report", "--runs-dir", runs, "--out", tmp_path / out, "--html")[0] == 0
         written.append({p.name: p.read_bytes() for p in sorted((tmp_path / out).iterdir())})
-    assert written[0] == written[1] and set(written[0]) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json", "report.html"}
+    assert written[0] == written[1] and set(written[0]) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json",
+                                                           "breakdowns.csv", "report.html"}
     rows = json.loads(written[0]["leaderboard.json"])["rows"]
     for row in rows:
         for key in ("mean", "std", "ci95_low", "ci95_high"):
@@ -132,3 +138,15 @@ def test_ablation_page_reads_each_variant_from_its_parameters(tmp_path):
                      "ablation_tau.png", "ablation_tau.svg"]
     svg = (page.parent / "ablation_tau.svg").read_text()
     assert "<dc:date>" not in svg  # no timestamp: reruns write the same bytes
+
+
+def test_a_scoring_protocol_in_the_conventions_is_shown(tmp_path):
+    from caphuman_bench.stages.report import write_html, write_leaderboard
+
+    run = make_run(tmp_path / "runs", "m (smoke)")
+    results = aggregate_run(run)
+    results["conventions"]["id_sim_dlib"]["protocol"] = "FastComposer's, no face scores 0"
+    write_leaderboard([results], tmp_path / "out")
+    assert "- id_sim_dlib: FastComposer's, no face scores 0" in (tmp_path / "out" / "leaderboard.md").read_text()
+    page = write_html([results], [run], tmp_path / "out", grid_tasks=2).read_text()
+    assert "FastComposer&#x27;s, no face scores 0" in page

@@ -177,10 +177,28 @@ def write_leaderboard(results: list[dict], out_dir: Path) -> pd.DataFrame:
     out_dir.mkdir(parents=True, exist_ok=True)
     board = leaderboard(results)
     wide = leaderboard_wide(board)
-    write_text_atomic(out_dir / "leaderboard.md", to_markdown(wide))
+    protocols = sorted({(family, str(conv["protocol"])) for res in results
+                        for family, conv in res.get("conventions", {}).items() if conv.get("protocol")})
+    lines = "".join(f"- {family}: {protocol}\n" for family, protocol in protocols)
+    write_text_atomic(out_dir / "leaderboard.md", to_markdown(wide) + (f"\nScoring protocol:\n{lines}" if lines else ""))
     write_text_atomic(out_dir / "leaderboard.csv", board.to_csv(index=False))
     write_json_atomic(out_dir / "leaderboard.json", {"rows": board.to_dict(orient="records")})
+    write_text_atomic(out_dir / "breakdowns.csv", breakdowns_table(results).to_csv(index=False))
     return wide
+
+
+def breakdowns_table(results: list[dict]) -> pd.DataFrame:
+    """Every run's breakdowns as one long table: method, split, axis, group, metric, mean, std, n, interval."""
+    rows = []
+    for res, label in zip(results, board_labels(results)):
+        for axis, groups in res.get("breakdowns", {}).items():
+            for group, values in groups.items():
+                for metric, m in values.items():
+                    low, high = m.get("ci95") or (None, None)
+                    rows.append({"method": label, "split": res["split"], "axis": axis, "group": group, "metric": metric,
+                                 "mean": m["mean"], "std": m["std"], "n": m["n"], "ci95_low": low, "ci95_high": high})
+    return pd.DataFrame(rows, columns=["method", "split", "axis", "group", "metric", "mean", "std", "n", "ci95_low",
+                                       "ci95_high"])
 
 
 def paired_pairs(results: list[dict], runs: list[RunDir], labels: list[str]) -> list[tuple[str, str, list[PairedResult]]]:
