@@ -27,6 +27,7 @@ SPEC_ENV = "CAPHUMAN_BENCH_SPEC"
 NEUTRAL_SUBJECT = "a person"  # what scoring puts in the placeholder (CLIP score, prompt accuracy)
 PLACEHOLDER = "{subject}"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PACKAGE_IMAGE_RE = re.compile(r"^(skimage|matplotlib):[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 # DECA's coefficient sizes (decalib/deca.py, `param_dict`).
 N_SHAPE, N_TEX, N_EXP, N_POSE, N_CAM, N_LIGHT = 100, 50, 50, 6, 3, 27
@@ -183,16 +184,30 @@ class Benchmark:
 def _package_image(ident: Identity) -> Image.Image:
     """Public-domain reference photos that ship inside installed packages (the demo split)."""
     package, _, name = ident.file.partition(":")
+    unknown = BenchError(f"identities.csv: identity {ident.id!r}: field 'file' {ident.file!r} is not an image shipped "
+                         f"with {package or 'a package'}")
     if package == "skimage":
         from skimage import data
 
-        return Image.fromarray(getattr(data, name)()).convert("RGB")
+        bundled = any((Path(data.data_dir) / f"{name}{ext}").is_file() for ext in (".png", ".jpg"))
+        if name not in getattr(data, "__all__", ()) or not callable(getattr(data, name, None)) or not bundled:
+            raise unknown  # only images that ship in the wheel: never a download, never another function
+        try:
+            pixels = getattr(data, name)()
+        except Exception:
+            raise unknown from None
+        if not isinstance(pixels, np.ndarray) or pixels.ndim not in (2, 3):
+            raise unknown
+        return Image.fromarray(pixels).convert("RGB")
     if package == "matplotlib":
         import matplotlib.cbook as cbook
 
-        with cbook.get_sample_data(name) as fh:
-            return Image.open(io.BytesIO(fh.read())).convert("RGB")
-    raise BenchError(f"identities.csv: identity {ident.id!r}: unknown package image source {ident.file!r}")
+        try:
+            with cbook.get_sample_data(name) as fh:
+                return Image.open(io.BytesIO(fh.read())).convert("RGB")
+        except Exception:
+            raise unknown from None
+    raise unknown
 
 
 def _inside(folder: Path, name: str) -> Path:
@@ -234,6 +249,9 @@ def _load_prompts(path: Path) -> dict[str, Prompt]:
         if not isinstance(row, dict) or set(row) != {"id", "text", "category"}:
             raise BenchError(f"{where}: fields must be exactly id, text, category (got {sorted(row) if isinstance(row, dict) else row!r})")
         pid = _check_id(path, row["id"], "prompt")
+        for name in ("text", "category"):
+            if not isinstance(row[name], str):
+                raise BenchError(f"{where} ({pid}): field {name!r} must be a string, got {type(row[name]).__name__}")
         if row["text"].count(PLACEHOLDER) != 1:
             raise BenchError(f"{where} ({pid}): field 'text' must contain {PLACEHOLDER} exactly once")
         if pid in prompts:
@@ -254,6 +272,12 @@ def _vector(where: str, name: str, value, size: int) -> np.ndarray:
     return arr.reshape(-1)
 
 
+def _degrees(where: str, name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+        raise BenchError(f"{where}: field {name!r} must be a finite number (degrees), got {value!r}")
+    return float(value)
+
+
 def _load_conditions(path: Path) -> dict[str, HeadCondition]:
     raw = _yaml(path)
     rows = raw.get("conditions") if isinstance(raw, dict) else None
@@ -270,10 +294,7 @@ def _load_conditions(path: Path) -> dict[str, HeadCondition]:
             raise BenchError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
         cid = _check_id(path, row.get("id"), "condition")
         where = f"{where} ({cid})"
-        try:
-            yaw, pitch, roll = (float(row.get(k, 0.0)) for k in ("yaw", "pitch", "roll"))
-        except (TypeError, ValueError):
-            raise BenchError(f"{where}: yaw/pitch/roll must be numbers (degrees)") from None
+        yaw, pitch, roll = (_degrees(where, k, row.get(k, 0.0)) for k in ("yaw", "pitch", "roll"))
         glob = euler_to_axis_angle(yaw, pitch, roll)
         if "global_axis_angle" in row:
             stored = _vector(where, "global_axis_angle", row["global_axis_angle"], 3)
@@ -287,11 +308,18 @@ def _load_conditions(path: Path) -> dict[str, HeadCondition]:
             raise BenchError(f"{where}: fields 'cam' and 'light' are required")
         if cam[0] <= 0:
             raise BenchError(f"{where}: field 'cam' must start with a positive orthographic scale, got {cam[0]}")
+        if not isinstance(row.get("pose_image"), (str, type(None))):
+            raise BenchError(f"{where}: field 'pose_image' must be a file name")
         if cid in conditions:
             raise BenchError(f"{where}: duplicate condition id")
+        pose_image = None
+        if row.get("pose_image"):  # relative to the spec folder; read by the head-render methods
+            pose_image = (path.parent / str(row["pose_image"])).resolve()
+            if not pose_image.is_file():
+                raise BenchError(f"{where}: field 'pose_image': file {pose_image} not found")
         conditions[cid] = HeadCondition(
             cid, str(row.get("description", "")), yaw, pitch, roll,
-            np.concatenate([glob, jaw]), exp, cam, light.reshape(9, 3), row.get("pose_image"),
+            np.concatenate([glob, jaw]), exp, cam, light.reshape(9, 3), str(pose_image) if pose_image else None,
         )
     return conditions
 
@@ -309,6 +337,11 @@ def _load_identities(path: Path) -> dict[str, Identity]:
             raise BenchError(f"{path}: row {line} ({iid}): field 'source' must be celeba, package or folder")
         if "/" in row["file"] or "\\" in row["file"] or row["file"].startswith(".."):
             raise BenchError(f"{path}: row {line} ({iid}): field 'file' {row['file']!r} must be a bare file name")
+        if row["source"] == "package" and not _PACKAGE_IMAGE_RE.match(row["file"]):
+            raise BenchError(f"{path}: row {line} ({iid}): field 'file' {row['file']!r} must be skimage:<image name> "
+                             f"or matplotlib:<sample file>")
+        if not (row["subject"] or "").strip():
+            raise BenchError(f"{path}: row {line} ({iid}): field 'subject' is empty")
         if iid in identities:
             raise BenchError(f"{path}: row {line}: duplicate identity id {iid!r}")
         identities[iid] = Identity(iid, row["subject"], row["source"], row["file"], row["sha256"], row["licence"])
@@ -337,6 +370,8 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
                     raise BenchError(f"{where}: field {key!r}: {value!r} must be prepared or prepared:N")
                 chosen[key] = tuple(prepared[: int(count)] if count else prepared)
             elif isinstance(value, list):
+                if not all(isinstance(v, str) for v in value):
+                    raise BenchError(f"{where}: field {key!r}: every id must be a string")
                 unknown = [v for v in value if v not in pool]
                 if unknown:
                     raise BenchError(f"{where}: field {key!r} names unknown id(s) {', '.join(map(str, unknown))}")
@@ -344,7 +379,7 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
             else:
                 raise BenchError(f"{where}: field {key!r} must be 'all', 'prepared', 'prepared:N' or a list of ids")
         samples = row.get("samples", 3)
-        if not isinstance(samples, int) or samples < 1:
+        if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise BenchError(f"{where}: field 'samples' must be a positive integer")
         splits[name] = Split(name, chosen["identities"], chosen["prompts"], chosen["conditions"], samples)
     return splits

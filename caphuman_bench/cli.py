@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -46,18 +47,43 @@ def _parse_pairs(values: list[str] | None, what: str) -> dict:
     return pairs
 
 
-def _score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None) -> dict:
+PROTOCOL_HELP = ("fastcomposer (default: the paper's evaluation — largest face, max(cos, 0), CLIP text with the class "
+                 "word, tensor preprocessing) or caphuman-bench (most confident face, signed cosine, 'a person').")
+
+
+def _weights_paths(values: list[str] | None) -> dict[str, str]:
+    """`--weights ID=PATH` pairs; an id the manifest does not know is refused, never ignored."""
+    from caphuman_bench import weights
+
+    paths = {}
+    for key, value in _parse_pairs(values, "--weights").items():
+        if key not in weights.manifest():
+            raise BenchError(f"--weights {key}=…: unknown weights id {key!r}; `caphuman-bench weights status` lists them")
+        paths[key] = str(value)
+    return paths
+
+
+def _score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None, protocol: str = "fastcomposer") -> dict:
+    from caphuman_bench.metrics._clip import CLIP_CHECKPOINTS
+
     if no_face not in ("zero", "skip"):
         raise BenchError(f"--no-face {no_face!r}: expected zero or skip")
-    options = {"no_face": no_face, "weights_paths": {k: str(v) for k, v in _parse_pairs(weight_paths, "--weights").items()}}
+    if protocol not in ("fastcomposer", "caphuman-bench"):
+        raise BenchError(f"--protocol {protocol!r}: expected fastcomposer or caphuman-bench")
+    options = {"no_face": no_face, "protocol": protocol, "weights_paths": _weights_paths(weight_paths)}
     if clip_model:
+        if clip_model not in CLIP_CHECKPOINTS:
+            raise BenchError(f"--clip-model {clip_model!r}: expected one of {', '.join(CLIP_CHECKPOINTS)}")
         options["clip_model"] = clip_model
     return options
 
 
-def _print_scores(summary) -> None:
+def _print_scores(summary, run_dir: Path) -> None:
     for name, reason in summary.skipped.items():
         console.print(f"[yellow]skipped metric {name}[/]: {escape(reason)}", soft_wrap=True)
+    for name, count in summary.errors.items():
+        console.print(f"[red]metric {name}: {count} image(s) could not be scored[/] (status error; reasons in "
+                      f"{escape(str(run_dir / 'scores.parquet'))}); the next `caphuman-bench score` retries them", soft_wrap=True)
 
 
 def _preflight(card, bench, split: str, preset: Optional[str], overrides: dict, weights_paths: dict) -> None:
@@ -79,30 +105,33 @@ def _report_failures(failed: int, status_files: list[Path]) -> None:
 
 def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard, force, generate_only, metrics,
              options, batch_size):
-    """Pre-flight, plan, generate, score, aggregate. Returns (planned run, generate summary, results or None)."""
+    """Pre-flight, plan, generate, score, aggregate. Returns (planned run, generate summary, results or None,
+    images that could not be scored)."""
     from caphuman_bench.runner import pick_device, plan_run
     from caphuman_bench.stages.generate import generate
-    from caphuman_bench.stages.report import aggregate_run
+    from caphuman_bench.stages.report import aggregate_run, write_run_results
     from caphuman_bench.stages.score import score
 
+    device = pick_device(device)
     _preflight(card, bench, split, preset, overrides, options["weights_paths"])  # before any file is written
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
-    device = pick_device(device)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
     with _progress() as progress:
         gen = generate(planned.run, bench, card, planned.params, device=device, shard=shard, force=force,
                        weights_paths=options["weights_paths"], progress=progress)
-    console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard")
+    console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard"
+                  + (f", {gen.elsewhere} left to another process generating this run" if gen.elsewhere else ""), soft_wrap=True)
     for failure in gen.failures[:5]:
         console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
     if generate_only:
-        return planned, gen, None
+        return planned, gen, None, 0
     with _progress() as progress:
         summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
                         batch_size=batch_size, progress=progress)
-    _print_scores(summary)
+    _print_scores(summary, planned.run.path)
     results = aggregate_run(planned.run)
-    return planned, gen, results
+    write_run_results(planned.run, results)
+    return planned, gen, results, sum(summary.errors.values())
 
 
 @app.command()
@@ -124,8 +153,9 @@ def run(
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="Comma-separated metric names (default: every registered metric whose weights are present).")] = None,
     no_face: Annotated[str, typer.Option("--no-face", help="No face in a generated image: zero (scores 0, FastComposer's rule) or skip.")] = "zero",
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help=PROTOCOL_HELP)] = "fastcomposer",
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
-    score_batch_size: Annotated[int, typer.Option("--score-batch-size", help="Images per metric batch when scoring.")] = 8,
+    score_batch_size: Annotated[int, typer.Option("--score-batch-size", min=1, help="Images per metric batch when scoring.")] = 8,
     no_score: Annotated[bool, typer.Option("--no-score", help="Generate only.")] = False,
 ):
     """Generate the images of a method on a split, then score them (resumable). Exit 1 if a task failed.
@@ -146,14 +176,16 @@ def run(
         overrides["use_global"] = False
     if no_local:
         overrides["use_local"] = False
-    options = _score_options(no_face, clip_model, weights_path)
-    planned, gen, results = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed,
+    options = _score_options(no_face, clip_model, weights_path, protocol)
+    planned, gen, results, score_errors = _execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed,
                                      device, parse_shard(shard), force, no_score, metrics.split(",") if metrics else None,
                                      options, score_batch_size)
     if results is not None:
         _print_results([results])
     if gen.failed:
         _report_failures(gen.failed, [planned.run.status_file])
+        raise typer.Exit(1)
+    if score_errors:
         raise typer.Exit(1)
 
 
@@ -170,28 +202,33 @@ def score(
     device: Device = "auto",
     no_face: Annotated[str, typer.Option("--no-face", help="zero (default) or skip.")] = "zero",
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
+    protocol: Annotated[str, typer.Option("--protocol", help=PROTOCOL_HELP)] = "fastcomposer",
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/n (default: RANK/WORLD_SIZE).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rescore pairs already in scores.parquet.")] = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per metric batch.")] = 8,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per metric batch.")] = 8,
 ):
-    """Score the finished images of a run and write scores.parquet and results.json.
+    """Score the finished images of a run and write scores.parquet and results.json. Exit 1 if an image could not be scored.
 
     Example: caphuman-bench score runs/caphuman-demo-0123456789 --metrics face_detection,id_sim_dlib
     """
     from caphuman_bench.rundir import RunDir
     from caphuman_bench.runner import pick_device
     from caphuman_bench.stages.plan import parse_shard
-    from caphuman_bench.stages.report import aggregate_run
+    from caphuman_bench.stages.report import aggregate_run, write_run_results
     from caphuman_bench.stages.score import score as score_stage
 
     run_ = RunDir(run_dir).require()
     with _progress() as progress:
         summary = score_stage(run_, metrics=metrics.split(",") if metrics else None, device=pick_device(device),
-                              options=_score_options(no_face, clip_model, weights_path), shard=parse_shard(shard),
+                              options=_score_options(no_face, clip_model, weights_path, protocol), shard=parse_shard(shard),
                               force=force, batch_size=batch_size, progress=progress)
-    _print_scores(summary)
-    _print_results([aggregate_run(run_)])
+    _print_scores(summary, run_.path)
+    results = aggregate_run(run_)
+    write_run_results(run_, results)
+    _print_results([results])
+    if summary.errors:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -202,7 +239,7 @@ def report(
     html_report: Annotated[bool, typer.Option("--html", help="Also write a self-contained report.html with plots and samples.")] = False,
     grid_tasks: Annotated[int, typer.Option("--grid-tasks", help="Tasks shown across methods in report.html's sample grid.")] = 6,
 ):
-    """Aggregate runs into results.json each and a leaderboard (Markdown, CSV, JSON).
+    """Aggregate runs into a leaderboard (Markdown, CSV, JSON); the run directories are only read.
 
     Example: caphuman-bench report runs/ --out reports/smoke --html
     """
@@ -229,7 +266,7 @@ def report(
 def compare(
     old: Annotated[Path, typer.Argument(help="Baseline leaderboard.json or results.json (with --paired: run directory A).")],
     new: Annotated[Path, typer.Argument(help="Candidate leaderboard.json or results.json (with --paired: run directory B).")],
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Largest change for the worse allowed (absolute, metric units).")] = 0.01,
+    tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Largest change for the worse allowed (absolute, metric units).")] = 0.01,
     metric_tolerance: Annotated[Optional[list[str]], typer.Option("--metric-tolerance", help="Per-metric tolerance: NAME=VALUE.")] = None,
     paired: Annotated[bool, typer.Option("--paired", help="Compare two runs image by image: paired bootstrap interval and Wilcoxon p of A − B.")] = False,
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="With --paired: comma-separated values to compare (default: all both runs scored).")] = None,
@@ -256,7 +293,14 @@ def compare(
         return
     from caphuman_bench.stages.report import compare as compare_boards
 
-    table, regressed = compare_boards(old, new, tolerance, {k: float(v) for k, v in _parse_pairs(metric_tolerance, "--metric-tolerance").items()})
+    tolerances = {}
+    for name, value in _parse_pairs(metric_tolerance, "--metric-tolerance").items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise BenchError(f"--metric-tolerance {name}={value!r}: expected a finite number >= 0")
+        tolerances[name] = float(value)
+    if not math.isfinite(tolerance):
+        raise BenchError(f"--tolerance {tolerance}: expected a finite number >= 0")
+    table, regressed = compare_boards(old, new, tolerance, tolerances)
     out.print(table.to_string(index=False) if len(table) else "(nothing to compare)", markup=False, highlight=False, soft_wrap=True)
     if regressed:
         console.print("[red]regression beyond tolerance[/]")
@@ -307,12 +351,13 @@ def ablate(
     split = split or default_split(preset)
     for overrides in variants:  # every variant's parameters checked before the first run starts
         _preflight(card, bench, split, preset, overrides, options["weights_paths"])
-    results, failed, status_files = [], 0, []
+    results, failed, status_files, unscored = [], 0, [], 0
     for overrides in variants:
-        planned, gen, res = _execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,
+        planned, gen, res, score_errors = _execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,
                                      False, metrics.split(",") if metrics else None, options, 8)
         # Variants with the same parameters share a run (tau=0 is the default): label by the variant, not run.json.
         results.append({**res, "method": planned.label})
+        unscored += score_errors
         if gen.failed:
             failed += gen.failed
             status_files.append(planned.run.status_file)
@@ -321,6 +366,47 @@ def ablate(
     console.print(f"wrote {write_ablation(results, out_dir)}")
     if failed:
         _report_failures(failed, status_files)
+    if failed or unscored:
+        raise typer.Exit(1)
+
+
+@app.command()
+def finetune(
+    method: Annotated[str, typer.Option("--method", "-m", help="A fine-tuned method's card: textual_inversion, dreambooth, lora (or a *_controlnet_head variant).")],
+    preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, a few steps).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Whose identities to train (default: demo for --preset smoke, else full).")] = None,
+    runs_dir: RunsDir = Path("runs"),
+    spec: Spec = None,
+    identities_dir: IdentitiesDir = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="i/n: this process trains every n-th identity from i (default: RANK/WORLD_SIZE).")] = None,
+    device: Device = "auto",
+    param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a card parameter: KEY=VALUE (YAML value).")] = None,
+    weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+):
+    """Fine-tune a method on each identity's reference photo, into <runs-dir>/finetune/ (resumable). Exit 1 if one failed.
+
+    Example: caphuman-bench finetune --method lora --preset smoke && caphuman-bench run --method lora --preset smoke
+    """
+    from caphuman_bench.benchmark import Benchmark
+    from caphuman_bench.cards import get_card
+    from caphuman_bench.runner import default_split, pick_device
+    from caphuman_bench.stages.finetune import fine_tuned_adapter, finetune as finetune_stage
+    from caphuman_bench.stages.plan import parse_shard
+
+    card = get_card(method)
+    params = fine_tuned_adapter(card).validated_params(card, preset, _parse_pairs(param, "--param"))
+    bench = Benchmark.load(spec, identities_dir)
+    with _progress() as progress:
+        summary = finetune_stage(card, bench, split or default_split(preset), runs_dir, params, device=pick_device(device),
+                                 shard=parse_shard(shard), weights_paths={k: str(v) for k, v in _parse_pairs(weights_path, "--weights").items()},
+                                 progress=progress)
+    for identity_id, reason in summary.retrained.items():
+        console.print(f"[yellow]retrained[/] {identity_id}: {escape(reason)}", soft_wrap=True)
+    console.print(f"finetune {card.name} → {summary.root}: trained {len(summary.trained)}, kept {len(summary.kept)}, "
+                  f"failed {len(summary.failures)}", soft_wrap=True)
+    for identity_id, reason in summary.failures.items():
+        console.print(f"[red]failed[/] {identity_id}: {escape(reason)}", soft_wrap=True)
+    if summary.failures:
         raise typer.Exit(1)
 
 
@@ -399,7 +485,7 @@ def data_prepare(
     celeba_root: Annotated[Optional[Path], typer.Option("--celeba-root", help="CelebA root with list_eval_partition.txt, identity_CelebA.txt and img_align_celeba/.")] = None,
     identities_dir: IdentitiesDir = None,
     spec: Spec = None,
-    count: Annotated[int, typer.Option("--count", help="Identities to select from CelebA's test partition.")] = 100,
+    count: Annotated[int, typer.Option("--count", min=1, help="Identities to select from CelebA's test partition.")] = 100,
 ):
     """Verify and prepare the benchmark's identities from CelebA (sha256-checked) or a folder of <identity>.jpg.
 
@@ -454,7 +540,7 @@ def render(
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for normal.png, albedo.png, rendered.png and grid.png.")] = Path("renders"),
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Use the synthetic FLAME-format head (no FLAME files needed).")] = False,
     mode: Annotated[str, typer.Option("--mode", help="Coefficient mixing: position,pose | expression | lighting | all.")] = "position,pose",
-    size: Annotated[int, typer.Option("--size")] = 512,
+    size: Annotated[int, typer.Option("--size", min=16)] = 512,
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
     device: Device = "auto",
@@ -469,29 +555,46 @@ def render(
 
     written = render_command(condition, out_dir, identity=identity, synthetic=synthetic, mode=mode, size=size,
                              device=pick_device(device), spec_root=spec, identities_dir=identities_dir,
-                             weight_paths={k: str(v) for k, v in _parse_pairs(weights_path, "--weights").items()})
+                             weight_paths=_weights_paths(weights_path))
     for name, path in written.items():
         out.print(f"{name}: {path}")
 
 
+def _usage_errors() -> tuple[type, ...]:
+    """Click's exception types: the pinned typer raises those of its bundled copy of click."""
+    import click
+
+    try:
+        from typer._click.exceptions import ClickException as BundledClickException
+    except ImportError:  # a typer that uses click itself
+        return (click.ClickException,)
+    return (click.ClickException, BundledClickException)
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors and environment faults become one line on stderr and exit code 2;
+    no user error or fault prints a traceback."""
+    from caphuman_bench.atomic import environment_fault
+
+    def fail(message: str, code: int = 2) -> None:
+        console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line, never wrapped
+        sys.exit(code)
+
     try:
         code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except BenchError as exc:
-        console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)  # one line, never wrapped at 80 columns
-        sys.exit(2)
+        fail(str(exc))
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except typer.Abort:
-        sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except (typer.Abort, KeyboardInterrupt):
+        fail("interrupted; rerun the same command to resume", 130)
+    except OSError as exc:  # a fault no stage turned into a BenchError: still one line with the path
+        fail(str(environment_fault(exc, exc.filename or "a file")))
+    except _usage_errors() as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
             exc.show()
             sys.exit(exc.exit_code)
-        raise
+        fail(" ".join(exc.format_message().split()), exc.exit_code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

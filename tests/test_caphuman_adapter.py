@@ -10,8 +10,9 @@ from caphuman_bench import weights
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import get_card
 from caphuman_bench.errors import MissingWeightsError
-from caphuman_bench.methods.base import GenerationRequest, MethodContext
+from caphuman_bench.methods.base import MethodContext
 from caphuman_bench.registry import get_method
+from tests.method_helpers import generated_pixels, generation_request
 
 
 @pytest.fixture(scope="module")
@@ -33,42 +34,17 @@ def adapter(card, tmp_path_factory):
     return method
 
 
-def _request(bench: Benchmark, identity_id: str, condition_id: str, seed: int, size: int = 64) -> GenerationRequest:
-    identity = bench.identities[identity_id]
-    return GenerationRequest(
-        task_id=f"{identity_id}-{condition_id}-{seed}",
-        identity_id=identity_id,
-        prompt=bench.prompts["acc-red-hat"].fill(identity.subject),
-        reference=bench.reference_image(identity_id),
-        condition=bench.conditions[condition_id],
-        generator=torch.Generator().manual_seed(seed),
-        height=size,
-        width=size,
-    )
-
-
-def _pixels(adapter, bench, overrides=None, identity="nasa-astronaut", condition="yaw-r20", seed=3) -> np.ndarray:
-    saved = dict(adapter.params)
-    adapter.params.update(overrides or {})
-    try:
-        (image,) = adapter.generate([_request(bench, identity, condition, seed)])
-    finally:
-        adapter.params.clear()
-        adapter.params.update(saved)
-    return np.asarray(image)
-
-
 @pytest.fixture(scope="module")
 def base(adapter, bench) -> np.ndarray:
     """The default request (astronaut, yaw-r20, seed 3) with the card's defaults: tau 0, both tokens."""
-    return _pixels(adapter, bench)
+    return generated_pixels(adapter, bench)
 
 
 def test_smoke_generates_one_rgb_image_per_request(adapter, bench):
     adapter.params["batch_size"] = 2
     try:
-        images = adapter.generate([_request(bench, "nasa-astronaut", "frontal", 0), _request(bench, "grace-hopper", "yaw-r20", 1),
-                                   _request(bench, "grace-hopper", "frontal", 2)])
+        images = adapter.generate([generation_request(bench, "nasa-astronaut", "frontal", 0), generation_request(bench, "grace-hopper", "yaw-r20", 1),
+                                   generation_request(bench, "grace-hopper", "frontal", 2)])
     finally:
         adapter.params["batch_size"] = 1
     assert len(images) == 3
@@ -77,32 +53,32 @@ def test_smoke_generates_one_rgb_image_per_request(adapter, bench):
 
 
 def test_same_seed_same_bytes_regardless_of_batching(adapter, bench, base):
-    assert np.array_equal(_pixels(adapter, bench), base)
+    assert np.array_equal(generated_pixels(adapter, bench), base)
     adapter.params["batch_size"] = 2
     try:
-        batched = adapter.generate([_request(bench, "grace-hopper", "frontal", 1), _request(bench, "nasa-astronaut", "yaw-r20", 3)])
+        batched = adapter.generate([generation_request(bench, "grace-hopper", "frontal", 1), generation_request(bench, "nasa-astronaut", "yaw-r20", 3)])
     finally:
         adapter.params["batch_size"] = 1
     assert np.abs(np.asarray(batched[1]).astype(int) - base.astype(int)).max() <= 1  # batch of 2 vs 1: float noise only
-    assert not np.array_equal(_pixels(adapter, bench, seed=8), base)
+    assert not np.array_equal(generated_pixels(adapter, bench, seed=8), base)
 
 
 def test_switches_change_the_output(adapter, bench, base):
     # DDIM steps at t = 501 and 1; tau = 500 zeroes the identity context at the first one.
-    assert not np.array_equal(_pixels(adapter, bench, {"tau": 500}), base)
-    assert not np.array_equal(_pixels(adapter, bench, {"use_global": False}), base)
-    assert not np.array_equal(_pixels(adapter, bench, {"use_local": False}), base)
+    assert not np.array_equal(generated_pixels(adapter, bench, {"tau": 500}), base)
+    assert not np.array_equal(generated_pixels(adapter, bench, {"use_global": False}), base)
+    assert not np.array_equal(generated_pixels(adapter, bench, {"use_local": False}), base)
 
 
 def test_tau_zero_and_tau_1000_never_drop(adapter, bench, base):
     # tau = 0 is "off" (the official default); tau >= 999 keeps every t in [0, 999]: the same image.
-    assert np.array_equal(_pixels(adapter, bench, {"tau": 1000}), base)
+    assert np.array_equal(generated_pixels(adapter, bench, {"tau": 1000}), base)
     # tau = 1 keeps the identity only at the last step (t = 1): a different image.
-    assert not np.array_equal(_pixels(adapter, bench, {"tau": 1}), base)
+    assert not np.array_equal(generated_pixels(adapter, bench, {"tau": 1}), base)
 
 
 def test_precomputation_is_cached_in_the_workdir(adapter, bench, monkeypatch):
-    request = _request(bench, "grace-hopper", "yaw-r20", 5)
+    request = generation_request(bench, "grace-hopper", "yaw-r20", 5)
     first = np.asarray(adapter.generate([request])[0])
     workdir = adapter.context.workdir
     assert list((workdir / "identity").glob("grace-hopper.*.safetensors"))
@@ -117,7 +93,7 @@ def test_precomputation_is_cached_in_the_workdir(adapter, bench, monkeypatch):
 
     monkeypatch.setattr(type(adapter.identity_encoder), "forward", refuse)
     monkeypatch.setattr(type(adapter.renderer), "render_batch", refuse)
-    second = np.asarray(adapter.generate([_request(bench, "grace-hopper", "yaw-r20", 5)])[0])
+    second = np.asarray(adapter.generate([generation_request(bench, "grace-hopper", "yaw-r20", 5)])[0])
     assert np.array_equal(first, second)
 
 
@@ -188,7 +164,7 @@ def test_full_setup_wires_every_weights_file(card, bench, tmp_path, monkeypatch)
     reference = bench.reference_image("nasa-astronaut")
     code = method.identity_code("nasa-astronaut", reference)  # DECA on the MTCNN box
     assert set(code) == {"shape", "tex", "exp", "pose", "cam", "light"} and code["light"].shape == (9, 3)
-    (image,) = method.generate([_request(bench, "nasa-astronaut", "yaw-r20", 0)])
+    (image,) = method.generate([generation_request(bench, "nasa-astronaut", "yaw-r20", 0)])
     assert image.size == (64, 64)
     target = method.head_target("nasa-astronaut", reference, bench.conditions["yaw-r20"])
     np.testing.assert_allclose(target["shape"], code["shape"])  # the reference's DECA shape, condition's pose

@@ -56,7 +56,7 @@ def test_end_to_end_on_a_real_photo(encoder):
         item(photo, no_shape),
         item(photo, {**goal, "exp": np.zeros(10)}),  # a target of the wrong size
     ]
-    metric = HeadControl(ScoreContext(device="cpu"), encoder=encoder)
+    metric = HeadControl(ScoreContext(device="cpu", options={"protocol": "caphuman-bench"}), encoder=encoder)  # MTCNN crop
     metric.update(items)
     rows = metric.last_rows
     assert [r.status for r in rows] == ["ok", "no_face", "unreadable", "ok", "error"]
@@ -83,3 +83,22 @@ def test_end_to_end_on_a_real_photo(encoder):
     aggregate = metric.compute()
     assert aggregate["rmse_shape"]["n"] == 2 and aggregate["rmse_pose"]["n"] == 2
     assert aggregate["_items"] == {"seen": 5, "ok": 2}
+
+
+def test_fastcomposer_protocol_crops_decas_default_kpt68(encoder):
+    """The paper's columns crop as DECA's default (and CapHuman's) does: the kpt68 square of 68 landmarks,
+    here from dlib's predictor (FAN's file is absent), named in the row."""
+    from caphuman_bench.faces.landmarks import dlib_landmarks
+    from caphuman_bench.models.deca_encoder import deca_crop_square, landmark_square
+
+    photo = Image.fromarray(data.astronaut())
+    goal = target(0)
+    metric = HeadControl(ScoreContext(device="cpu", options={"protocol": "fastcomposer"}), encoder=encoder)
+    metric.update([item(photo, goal)])
+    (row,) = metric.last_rows
+    assert row.status == "ok" and row.extra["crop"] == "kpt68" and row.extra["landmarks"] == "dlib"
+    with torch.no_grad():
+        crop = deca_crop_square(photo, landmark_square(dlib_landmarks(photo)))
+        code = {k: v[0].numpy() for k, v in decompose(encoder(crop[None])).items()}
+    expected = np.sqrt(np.sum((code["pose"] - goal["pose"]) ** 2) / 6)
+    assert row.values["rmse_pose"] == pytest.approx(expected, rel=1e-5)

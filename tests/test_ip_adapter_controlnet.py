@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from caphuman_bench import weights
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import get_card
 from caphuman_bench.errors import MissingWeightsError
-from caphuman_bench.methods.base import GenerationRequest, MethodContext
+from caphuman_bench.methods.base import MethodContext
 from caphuman_bench.methods.head_renders import normals_to_controlnet_image
 from caphuman_bench.registry import get_method
+from tests.method_helpers import generated_pixels, generation_request
 
 
 @pytest.fixture(scope="module")
@@ -33,30 +33,10 @@ def adapter(card, tmp_path_factory):
     return method
 
 
-def _request(bench, identity_id="nasa-astronaut", condition_id="yaw-r20", seed=3) -> GenerationRequest:
-    return GenerationRequest(
-        task_id=f"{identity_id}-{condition_id}-{seed}", identity_id=identity_id,
-        prompt=bench.prompts["acc-red-hat"].fill(bench.identities[identity_id].subject),
-        reference=bench.reference_image(identity_id), condition=bench.conditions[condition_id],
-        generator=torch.Generator().manual_seed(seed), height=64, width=64,
-    )
-
-
-def _pixels(adapter, bench, overrides=None, **request) -> np.ndarray:
-    saved = dict(adapter.params)
-    adapter.params.update(overrides or {})
-    try:
-        (image,) = adapter.generate([_request(bench, **request)])
-    finally:
-        adapter.params.clear()
-        adapter.params.update(saved)
-    return np.asarray(image)
-
-
 @pytest.fixture(scope="module")
 def base(adapter, bench) -> np.ndarray:
     """astronaut, yaw-r20, seed 3, the card's ip_adapter_scale (0.7)."""
-    return _pixels(adapter, bench)
+    return generated_pixels(adapter, bench)
 
 
 def test_smoke_generates_an_rgb_image_per_request(adapter, bench, base):
@@ -64,13 +44,13 @@ def test_smoke_generates_an_rgb_image_per_request(adapter, bench, base):
 
 
 def test_same_seed_same_bytes_and_batches_of_mixed_identities(adapter, bench, base):
-    assert np.array_equal(_pixels(adapter, bench), base)
-    assert not np.array_equal(_pixels(adapter, bench, seed=8), base)
+    assert np.array_equal(generated_pixels(adapter, bench), base)
+    assert not np.array_equal(generated_pixels(adapter, bench, seed=8), base)
     # diffusers gives all prompts of a call one IP-Adapter embedding: the adapter must split by identity.
     adapter.params["batch_size"] = 3
     try:
-        images = adapter.generate([_request(bench, "grace-hopper", "frontal", 1), _request(bench),
-                                   _request(bench, "grace-hopper", "frontal", 1)])
+        images = adapter.generate([generation_request(bench, "grace-hopper", "frontal", 1), generation_request(bench),
+                                   generation_request(bench, "grace-hopper", "frontal", 1)])
     finally:
         adapter.params["batch_size"] = 1
     assert np.array_equal(np.asarray(images[1]), base)
@@ -78,12 +58,12 @@ def test_same_seed_same_bytes_and_batches_of_mixed_identities(adapter, bench, ba
 
 
 def test_identity_scale_and_head_condition_change_the_image(adapter, bench, base):
-    no_identity = _pixels(adapter, bench, {"ip_adapter_scale": 0.0})
-    assert not np.array_equal(_pixels(adapter, bench, {"ip_adapter_scale": 0.6}), no_identity)
+    no_identity = generated_pixels(adapter, bench, {"ip_adapter_scale": 0.0})
+    assert not np.array_equal(generated_pixels(adapter, bench, {"ip_adapter_scale": 0.6}), no_identity)
     assert not np.array_equal(base, no_identity)
-    assert not np.array_equal(_pixels(adapter, bench, condition_id="yaw-l45"), base)
+    assert not np.array_equal(generated_pixels(adapter, bench, condition_id="yaw-l45"), base)
     # with scale 0 the reference photo has no way in: another identity, same condition and seed, same image
-    assert np.array_equal(_pixels(adapter, bench, {"ip_adapter_scale": 0.0}, identity_id="grace-hopper"), no_identity)
+    assert np.array_equal(generated_pixels(adapter, bench, {"ip_adapter_scale": 0.0}, identity_id="grace-hopper"), no_identity)
 
 
 def test_control_image_follows_normalbae_convention(adapter, bench):

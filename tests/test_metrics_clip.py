@@ -250,3 +250,50 @@ def test_clip_score_unreadable_and_conventions(shared_clip):
     assert metric.last_rows[0].status == "unreadable" and math.isnan(metric.last_rows[0].values["clip_score"])
     assert "raw cosine" in ClipScore.convention["value"] and "max(100" in ClipScore.convention["value"]
     assert "strictly more CLIP-similar" in PromptAccuracy.convention["value"]
+
+
+def test_protocols_pick_clip_text_and_preprocessing(shared_clip):
+    """fastcomposer: the prompt with the class word and FastComposer's tensor path; caphuman-bench: 'a person', PIL."""
+    from caphuman_bench.metrics._clip import fastcomposer_pixels
+
+    _, _, checkpoint = shared_clip
+    photo = Image.fromarray(data_astronaut()).resize((300, 260), Image.BICUBIC)  # not square: the resize matters
+    item = ScoreItem(task_id="t", identity_id="astronaut", prompt_id="p", condition_id="c", sample=0, image=photo,
+                     reference=photo, prompt="a person wearing a red hat", subject_prompt="a man wearing a red hat")
+    clip = load_clip(TINY, checkpoint)
+    values = {}
+    for protocol in ("fastcomposer", "caphuman-bench"):
+        metric = ClipScore(ScoreContext(options={"clip_model": TINY, "clip_checkpoint": str(checkpoint), "protocol": protocol}))
+        metric.update([item])
+        values[protocol] = metric.last_rows[0].values["clip_score"]
+    with torch.no_grad():
+        def cos(pixels, text):
+            image = torch.nn.functional.normalize(clip.model.encode_image(pixels[None]), dim=-1)
+            words = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer([text])), dim=-1)
+            return float((image * words).sum())
+        assert values["fastcomposer"] == pytest.approx(cos(fastcomposer_pixels(photo), "a man wearing a red hat"), abs=1e-6)
+        assert values["caphuman-bench"] == pytest.approx(cos(clip.preprocess(photo), "a person wearing a red hat"), abs=1e-6)
+    assert values["fastcomposer"] != values["caphuman-bench"]
+
+
+def test_fastcomposer_pixels_are_clip_evals_tensor_transform():
+    """evaluation/clip_eval.py: Normalize(-1, 2) on ToTensor()·2−1, then CLIP's Resize(224, bicubic) and
+    CenterCrop on the tensor (torchvision 0.14: no antialias), then OpenAI's Normalize."""
+    from torchvision import transforms as T
+    from torchvision.transforms import InterpolationMode
+
+    from caphuman_bench.metrics._clip import fastcomposer_pixels
+
+    photo = Image.fromarray(data_astronaut())
+    reference = T.Compose([T.Normalize([-1.0] * 3, [2.0] * 3), T.Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=False),
+                           T.CenterCrop(224), T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
+    expected = reference(T.ToTensor()(photo) * 2.0 - 1.0)
+    assert torch.equal(fastcomposer_pixels(photo), expected)
+    plain, smooth = (T.Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=a)(T.ToTensor()(photo)) for a in (False, True))
+    assert (plain - smooth).abs().max() > 0.01  # the antialias choice is visible on a 512 → 224 downscale
+
+
+def data_astronaut():
+    from skimage import data
+
+    return data.astronaut()

@@ -119,13 +119,19 @@ def test_reference_without_face_is_not_scored(astronaut, face_weights):
     assert all(math.isnan(v) for v in row.values.values())
 
 
-def test_several_faces_uses_the_most_confident(astronaut, hopper, face_weights):
+@pytest.mark.parametrize("protocol", ["caphuman-bench", "fastcomposer"])
+def test_several_faces_uses_the_protocols_face(astronaut, hopper, face_weights, protocol):
+    """caphuman-bench: the most confident face; fastcomposer: the largest box (MTCNN keep_all, select_largest)."""
     pair = side_by_side(astronaut, hopper)
     (found,) = detect_faces([pair])
     assert found.n_faces >= 2
     assert found.prob == max(found.probs)
+    if protocol == "fastcomposer":
+        found = found.choose("largest")
+        areas = (found.boxes[:, 2] - found.boxes[:, 0]) * (found.boxes[:, 3] - found.boxes[:, 1])
+        assert areas[0] == areas.max()
     chosen_is_astronaut = found.box[2] <= astronaut.width
-    metric = DlibIdentity(ScoreContext(weights=face_weights))
+    metric = DlibIdentity(ScoreContext(weights=face_weights, options={"protocol": protocol}))
     metric.update([item(pair, astronaut)])
     row = metric.last_rows[0]
     assert row.extra["n_faces"] == found.n_faces
@@ -227,9 +233,13 @@ def test_arcface_session_matches_the_same_network_in_torch(astronaut, hopper, fa
     path = tmp_path / "glintr100.onnx"
     torch.onnx.export(network, torch.zeros(1, 3, ARCFACE_SIZE, ARCFACE_SIZE), str(path), input_names=["input.1"],
                       output_names=["embedding"], dynamic_axes={"input.1": {0: "n"}}, dynamo=False)
-    metric = ArcFaceIdentity(ScoreContext(weights={**face_weights, "arcface_antelopev2": path}))
+    metric = ArcFaceIdentity(ScoreContext(weights={**face_weights, "arcface_antelopev2": path}, options={"protocol": "caphuman-bench"}))
     metric.update([item(astronaut, astronaut, "a"), item(hopper, astronaut, "b")])
     same, other = (row.values["id_sim_arcface"] for row in metric.last_rows)
+    # FastComposer's protocol scores max(cos, 0): the same negative cosine becomes 0, the rest is unchanged.
+    clamped = ArcFaceIdentity(ScoreContext(weights={**face_weights, "arcface_antelopev2": path}, options={"protocol": "fastcomposer"}))
+    clamped.update([item(astronaut, astronaut, "a"), item(hopper, astronaut, "b")])
+    assert [row.values["id_sim_arcface"] for row in clamped.last_rows] == [same, max(other, 0.0)]
 
     def embed(image):
         (found,) = detect_faces([image])
@@ -239,3 +249,4 @@ def test_arcface_session_matches_the_same_network_in_torch(astronaut, hopper, fa
 
     assert same == pytest.approx(1.0, abs=1e-6)
     assert other == pytest.approx(cosine(embed(astronaut), embed(hopper)), abs=1e-5)
+    assert other < 0  # the case the protocols tell apart

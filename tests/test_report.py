@@ -146,7 +146,11 @@ def test_a_scoring_protocol_in_the_conventions_is_shown(tmp_path):
     run = make_run(tmp_path / "runs", "m (smoke)")
     results = aggregate_run(run)
     results["conventions"]["id_sim_dlib"]["protocol"] = "FastComposer's, no face scores 0"
+    results["scored_with"]["face_detection"] = {"protocol": "caphuman-bench"}  # as scoring.json records it
     write_leaderboard([results], tmp_path / "out")
-    assert "- id_sim_dlib: FastComposer's, no face scores 0" in (tmp_path / "out" / "leaderboard.md").read_text()
+    md = (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "| protocol |" in md and "FastComposer's, no face scores 0, caphuman-bench" in md
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "out" / "leaderboard.json").read_text())["rows"]}
+    assert rows["face_detection"]["protocol"] == "caphuman-bench"
     page = write_html([results], [run], tmp_path / "out", grid_tasks=2).read_text()
     assert "FastComposer&#x27;s, no face scores 0" in page

@@ -35,3 +35,12 @@ def test_rows_follow_the_image_and_the_scoring_options(tmp_path, capsys, monkeyp
     assert dlib()["n"] == 12 and dlib()["mean"] < 0.95  # every row rescored under the new rule
     assert json.loads((run / "results.json").read_text())["scored_with"]["id_sim_dlib"]["options"]["no_face"] == "zero"
     assert len(pd.read_parquet(run / "scores.parquet")) == 12
+    assert json.loads((run / "results.json").read_text())["scored_with"]["id_sim_dlib"]["protocol"] == "fastcomposer"
+
+    # the project's own conventions: every row rescored, the protocol named beside the numbers
+    assert cli(capsys, monkeypatch, "score", run, "--metrics", "id_sim_dlib", "--protocol", "caphuman-bench")[0] == 0
+    results = json.loads((run / "results.json").read_text())
+    assert results["scored_with"]["id_sim_dlib"]["protocol"] == "caphuman-bench"
+    assert "fastcomposer" in results["conventions"]["id_sim_dlib"]["protocol"]
+    code, _, err = cli(capsys, monkeypatch, "score", run, "--protocol", "paper")
+    assert code != 0 and "--protocol 'paper'" in err

@@ -23,18 +23,22 @@ ARCFACE_SIZE = 112
 EMBED_BATCH = 32
 
 
-def arcface_align(image: Image.Image, landmarks: np.ndarray) -> np.ndarray:
+def arcface_align(image: Image.Image, landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
     """insightface's `norm_crop`: warp the face so its 5 landmarks land on the ArcFace template.
 
-    scikit-image stands in for OpenCV's `warpAffine` (bilinear, black border; OpenCV is not a
-    dependency of the core install). Returns 112 × 112 × 3 uint8 RGB.
+    Other sizes scale the template as insightface's `estimate_norm` does (a multiple of 112: by
+    size / 112; otherwise by size / 128, shifted right by 8 · size / 128), e.g. the 224 px face crop
+    IP-Adapter-FaceID-Plus feeds CLIP. scikit-image stands in for OpenCV's `warpAffine` (bilinear,
+    black border; OpenCV is not a dependency of the core install). Returns size × size × 3 uint8 RGB.
     """
     from skimage.transform import SimilarityTransform, warp
 
-    transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), ARCFACE_TEMPLATE)
+    ratio, shift = (size / ARCFACE_SIZE, 0.0) if size % ARCFACE_SIZE == 0 else (size / 128.0, 8.0 * size / 128.0)
+    template = ARCFACE_TEMPLATE * ratio + np.array([shift, 0.0])
+    transform = SimilarityTransform.from_estimate(np.asarray(landmarks, dtype=np.float64), template)
     if not transform:
         raise ValueError(f"cannot align landmarks {np.asarray(landmarks).tolist()}: {transform}")
-    warped = warp(np.asarray(image.convert("RGB")), transform.inverse, output_shape=(ARCFACE_SIZE, ARCFACE_SIZE),
+    warped = warp(np.asarray(image.convert("RGB")), transform.inverse, output_shape=(size, size),
                   order=1, mode="constant", cval=0.0, preserve_range=True)
     return np.clip(np.rint(warped), 0, 255).astype(np.uint8)
 

@@ -7,10 +7,12 @@ face-detection rate, all identity recognisers and the DECA crop see the same fac
 Conventions (recorded by the metrics that use this module):
 - MTCNN's default thresholds (0.6, 0.7, 0.7) and minimum face size 20 px; a face is "detected" when
   MTCNN's output network keeps it (probability ≥ 0.7).
-- With several faces, the most confident one is used (`MTCNN(select_largest=False)`; facenet-pytorch's
-  default would pick the largest). `n_faces` reports how many there were.
-- Images larger than `DETECT_MAX_SIDE` a side are detected on a copy downscaled to that size and the
-  boxes mapped back, which bounds memory; smaller images are detected as they are.
+- With several faces, `detect_faces` lists them most confident first; `FaceDetection.choose("largest")`
+  reorders them largest box first, as FastComposer's `MTCNN(keep_all=True)` (facenet-pytorch's default
+  `select_largest=True`) then `[:1]` takes them. `n_faces` reports how many there were.
+- `max_side` (default `DETECT_MAX_SIDE`): larger images are detected on a copy downscaled to that size
+  and the boxes mapped back (× the scale factor), which bounds memory but moves boxes by a few pixels;
+  `max_side=None` detects every image at full size (FastComposer's protocol).
 """
 
 from __future__ import annotations
@@ -36,9 +38,12 @@ _DETECTIONS = BoundedMemo(capacity=1024)
 _MISSING = object()
 
 DETECTOR_CONVENTION = {
-    "detector": "facenet-pytorch MTCNN, thresholds (0.6, 0.7, 0.7), min face 20 px",
-    "several_faces": "the most confident face",
-    "large_images": f"detected on a copy downscaled to {DETECT_MAX_SIDE} px a side",
+    "detector": "facenet-pytorch MTCNN, thresholds (0.6, 0.7, 0.7), min face 20 px, factor 0.709; a face counts "
+                "when MTCNN's output network gives it probability > 0.7 (facenet-pytorch's strict inequality)",
+    "several_faces": "protocol fastcomposer: the largest box (FastComposer's MTCNN(keep_all=True)[:1]); "
+                     "protocol caphuman-bench: the most confident face",
+    "large_images": f"protocol fastcomposer: detected at full size; protocol caphuman-bench: images over "
+                    f"{DETECT_MAX_SIDE} px a side are detected on a copy downscaled to {DETECT_MAX_SIDE} px, boxes scaled back",
 }
 
 
@@ -65,6 +70,17 @@ class FaceDetection:
     @property
     def n_faces(self) -> int:
         return len(self.probs)
+
+    def choose(self, rule: str) -> "FaceDetection":
+        """The same faces with the one `rule` picks first: "most_confident" (as detected) or "largest"
+        (box area, facenet-pytorch's `select_largest` order: `argsort(area)[::-1]`)."""
+        if rule == "most_confident":
+            return self
+        if rule != "largest":
+            raise ValueError(f"face choice {rule!r}: expected most_confident or largest")
+        area = (self.boxes[:, 2] - self.boxes[:, 0]) * (self.boxes[:, 3] - self.boxes[:, 1])
+        order = np.argsort(area)[::-1]
+        return FaceDetection(self.boxes[order], self.probs[order], self.all_landmarks[order])
 
 
 def face_detector(device: str | torch.device = "cpu", weights_dir: str | Path | None = None) -> torch.nn.Module:
@@ -95,14 +111,15 @@ def mtcnn_weights_dir(weights: dict[str, Path]) -> Path | None:
 
 
 def detect_faces(
-    images: list[Image.Image], device: str | torch.device = "cpu", weights_dir: str | Path | None = None
+    images: list[Image.Image], device: str | torch.device = "cpu", weights_dir: str | Path | None = None,
+    max_side: int | None = DETECT_MAX_SIDE,
 ) -> list[FaceDetection | None]:
-    """Faces in each image (None where there is none), batched by image size.
+    """Faces in each image (None where there is none), batched by image size; `max_side` as the module says.
 
     Results are memoised by pixel content, so the other face metrics of the same pass reuse them.
     """
     detector = face_detector(device, weights_dir)
-    prefix = (str(device), str(_weights_dir(weights_dir)))
+    prefix = (str(device), str(_weights_dir(weights_dir)), max_side)
     results: list[FaceDetection | None] = [None] * len(images)
     by_size: dict[tuple[int, int], list[tuple[int, Image.Image, float, tuple]]] = defaultdict(list)
     for index, image in enumerate(images):
@@ -112,7 +129,7 @@ def detect_faces(
         if known is not _MISSING:
             results[index] = known
             continue
-        work, scale = _detection_input(image)
+        work, scale = _detection_input(image, max_side)
         by_size[work.size].append((index, work, scale, key))
     for group in by_size.values():
         for start in range(0, len(group), DETECT_BATCH):
@@ -154,12 +171,12 @@ def _weights_dir(weights_dir: str | Path | None) -> Path:
     return Path(weights_dir).resolve() if weights_dir is not None else _packaged_weights_dir()
 
 
-def _detection_input(image: Image.Image) -> tuple[Image.Image, float]:
+def _detection_input(image: Image.Image, max_side: int | None) -> tuple[Image.Image, float]:
     """The image MTCNN sees and the factor from its pixels back to the original's."""
     longest = max(image.size)
-    if longest <= DETECT_MAX_SIDE:
+    if max_side is None or longest <= max_side:
         return image, 1.0
-    scale = longest / DETECT_MAX_SIDE
+    scale = longest / max_side
     size = (max(1, round(image.width / scale)), max(1, round(image.height / scale)))
     return image.resize(size, Image.BILINEAR), scale
 

@@ -30,6 +30,18 @@ class GenerationRequest:
     generator: torch.Generator
     height: int
     width: int
+    subject: str = ""  # the identity's subject phrase as it stands in `prompt` ("a woman")
+
+
+def with_trigger_word(request: GenerationRequest, trigger: str) -> str:
+    """The prompt with `trigger` right after the identity's subject phrase: 'a photo of a woman img wearing
+    a red hat'. FastComposer and PhotoMaker attach the reference to the word before their trigger."""
+    at = request.prompt.find(request.subject) if request.subject else -1
+    if at < 0:
+        raise BenchError(f"prompt {request.prompt!r} does not contain the identity's subject phrase {request.subject!r}, "
+                         f"after which the trigger word {trigger!r} goes")
+    end = at + len(request.subject)
+    return f"{request.prompt[:end]} {trigger}{request.prompt[end:]}"
 
 
 @dataclass
@@ -39,6 +51,7 @@ class MethodContext:
     device: str = "cpu"
     workdir: Path | None = None  # <run>/cache/method: per-run pre-computation (reference codes, renders)
     weights: dict[str, Path] = field(default_factory=dict)  # resolved manifest id -> local path
+    artefacts: dict[str, dict] = field(default_factory=dict)  # identity -> its fine-tuned weights as planned (run.json)
 
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -87,6 +100,14 @@ class MethodAdapter:
     def required_weights(cls, card: MethodCard, params: dict[str, Any]) -> list[str]:
         """Manifest ids that must be present before any work starts (default: the card's list)."""
         return [] if params.get("tiny") else list(card.weights)
+
+    @classmethod
+    def artefacts(cls, card: MethodCard, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
+        """Per-identity files an earlier command made for this method (fine-tuned weights), checked when a run
+        is planned: {identity: {"path", "sha256", ...}}. Their hashes join the run's configuration hash, so
+        new artefacts never reuse old images. Raise BenchError naming the command to run when one is
+        missing. `references`: identity -> sha256 of its reference photo. Default: none."""
+        return {}
 
     def load(self) -> None:
         """Build or load the models once, before the first `generate` call."""

@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
 from caphuman_bench.methods.head_renders import HeadRenderMixin
@@ -96,7 +96,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         token_dim = self.pipe.capface.config.image_token_dim
         self.identity_encoder = IdentityEncoder.random(image_token_dim=token_dim, seed=0, device=self.device)
         self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-        self.deca = self.mtcnn = None
+        self.deca = None
 
     def _load_full(self) -> None:
         from caphuman_bench.loaders.convert_caphuman import load_caphuman_components
@@ -125,7 +125,6 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
             paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device
         )
         self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
-        self.mtcnn = self.identity_encoder.mtcnn  # DECA's face box (HeadRenderMixin)
 
     # ------------------------------------------------------------------------------------------
     # per-run pre-computation, cached in the run directory
@@ -136,10 +135,10 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
             return self._tokens[identity_id]
         key = self._fingerprint(reference)
         path = self._cache_path("identity", f"{identity_id}.{key}.safetensors")
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file
 
-        if path is not None and path.exists():
-            cached = load_file(str(path))
+        cached = read_cached(path, lambda p: load_file(str(p))) if path is not None else None
+        if cached is not None and {"image_tokens", "id_embedding"} <= set(cached):
             tokens = (cached["image_tokens"], cached["id_embedding"])
         else:
             encoded = self.identity_encoder([reference])
@@ -147,10 +146,11 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
                 log.warning("identity %s: MTCNN found no face; FaceNet sees the whole photo (official fallback)", identity_id)
             tokens = (encoded.image_tokens.float().cpu(), encoded.id_embedding.float().cpu())
             if path is not None:
-                tmp = path.with_suffix(".tmp")
-                save_file({"image_tokens": tokens[0].contiguous(), "id_embedding": tokens[1].contiguous()}, str(tmp),
-                          metadata={"face_found": json.dumps(encoded.face_found)})
-                os.replace(tmp, path)
+                from safetensors.torch import save
+
+                data = save({"image_tokens": tokens[0].contiguous(), "id_embedding": tokens[1].contiguous()},
+                            metadata={"face_found": json.dumps(encoded.face_found)})
+                atomic_write(path, lambda fh: fh.write(data))
         self._tokens[identity_id] = tokens
         return tokens
 

@@ -26,32 +26,12 @@ from PIL import Image
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
+from caphuman_bench.methods.sd15 import HEAD_WEIGHTS, SD15_DDIM, build_tiny_sd15_pipeline, weights_folder
 from caphuman_bench.registry import register_method
 
 MODEL_WEIGHTS = ("stable_diffusion_v1_5", "ip_adapter_plus_face_sd15", "ip_adapter_image_encoder_sd15",
                  "controlnet_normalbae_sd15")
-HEAD_WEIGHTS = ("deca_model", "flame_model", "flame_texture", "flame_head_template")
-# What each folder-shaped weights entry must hold for `from_pretrained` with local files only.
-FOLDER_FILES = {
-    "stable_diffusion_v1_5": ("model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
-                              "tokenizer/vocab.json", "tokenizer/merges.txt", "scheduler/scheduler_config.json"),
-    "ip_adapter_image_encoder_sd15": ("config.json",),
-    "controlnet_normalbae_sd15": ("config.json",),
-}
-
-# SD-1.5's scheduler_config.json as DDIM, the scheduler of IP-Adapter's demo notebooks
-# (tencent-ailab/IP-Adapter ip_adapter-plus-face_demo.ipynb).
-SD15_DDIM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
-             "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-
-
-def _folder(weights_id: str, path: Path) -> Path:
-    """A folder entry resolves to the folder itself or to one file inside it (HF cache): the folder."""
-    folder = path if path.is_dir() else path.parent
-    missing = [f for f in FOLDER_FILES.get(weights_id, ()) if not (folder / f).exists()]
-    if missing:
-        raise BenchError(f"{folder}: weights {weights_id!r} incomplete, missing {', '.join(missing)}")
-    return folder
+FOLDERS = ("stable_diffusion_v1_5", "ip_adapter_image_encoder_sd15", "controlnet_normalbae_sd15")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -93,36 +73,10 @@ def tiny_ip_adapter_plus_state_dict(unet, image_embed_dim: int, generator: torch
 
 
 def build_tiny_ip_adapter_controlnet_pipeline(seed: int = 0):
-    """SD-1.5's layout at toy size (64 px images, 8×8 latents), IP-Adapter plus already loaded."""
-    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline, UNet2DConditionModel
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from caphuman_bench.loaders.convert_caphuman import clip_tokenizer
-    from caphuman_bench.pipelines.tiny import redraw_like_reference, tiny_text_encoder, tiny_vae
-
-    context_dim = 32
-    blocks = {"block_out_channels": (32, 64), "layers_per_block": 1, "cross_attention_dim": context_dim,
-              "attention_head_dim": 8, "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D")}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(sample_size=8, up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **blocks)
-        # 64 px → 8 px: three stride-2 convs in the hint encoder, as SD's 512 → 64.
-        controlnet = ControlNetModel(conditioning_embedding_out_channels=(16, 16, 32, 32), **blocks)
-        vae, text_encoder = tiny_vae(), tiny_text_encoder(context_dim, 77)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=32, intermediate_size=64, projection_dim=32, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8))
-    generator = torch.Generator().manual_seed(seed)
-    # diffusers zero-initialises ControlNet's zero convs: redraw so the head condition acts.
-    for module in (unet, controlnet):
-        redraw_like_reference(module, generator)
-    pipe = StableDiffusionControlNetPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(77), unet=unet.eval(),
-        controlnet=controlnet.eval(), scheduler=DDIMScheduler(**SD15_DDIM), safety_checker=None,
-        feature_extractor=CLIPImageProcessor(size=32, crop_size=32), image_encoder=image_encoder.eval(),
-        requires_safety_checker=False,
-    )
-    state_dict = tiny_ip_adapter_plus_state_dict(unet, image_encoder.config.hidden_size, generator)
+    """The tiny SD-1.5 + ControlNet + CLIP vision tower of `sd15`, IP-Adapter plus already loaded."""
+    pipe = build_tiny_sd15_pipeline(controlnet=True, image_encoder=True, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    state_dict = tiny_ip_adapter_plus_state_dict(pipe.unet, pipe.image_encoder.config.hidden_size, generator)
     pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", low_cpu_mem_usage=False)
     return pipe
 
@@ -184,7 +138,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         from caphuman_bench.render.head_condition import HeadConditionRenderer
 
         paths = self.context.weights
-        folders = {wid: _folder(wid, Path(paths[wid])) for wid in FOLDER_FILES}
+        folders = {wid: weights_folder(wid, Path(paths[wid])) for wid in FOLDERS}
         controlnet = ControlNetModel.from_pretrained(folders["controlnet_normalbae_sd15"], torch_dtype=self.dtype,
                                                      local_files_only=True)
         image_encoder = CLIPVisionModelWithProjection.from_pretrained(folders["ip_adapter_image_encoder_sd15"],

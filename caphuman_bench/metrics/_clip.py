@@ -28,8 +28,11 @@ ENCODE_BATCH = 32
 CLIP_CONVENTION = {
     "model": "open_clip, option clip_model (default ViT-L-14, or ViT-B-32) with OpenAI weights, QuickGELU, "
     "or any open_clip architecture name with option clip_checkpoint=<file>",
-    "preprocessing": "bicubic resize of the shorter side, centre crop, OpenAI mean/std (open_clip's 'openai' tag)",
-    "text": "the prompt with its subject placeholder filled by 'a person', open_clip tokenizer, 77 tokens",
+    "preprocessing": "protocol fastcomposer: FastComposer's float-tensor path (torchvision bicubic resize without "
+                     "antialias, centre crop, OpenAI mean/std), fp16 on CUDA; protocol caphuman-bench: PIL bicubic resize "
+                     "of the shorter side, centre crop, OpenAI mean/std (open_clip's 'openai' tag), fp32",
+    "text": "the prompt's subject placeholder filled by the identity's class phrase ('a man', protocol fastcomposer) "
+            "or by 'a person' (protocol caphuman-bench); open_clip tokenizer, 77 tokens",
 }
 
 
@@ -50,13 +53,15 @@ class ClipModel:
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def image_embeddings(self, images: list[Image.Image]) -> torch.Tensor:
-        """L2-normalised image embeddings (n, d), float32 on the CPU."""
-        keys = [image_digest(image) for image in images]
+    def image_embeddings(self, images: list[Image.Image], preprocessing: str = "pil") -> torch.Tensor:
+        """L2-normalised image embeddings (n, d), float32 on the CPU; `preprocessing` "pil" (open_clip's
+        transform) or "tensor" (FastComposer's, `fastcomposer_pixels`)."""
+        prepare = fastcomposer_pixels if preprocessing == "tensor" else self.preprocess
+        keys = [(preprocessing, image_digest(image)) for image in images]
         todo = [i for i, key in enumerate(keys) if key not in self._images]
         for start in range(0, len(todo), ENCODE_BATCH):
             chunk = todo[start : start + ENCODE_BATCH]
-            pixels = torch.stack([self.preprocess(images[i]) for i in chunk]).to(self.device, self.dtype)
+            pixels = torch.stack([prepare(images[i]) for i in chunk]).to(self.device, self.dtype)
             with torch.inference_mode():
                 vectors = F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
             for i, vector in zip(chunk, vectors):
@@ -76,11 +81,28 @@ class ClipModel:
         return _stack([self._texts.get(text) for text in texts])
 
 
+def fastcomposer_pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
+    """FastComposer's CLIP input (evaluation/clip_eval.py `CLIPEvaluator.preprocess` on
+    `ToTensor()(image) * 2 - 1`): un-normalised back to [0, 1], then OpenAI CLIP's transforms minus the PIL
+    steps — torchvision `Resize(224, bicubic)` of the shorter side on the float tensor (torchvision 0.14,
+    FastComposer's cog.yaml, does not antialias tensors; values may overshoot [0, 1], nothing clamps them),
+    `CenterCrop(224)`, `Normalize` with OpenAI's mean / std."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    pixels = TF.to_tensor(image.convert("RGB")) * 2.0 - 1.0
+    pixels = (pixels + 1.0) / 2.0
+    pixels = TF.resize(pixels, size, interpolation=InterpolationMode.BICUBIC, antialias=False)
+    pixels = TF.center_crop(pixels, size)
+    return TF.normalize(pixels, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+
+
 def _stack(vectors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(vectors) if vectors else torch.zeros(0, 0)
 
 
-_MODELS: dict[tuple[str, str, str], ClipModel] = {}
+_MODELS: dict[tuple[str, str, str, str], ClipModel] = {}
 
 
 def clip_weights(options: dict) -> tuple[str, ...]:
@@ -91,8 +113,9 @@ def clip_weights(options: dict) -> tuple[str, ...]:
     return (CLIP_CHECKPOINTS[name],) if name in CLIP_CHECKPOINTS else ()
 
 
-def clip_for(context: ScoreContext) -> ClipModel:
-    """The CLIP model a scoring context asks for (options `clip_model`, `clip_checkpoint`)."""
+def clip_for(context: ScoreContext, fp16_on_cuda: bool = False) -> ClipModel:
+    """The CLIP model a scoring context asks for (options `clip_model`, `clip_checkpoint`); with
+    `fp16_on_cuda`, half precision on a CUDA device as OpenAI's `clip.load` gives there."""
     name = context.options.get("clip_model") or DEFAULT_CLIP_MODEL
     explicit = context.options.get("clip_checkpoint")
     if explicit:
@@ -106,20 +129,22 @@ def clip_for(context: ScoreContext) -> ClipModel:
     else:
         raise BenchError(f"scoring option 'clip_model': {name!r} has no known weights "
                          f"(known: {', '.join(CLIP_CHECKPOINTS)}); give option 'clip_checkpoint' with its file")
-    return load_clip(name, checkpoint, context.device)
+    half = fp16_on_cuda and str(context.device).startswith("cuda")
+    return load_clip(name, checkpoint, context.device, precision="fp16" if half else "fp32")
 
 
-def load_clip(name: str, checkpoint: str | Path, device: str = "cpu") -> ClipModel:
-    """Build open_clip architecture `name` with the weights at `checkpoint` (cached per process)."""
+def load_clip(name: str, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32") -> ClipModel:
+    """Build open_clip architecture `name` with the weights at `checkpoint` (cached per process).
+    precision "fp16": open_clip's `convert_weights_to_lp`, the conversion OpenAI's `clip.load` applies on a GPU."""
     import open_clip
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     checkpoint = Path(checkpoint)
-    key = (name, str(checkpoint.resolve()), str(device))
+    key = (name, str(checkpoint.resolve()), str(device), precision)
     if key not in _MODELS:
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=str(checkpoint), device=device, force_quick_gelu=True,
+                name, pretrained=str(checkpoint), device=device, force_quick_gelu=True, precision=precision,
                 image_mean=OPENAI_DATASET_MEAN, image_std=OPENAI_DATASET_STD,
                 image_interpolation="bicubic", image_resize_mode="shortest",
             )

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchmetrics import Metric
 
+from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.registry import MetricInfo
 
 
@@ -34,9 +35,11 @@ class ScoreItem:
     image: Image.Image | None  # RGB, or None when it could not be read (see image_error)
     reference: Image.Image  # the identity's reference photo, RGB
     prompt: str  # the prompt with its subject placeholder filled by the neutral phrase
+    subject_prompt: str = ""  # the prompt with the identity's own subject phrase ("a man ..."), FastComposer's CLIP text
     image_error: str | None = None
     reference_sha256: str = ""  # of the reference photo's pixels: keys the per-identity feature cache
     target: dict[str, np.ndarray] | None = None  # head-control target coefficients (shape, exp, pose, cam, light)
+    siblings: tuple[tuple[str, Path], ...] = ()  # (task id, image) of the other finished samples of this identity and prompt
 
 
 @dataclass
@@ -150,16 +153,14 @@ class BenchMetric(Metric):
         path = None
         if self.context.cache_dir is not None:
             path = Path(self.context.cache_dir) / self.metric_name / f"{identity_id}.{key}.npy"
-            if path.exists():
-                value = np.load(path, allow_pickle=False)
-                value = None if value.size == 0 else value
+            stored = read_cached(path, lambda p: np.load(p, allow_pickle=False))
+            if stored is not None:
+                value = None if stored.size == 0 else stored
                 self._reference_memo[memo_key] = value
                 return value
         value = compute(image)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp.npy")
-            np.save(tmp, np.zeros(0) if value is None else np.asarray(value))
-            tmp.replace(path)
+            stored = np.zeros(0) if value is None else np.asarray(value)
+            atomic_write(path, lambda fh: np.save(fh, stored))
         self._reference_memo[memo_key] = value
         return value

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from caphuman_bench.faces.detection import DETECTOR_CONVENTION, detect_faces, mtcnn_weights_dir
+from caphuman_bench.faces.detection import DETECTOR_CONVENTION, mtcnn_weights_dir
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
+from caphuman_bench.metrics.protocol import scoring_protocol
 from caphuman_bench.registry import register_metric
 
 
@@ -19,7 +20,7 @@ class FaceDetectionRate(BenchMetric):
     """1 when MTCNN detects a face in the generated image, else 0; extra: n_faces, prob of the chosen face."""
 
     convention: ClassVar[dict] = {
-        "value": "1 if MTCNN keeps a face (output-network probability >= 0.7), else 0; the mean is the detection rate",
+        "value": "1 if MTCNN keeps a face (output-network probability > 0.7), else 0; the mean is the detection rate",
         "unreadable": "unreadable images are not scored (NaN, status unreadable)",
         **DETECTOR_CONVENTION,
     }
@@ -27,7 +28,8 @@ class FaceDetectionRate(BenchMetric):
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         readable = [i for i, item in enumerate(items) if item.image is not None]
         images = [items[i].image for i in readable]
-        detections = dict(zip(readable, detect_faces(images, self.device_name, mtcnn_weights_dir(self.context.weights))))
+        protocol = scoring_protocol(self.context.options)
+        detections = dict(zip(readable, protocol.detect(images, self.device_name, mtcnn_weights_dir(self.context.weights))))
         rows = []
         for i, item in enumerate(items):
             if i not in detections:

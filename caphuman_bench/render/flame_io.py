@@ -171,16 +171,21 @@ def load_texture_space(path: str | os.PathLike, n_tex: int = 50) -> TextureSpace
 
 @dataclass(frozen=True)
 class UVLayout:
-    """Texture coordinates of the FLAME topology: `uv` [T, 2] in [0, 1] (v up) and per-face indices into it."""
+    """Texture coordinates of the FLAME topology: `uv` [T, 2] in [0, 1] (v up) and per-face indices into it.
+
+    From an .obj also its own faces (vertex indices) and vertex count: DECA's `SRenderY` draws with the
+    obj's faces (pytorch3d `load_obj(...).verts_idx`), not FLAME's `f`."""
 
     uv: np.ndarray  # float32 [T, 2]
     uv_faces: np.ndarray  # int64 [F, 3]
+    faces: np.ndarray | None = None  # int64 [F, 3] vertex indices; None: FLAME's own
+    n_vertices: int | None = None  # 'v' lines of the obj
 
 
 def load_uv_layout(path: str | os.PathLike) -> UVLayout:
-    """`vt` and the texture indices of the `f v/vt[/vn]` lines of DECA's `head_template.obj`."""
+    """`vt`, and the vertex and texture indices of the `f v/vt[/vn]` lines, of DECA's `head_template.obj`."""
     path = Path(path)
-    uv, uv_faces = [], []
+    uv, uv_faces, faces, n_vertices = [], [], [], 0
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
@@ -190,12 +195,15 @@ def load_uv_layout(path: str | os.PathLike) -> UVLayout:
         if not parts:
             continue
         try:
-            if parts[0] == "vt":
+            if parts[0] == "v":
+                n_vertices += 1
+            elif parts[0] == "vt":
                 uv.append((float(parts[1]), float(parts[2])))
             elif parts[0] == "f":
                 if len(parts) != 4:
                     raise BenchError(f"{path}: line {number}: only triangles are supported")
                 uv_faces.append([int(p.split("/")[1]) - 1 for p in parts[1:]])
+                faces.append([int(p.split("/")[0]) - 1 for p in parts[1:]])
         except (IndexError, ValueError):
             raise BenchError(f"{path}: line {number}: malformed {parts[0]!r} line (faces need v/vt indices)") from None
     if not uv or not uv_faces:
@@ -203,4 +211,7 @@ def load_uv_layout(path: str | os.PathLike) -> UVLayout:
     uv_faces = np.asarray(uv_faces, dtype=np.int64)
     if uv_faces.min() < 0 or uv_faces.max() >= len(uv):
         raise BenchError(f"{path}: face texture index outside the {len(uv)} 'vt' entries")
-    return UVLayout(np.asarray(uv, dtype=np.float32), uv_faces)
+    faces = np.asarray(faces, dtype=np.int64)
+    if faces.min() < 0 or faces.max() >= n_vertices:
+        raise BenchError(f"{path}: face vertex index outside the {n_vertices} 'v' entries")
+    return UVLayout(np.asarray(uv, dtype=np.float32), uv_faces, faces, n_vertices)

@@ -12,14 +12,18 @@ The hint is `cat([normal, albedo, rendered])` [9, H, W] exactly as inference.py 
 from DECA's `normal_images`, `albedo_images`, `rendered_images`: normals in [-1, 1], albedo and
 rendered about [0, 1], zero outside the head, no rescaling. (The training loader reads these as
 PNGs normalised to [-1, 1]; the released inference code does not, and we follow inference.)
-The official code renders into the original photo through DECA's crop transform `tform`; here the
-output frame is the crop itself, so `cam` places the head in the size × size image directly.
+Frames: the official code renders into the (512²-resized) photo through DECA's crop transform
+`tform` (`decode(render_orig=True)`: crop-normalised x, y → crop pixels (p + 1) / 2 · 224 → photo pixels
+by tform⁻¹ → photo-normalised o / size · 2 − 1). A `CropFrame` given to `render` does the same; without
+one the output frame is the crop itself, so `cam` places the head in the size × size image directly.
+The frame travels with `cam` (the official `position` part takes both from the pose photo).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,16 +31,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from caphuman_bench.atomic import atomic_write, write_text_atomic
 from caphuman_bench.benchmark import N_CAM, N_EXP, N_LIGHT, N_POSE, N_SHAPE, N_TEX, HeadCondition
 from caphuman_bench.errors import BenchError
 from caphuman_bench.render.flame import FLAME, FlameTexture
 from caphuman_bench.render.flame_io import TextureSpace, UVLayout, load_flame_pickle, load_texture_space, load_uv_layout
 from caphuman_bench.render.renderer import MeshRenderer
 
+log = logging.getLogger(__name__)
+
 DEFAULT_MODE = "position,pose"
 MODE_PARTS = ("position", "pose", "expression", "lighting")
 CODE_SIZES = {"shape": N_SHAPE, "tex": N_TEX, "exp": N_EXP, "pose": N_POSE, "cam": N_CAM, "light": N_LIGHT}
 RENDER_FILE, TARGET_FILE = "head_render.npz", "head_target.json"
+CROP_SIDE = 224  # DECA's image_size: the crop its projection normalises to [-1, 1]
 FLAME_WEIGHTS = ("flame_model", "flame_texture", "flame_head_template")
 
 
@@ -89,6 +97,28 @@ def neutral_identity_code() -> dict[str, np.ndarray]:
     return {**zeros, "cam": np.array([6.0, 0.0, 0.0]), "light": light}
 
 
+@dataclass(frozen=True)
+class CropFrame:
+    """Where DECA's 224² crop lies in the photo a head is drawn into (the official `render_orig` frame).
+
+    tform: DECA's `tform.params`, photo pixel → crop pixel (`DecaSquare.tform`); width, height: the photo's
+    size in the pixels tform speaks of (CapHuman: the 512² resize). The output may be rendered at any
+    size: the frame is resolution-free once normalised."""
+
+    tform: np.ndarray  # [3, 3]
+    width: int
+    height: int
+
+    def screen_transform(self) -> np.ndarray:
+        """The affine map [3, 3] of crop-normalised screen x, y to photo-normalised x, y."""
+        crop_pixels = np.array([[CROP_SIDE / 2, 0, CROP_SIDE / 2], [0, CROP_SIDE / 2, CROP_SIDE / 2], [0, 0, 1.0]])
+        normalise = np.array([[2.0 / self.width, 0, -1], [0, 2.0 / self.height, -1], [0, 0, 1.0]])
+        return normalise @ np.linalg.inv(np.asarray(self.tform, dtype=np.float64)) @ crop_pixels
+
+    def digest(self) -> bytes:
+        return np.ascontiguousarray(self.tform, dtype=np.float64).tobytes() + f"{self.width}x{self.height}".encode()
+
+
 @dataclass
 class HeadRender:
     """One identity under one head condition: the three images, their mask and the target code."""
@@ -108,14 +138,13 @@ class HeadRender:
         return np.concatenate([self.normal, self.albedo, self.rendered]).astype(np.float32)
 
     def save(self, folder: str | os.PathLike) -> None:
+        """Both files written atomically, the images first: the key in the JSON vouches for them."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / (RENDER_FILE + ".tmp.npz")
-        np.savez_compressed(tmp, normal=self.normal, albedo=self.albedo, rendered=self.rendered, mask=self.mask)
-        os.replace(tmp, folder / RENDER_FILE)
+        atomic_write(folder / RENDER_FILE, lambda fh: np.savez_compressed(
+            fh, normal=self.normal, albedo=self.albedo, rendered=self.rendered, mask=self.mask))
         meta = {"mode": self.mode, "condition_id": self.condition_id, "key": self.key,
                 "target": {k: np.asarray(v).tolist() for k, v in self.target.items()}}
-        (folder / TARGET_FILE).write_text(json.dumps(meta, indent=1))
+        write_text_atomic(folder / TARGET_FILE, json.dumps(meta, indent=1))
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "HeadRender":
@@ -126,8 +155,10 @@ class HeadRender:
                 images = {k: npz[k].astype(np.float32) for k in ("normal", "albedo", "rendered", "mask")}
         except FileNotFoundError as exc:
             raise BenchError(f"{folder}: cached head render incomplete ({Path(exc.filename).name} missing)") from None
-        except (ValueError, KeyError, OSError) as exc:
-            raise BenchError(f"{folder}: cached head render unreadable ({exc})") from None
+        except Exception as exc:  # json, numpy and zipfile each fail on junk in their own way
+            raise BenchError(f"{folder}: cached head render unreadable ({type(exc).__name__}: {exc})") from None
+        if not isinstance(meta, dict):
+            raise BenchError(f"{folder / TARGET_FILE}: cached head render unreadable (not a JSON object)")
         target = check_code(meta.get("target", {}), str(folder / TARGET_FILE))
         return cls(**images, target=target, mode=meta.get("mode", DEFAULT_MODE),
                    condition_id=meta.get("condition_id"), key=meta.get("key", ""))
@@ -151,14 +182,23 @@ class HeadConditionRenderer:
     source: str  # what the model files were (enters the cache key)
 
     @classmethod
-    def from_arrays(cls, model: dict, texture: TextureSpace, uv: UVLayout, device=None, source: str = "") -> "HeadConditionRenderer":
+    def from_arrays(cls, model: dict, texture: TextureSpace, uv: UVLayout, device=None, source: str = "",
+                    names: tuple[str, str] = ("FLAME model", "head template")) -> "HeadConditionRenderer":
+        """The mesh is drawn with the template's own faces when it has them (DECA's `SRenderY` draws with
+        `head_template.obj`'s faces), which must index FLAME's vertices: a template of another vertex
+        count is refused, naming both files (`names`: the FLAME model's and the template's)."""
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         flame = FLAME(model, N_SHAPE, N_EXP, source=source or "FLAME model")
         if texture.basis.shape[1] < N_TEX:
             raise BenchError(f"{source}: texture space has {texture.basis.shape[1]} components, DECA uses {N_TEX}")
-        if uv.uv_faces.shape != tuple(flame.faces.shape):
-            raise BenchError(f"{source}: head template has {len(uv.uv_faces)} faces, FLAME has {len(flame.faces)}")
-        renderer = MeshRenderer(flame.faces, torch.from_numpy(uv.uv), torch.from_numpy(uv.uv_faces))
+        faces = flame.faces if uv.faces is None else torch.from_numpy(uv.faces)
+        n_vertices = flame.v_template.shape[0]
+        if uv.n_vertices is not None and uv.n_vertices != n_vertices:
+            raise BenchError(f"{names[1]} has {uv.n_vertices} vertices but {names[0]} has {n_vertices}: "
+                             f"the template is not of this FLAME topology")
+        if uv.uv_faces.shape != tuple(faces.shape):
+            raise BenchError(f"{names[1]}: {len(uv.uv_faces)} texture faces for {len(faces)} faces ({names[0]} has {len(flame.faces)})")
+        renderer = MeshRenderer(faces, torch.from_numpy(uv.uv), torch.from_numpy(uv.uv_faces))
         return cls(flame.to(device), FlameTexture(texture).to(device), renderer.to(device), device, source)
 
     @classmethod
@@ -168,7 +208,7 @@ class HeadConditionRenderer:
         paths = [Path(p) for p in (flame_path, texture_path, template_path)]
         source = ";".join(f"{p.resolve()}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p in paths if p.exists())
         return cls.from_arrays(load_flame_pickle(paths[0]), load_texture_space(paths[1], N_TEX),
-                               load_uv_layout(paths[2]), device, source=source)
+                               load_uv_layout(paths[2]), device, source=source, names=(str(paths[0]), str(paths[2])))
 
     @classmethod
     def from_weights(cls, device=None, overrides: dict[str, str] | None = None) -> "HeadConditionRenderer":
@@ -189,8 +229,8 @@ class HeadConditionRenderer:
 
     @torch.no_grad()
     def render_batch(self, identity_code: dict, conditions: list[HeadCondition | dict], mode: str = DEFAULT_MODE,
-                     size: int = 512) -> list[HeadRender]:
-        """One identity under several conditions, rendered as one batch."""
+                     size: int = 512, frame: CropFrame | None = None) -> list[HeadRender]:
+        """One identity under several conditions, rendered as one batch (into `frame`, see `CropFrame`)."""
         targets, ids = [], []
         for condition in conditions:
             coefficients, cid = _condition_parts(condition)
@@ -200,35 +240,45 @@ class HeadConditionRenderer:
                    for k in CODE_SIZES}
         vertices = self.flame(stacked["shape"], stacked["exp"], stacked["pose"])
         albedo_map = self.texture(stacked["tex"])
-        out = self.mesh_renderer(vertices, stacked["cam"], albedo_map, stacked["light"], size)
+        screen = None
+        if frame is not None:
+            screen = torch.tensor(frame.screen_transform(), dtype=torch.float32, device=self.device).expand(len(conditions), 3, 3)
+        out = self.mesh_renderer(vertices, stacked["cam"], albedo_map, stacked["light"], size, frame=screen)
         images = {k: getattr(out, k).float().cpu().numpy() for k in ("normal", "albedo", "rendered", "mask")}
         return [HeadRender(**{k: v[i] for k, v in images.items()}, target=targets[i], mode=mode,
-                           condition_id=ids[i], key=self.cache_key(identity_code, conditions[i], mode, size))
+                           condition_id=ids[i], key=self.cache_key(identity_code, conditions[i], mode, size, frame))
                 for i in range(len(conditions))]
 
     def render(self, identity_code: dict, condition: HeadCondition | dict, mode: str = DEFAULT_MODE,
-               size: int = 512) -> HeadRender:
+               size: int = 512, frame: CropFrame | None = None) -> HeadRender:
         """identity_code: DECA's decomposition (shape[100], tex[50], exp[50], pose[6], cam[3],
         light[27] or [9, 3]); condition: a HeadCondition or a dict with pose, exp, cam, light."""
-        return self.render_batch(identity_code, [condition], mode, size)[0]
+        return self.render_batch(identity_code, [condition], mode, size, frame)[0]
 
-    def cache_key(self, identity_code: dict, condition: HeadCondition | dict, mode: str, size: int) -> str:
+    def cache_key(self, identity_code: dict, condition: HeadCondition | dict, mode: str, size: int,
+                  frame: CropFrame | None = None) -> str:
         coefficients, _ = _condition_parts(condition)
         h = hashlib.sha256(f"{self.source}|{','.join(sorted(parse_mode(mode)))}|{size}".encode())
+        if frame is not None:
+            h.update(b"frame" + frame.digest())
         for part in (check_code(identity_code, "identity code"), check_code(coefficients, "head condition", ("pose", "exp", "cam", "light"))):
             for key in sorted(part):
                 h.update(key.encode() + np.ascontiguousarray(part[key], dtype=np.float64).tobytes())
         return h.hexdigest()[:16]
 
     def render_cached(self, identity_code: dict, condition: HeadCondition | dict, folder: str | os.PathLike,
-                      mode: str = DEFAULT_MODE, size: int = 512) -> HeadRender:
+                      mode: str = DEFAULT_MODE, size: int = 512, frame: CropFrame | None = None) -> HeadRender:
         """`render`, reusing `folder`'s saved render when it was made from the same inputs."""
         folder = Path(folder)
-        key = self.cache_key(identity_code, condition, mode, size)
+        key = self.cache_key(identity_code, condition, mode, size, frame)
         if (folder / TARGET_FILE).exists() and (folder / RENDER_FILE).exists():
-            cached = HeadRender.load(folder)
-            if cached.key == key:
-                return cached
-        result = self.render(identity_code, condition, mode, size)
+            try:
+                cached = HeadRender.load(folder)
+            except BenchError as exc:  # a torn or damaged entry is a miss, rendered again
+                log.warning("%s; rendering it again", exc)
+            else:
+                if cached.key == key:
+                    return cached
+        result = self.render(identity_code, condition, mode, size, frame)
         result.save(folder)
         return result

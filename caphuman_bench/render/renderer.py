@@ -82,10 +82,18 @@ class MeshRenderer(nn.Module):
         self.register_buffer("face_uv", grid_uv[uv_faces.long()].float())  # [F, 3, 2]
 
     def forward(self, vertices: torch.Tensor, cam: torch.Tensor, albedo_map: torch.Tensor, light: torch.Tensor,
-                size: int = 512) -> RenderOutput:
-        """vertices [B, V, 3] (world), cam [B, 3], albedo_map [B, 3, h, w], light [B, 9, 3]."""
+                size: int = 512, frame: torch.Tensor | None = None) -> RenderOutput:
+        """vertices [B, V, 3] (world), cam [B, 3], albedo_map [B, 3, h, w], light [B, 9, 3].
+
+        `frame` [B, 3, 3] (optional): an affine map of the projected x, y (DECA's crop frame, [-1, 1])
+        into the output image's frame, as DECA's `decode(render_orig=True)` moves `trans_verts` through
+        `transform_points` before rasterising; z is kept. Normals and shading use world space either way."""
         batch = vertices.shape[0]
         screen = orthographic_projection(vertices, cam)
+        if frame is not None:
+            frame = frame.to(screen.dtype)
+            xy = torch.einsum("bij,bvj->bvi", frame[:, :2, :2], screen[..., :2]) + frame[:, None, :2, 2]
+            screen = torch.cat([xy, screen[..., 2:]], dim=-1)
         fragments = rasterize(screen, self.faces, size)
         mask = fragments.mask[:, None].to(vertices.dtype)
 

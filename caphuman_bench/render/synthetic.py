@@ -27,6 +27,51 @@ EYE_CENTRES = np.array([[0.031, 0.022], [-0.031, 0.022]])  # (x, y) of the subje
 MOUTH_Y = -0.05
 
 
+def _synthetic_landmarks_xy() -> np.ndarray:
+    """The 68 iBUG landmarks of the synthetic face as frontal (x, y) in metres, in iBUG order (x < 0 is
+    the subject's right = the image's left), laid on its features: eyes at EYE_CENTRES, nose tip at the
+    nose bump, mouth at MOUTH_Y, jaw along the lower face."""
+    angles = np.linspace(-np.pi / 2, np.pi / 2, 17)
+    jaw = np.c_[0.066 * np.sin(angles), 0.01 - 0.085 * np.cos(angles)]
+    brow_x = np.linspace(-0.016, 0.016, 5)
+    (lx, ly), (rx, ry) = EYE_CENTRES  # subject's left (x > 0), right
+    brows = [np.c_[rx + brow_x, np.full(5, ry + 0.018)], np.c_[lx + brow_x, np.full(5, ly + 0.018)]]
+    nose = [np.c_[np.zeros(4), np.linspace(0.025, -0.005, 4)], np.c_[np.linspace(-0.012, 0.012, 5), np.full(5, -0.018)]]
+    # each eye from its outer corner (right eye) / inner corner (left eye), over the top, back along the bottom
+    ring = np.array([[-0.011, 0], [-0.004, 0.004], [0.004, 0.004], [0.011, 0], [0.004, -0.004], [-0.004, -0.004]])
+    eyes = [ring + (rx, ry), ring + (lx, ly)]
+    outer = [[-0.022, 0], [-0.014, 0.006], [-0.006, 0.008], [0, 0.007], [0.006, 0.008], [0.014, 0.006],
+             [0.022, 0], [0.014, -0.007], [0.006, -0.009], [0, -0.010], [-0.006, -0.009], [-0.014, -0.007]]
+    inner = [[-0.016, 0], [-0.006, 0.003], [0, 0.003], [0.006, 0.003], [0.016, 0], [0.006, -0.003], [0, -0.003],
+             [-0.006, -0.003]]
+    lips = [np.array(outer) + (0, MOUTH_Y), np.array(inner) + (0, MOUTH_Y)]
+    return np.concatenate([jaw, *brows, *nose, *eyes, *lips])
+
+
+def frontal_embedding(vertices: np.ndarray, faces: np.ndarray, points_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Lift frontal (x, y) points onto the front of a mesh: for each, the nearest-to-camera (largest z)
+    face whose (x, y) projection contains it, and its barycentric weights there → (faces [N], bary [N, 3])."""
+    corners = vertices[faces]  # [F, 3, 3]
+    a, b, c = corners[:, 0, :2], corners[:, 1, :2], corners[:, 2, :2]
+    det = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+    ok = np.abs(det) > 1e-12
+    out_faces, out_bary = [], []
+    for point in points_xy:
+        d = point - a
+        with np.errstate(divide="ignore", invalid="ignore"):
+            w1 = (d[:, 0] * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * d[:, 1]) / det
+            w2 = ((b[:, 0] - a[:, 0]) * d[:, 1] - d[:, 0] * (b[:, 1] - a[:, 1])) / det
+        weights = np.stack([1 - w1 - w2, w1, w2], 1)
+        inside = ok & np.all(weights >= -1e-9, axis=1)
+        if not inside.any():
+            raise ValueError(f"point {point.tolist()} is not in front of the mesh")
+        depth = np.where(inside, np.einsum("fk,fk->f", weights, corners[:, :, 2]), -np.inf)
+        face = int(np.argmax(depth))
+        out_faces.append(face)
+        out_bary.append(weights[face])
+    return np.array(out_faces, dtype=np.int64), np.array(out_bary, dtype=np.float32)
+
+
 @dataclass
 class SyntheticFlame:
     model: dict  # FLAME fields, plain numpy (shapedirs as an array, J_regressor as a csc_matrix)
@@ -37,6 +82,11 @@ class SyntheticFlame:
     def flame_arrays(self) -> dict[str, np.ndarray]:
         """The model as the loader returns it (all dense numpy)."""
         return {k: (v.toarray() if isinstance(v, csc_matrix) else v) for k, v in self.model.items()}
+
+    def landmark_embedding(self) -> tuple[np.ndarray, np.ndarray]:
+        """The 68 landmarks' (faces [68], barycentrics [68, 3]) on this mesh, as DECA's
+        `full_lmk_faces_idx` / `full_lmk_bary_coords` place them on FLAME's."""
+        return frontal_embedding(self.model["v_template"], self.model["f"].astype(np.int64), _synthetic_landmarks_xy())
 
     def texture_space(self, n_tex: int = 50) -> TextureSpace:
         side = int(round((self.texture_mean.size / 3) ** 0.5))

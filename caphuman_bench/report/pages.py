@@ -54,6 +54,23 @@ ul.paired li{margin:.25rem 0}
 """
 
 
+def protocols(res: dict) -> dict[str, str]:
+    """Metric family → the scoring protocol its rows followed: the convention's `protocol`, else the
+    one `scoring.json` recorded (results.json `scored_with`)."""
+    found = {}
+    for family in sorted(set(res.get("conventions", {})) | set(res.get("scored_with", {}))):
+        conv = res.get("conventions", {}).get(family) or {}
+        scored = res.get("scored_with", {}).get(family) or {}
+        protocol = conv.get("protocol") or scored.get("protocol")
+        if protocol:
+            found[family] = str(protocol)
+    return found
+
+
+def run_protocol(res: dict) -> str:
+    return ", ".join(sorted(set(protocols(res).values()))) or "–"
+
+
 def _b64(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
 
@@ -110,9 +127,11 @@ def leaderboard_table(results: list[dict], labels: list[str], order: list[str]) 
         images = res["images"]["ok"]
         cells = "".join(_cell(res["metrics"].get(n), images) for n in names)
         rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{html.escape(res['split'])}</td>"
-                    f"<td class='l'>{html.escape(str(res.get('head_input', 'none')))}</td><td>{images}</td>{cells}</tr>")
+                    f"<td class='l'>{html.escape(str(res.get('head_input', 'none')))}</td>"
+                    f"<td class='l'>{html.escape(run_protocol(res))}</td><td>{images}</td>{cells}</tr>")
     return ("<div class='scroll'><table><thead><tr><th class='l'>method</th><th class='l'>split</th>"
-            f"<th class='l'>head input</th><th>images</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+            f"<th class='l'>head input</th><th class='l'>protocol</th><th>images</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def metric_figures(results: list[dict], labels: list[str], names: list[str]) -> list[str]:
@@ -210,11 +229,14 @@ def _head_render(runs: list[RunDir], identity_id: str, condition_id: str) -> Ima
     """The head render a method was steered with, from the first run that cached one."""
     for run in runs:
         path = run.cache_dir / "method" / "render" / identity_id / condition_id / "head_render.npz"
-        if path.exists():
+        if not path.exists():
+            continue
+        try:
             with np.load(path, allow_pickle=False) as data:
-                if "rendered" in data.files:
-                    pixels = np.clip(data["rendered"], 0, 1).transpose(1, 2, 0)
-                    return Image.fromarray((pixels * 255).round().astype(np.uint8))
+                pixels = np.clip(data["rendered"], 0, 1).transpose(1, 2, 0)
+        except Exception:  # a damaged cache entry costs its picture, not the page (numpy raises many kinds)
+            continue
+        return Image.fromarray((pixels * 255).round().astype(np.uint8))
     return None
 
 
@@ -252,7 +274,7 @@ def conventions_section(results: list[dict], labels: list[str]) -> list[str]:
     rows = []
     for res, label in zip(results, labels):
         for family, conv in sorted(res.get("conventions", {}).items()):
-            protocol = conv.get("protocol")
+            protocol = protocols(res).get(family)
             rest = "; ".join(f"{k}: {v}" for k, v in sorted(conv.items()) if k != "protocol")
             rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{html.escape(family)}</td>"
                         f"<td class='l'>{html.escape(str(protocol) if protocol else '–')}</td>"

@@ -2,10 +2,13 @@
 
 Resumable: an image whose last status is ok and whose file exists is never regenerated (unless
 `force`); a failure is logged with its reason and the run goes on. Images are written atomically.
+Each task is claimed before it is generated (`RunDir.claims`), so two processes on one run
+directory (the same command twice) split the work instead of both doing all of it.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -21,6 +24,8 @@ from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import Shard, Task
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class GenerateSummary:
@@ -28,6 +33,7 @@ class GenerateSummary:
     generated: int = 0
     kept: int = 0
     failed: int = 0
+    elsewhere: int = 0  # tasks another process was generating
     failures: list[str] = field(default_factory=list)
 
 
@@ -45,7 +51,9 @@ def method_weights(card: MethodCard, params: dict, weights_paths: dict[str, str]
 
 def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, device: str, shard: Shard,
              force: bool = False, weights_paths: dict[str, str] | None = None, progress=None) -> GenerateSummary:
-    mine = shard.select(run.tasks())
+    planned = run.tasks()
+    claim_index = {t.task_id: i for i, t in enumerate(planned)}
+    mine = shard.select(planned)
     finished = set() if force else run.finished_ids()
     todo = [t for t in mine if t.task_id not in finished]
     summary = GenerateSummary(planned=len(mine), kept=len(mine) - len(todo))
@@ -56,38 +64,73 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
     adapter_cls, resolved = method_weights(card, params, weights_paths)
     references = {t.identity_id: bench.reference_image(t.identity_id) for t in todo}
 
-    adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved))
+    adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved,
+                                                      artefacts=run.info().get("artefacts", {})))
     adapter.load()
 
     for identity_id, condition_id in dict.fromkeys((t.identity_id, t.condition_id) for t in todo):
-        if run.read_target(identity_id, condition_id) is None:
+        if _stored_target(run, identity_id, condition_id) is None:
             target = adapter.head_target(identity_id, references[identity_id], bench.conditions[condition_id])
             if target is not None:
                 run.write_target(identity_id, condition_id, target)
 
-    height, width = int(params.get("height", 512)), int(params.get("width", 512))
     task_bar = progress.add_task(f"generate {card.name}", total=len(todo)) if progress else None
-    for batch in _batches(todo, max(1, int(params.get("batch_size", 1)))):
-        requests = [_request(t, bench, references, height, width) for t in batch]
-        started = time.perf_counter()
-        try:
-            images = adapter.generate(requests)
-            if len(images) != len(batch):
-                raise RuntimeError(f"adapter returned {len(images)} images for {len(batch)} requests")
-        except (RuntimeError, ValueError, BenchError) as exc:
-            for t in batch:
-                run.append_status(t.task_id, "failed", f"{type(exc).__name__}: {exc}")
-            summary.failed += len(batch)
-            summary.failures.append(f"{batch[0].task_id}: {exc}")
-        else:
-            seconds = (time.perf_counter() - started) / len(batch)
-            for t, image in zip(batch, images):
-                save_png_atomic(image, run.image_path(t.task_id))
-                run.append_status(t.task_id, "ok", seconds=seconds, seed=t.seed)
-            summary.generated += len(batch)
-        if progress:
-            progress.advance(task_bar, len(batch))
+    with run.claims() as claims:
+        for batch in _batches(todo, max(1, int(params.get("batch_size", 1)))):
+            claimed = _claim(run, claims, batch, claim_index, force)
+            summary.elsewhere += len(batch) - len(claimed)
+            try:
+                _generate_batch(run, adapter, bench, claimed, references, params, summary)
+            finally:
+                for t in claimed:
+                    claims.release(claim_index[t.task_id])
+            if progress:
+                progress.advance(task_bar, len(batch))
     return summary
+
+
+def _claim(run: RunDir, claims, batch: list[Task], claim_index: dict[str, int], force: bool) -> list[Task]:
+    """The tasks of `batch` this process now holds and no other process finished meanwhile."""
+    claimed = [t for t in batch if claims.claim(claim_index[t.task_id])]
+    if not force and any(run.image_path(t.task_id).exists() for t in claimed):
+        finished = run.finished_ids()  # another process may have just finished some
+        for t in [t for t in claimed if t.task_id in finished]:
+            claims.release(claim_index[t.task_id])
+        claimed = [t for t in claimed if t.task_id not in finished]
+    return claimed
+
+
+def _generate_batch(run: RunDir, adapter, bench: Benchmark, batch: list[Task], references, params: dict,
+                    summary: GenerateSummary) -> None:
+    if not batch:
+        return
+    height, width = int(params.get("height", 512)), int(params.get("width", 512))
+    requests = [_request(t, bench, references, height, width) for t in batch]
+    started = time.perf_counter()
+    try:
+        images = adapter.generate(requests)
+        if len(images) != len(batch):
+            raise RuntimeError(f"adapter returned {len(images)} images for {len(batch)} requests")
+    except (RuntimeError, ValueError, BenchError) as exc:
+        for t in batch:
+            run.append_status(t.task_id, "failed", f"{type(exc).__name__}: {exc}")
+        summary.failed += len(batch)
+        summary.failures.append(f"{batch[0].task_id}: {exc}")
+    else:
+        seconds = (time.perf_counter() - started) / len(batch)
+        for t, image in zip(batch, images):
+            save_png_atomic(image, run.image_path(t.task_id))
+            run.append_status(t.task_id, "ok", seconds=seconds, seed=t.seed)
+        summary.generated += len(batch)
+
+
+def _stored_target(run: RunDir, identity_id: str, condition_id: str):
+    """A stored head target, or None when there is none or it is damaged (then it is rebuilt)."""
+    try:
+        return run.read_target(identity_id, condition_id)
+    except BenchError as exc:
+        log.warning("%s", exc)
+        return None
 
 
 def _request(task: Task, bench: Benchmark, references, height: int, width: int) -> GenerationRequest:
@@ -97,6 +140,7 @@ def _request(task: Task, bench: Benchmark, references, height: int, width: int) 
         task_id=task.task_id,
         identity_id=task.identity_id,
         prompt=bench.prompts[task.prompt_id].fill(identity.subject),
+        subject=identity.subject,
         reference=references[task.identity_id],
         condition=bench.conditions[task.condition_id],
         generator=generator,

@@ -64,6 +64,7 @@ def parse_shard(text: str | None) -> Shard:
         if not match or not int(match[2]) or int(match[1]) >= int(match[2]):
             raise BenchError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2")
         return Shard(int(match[1]), int(match[2]))
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    rank = int(os.environ.get("RANK", "0") or 0)
-    return Shard(rank, world) if world > 1 else Shard(0, 1)
+    world, rank = os.environ.get("WORLD_SIZE", "1") or "1", os.environ.get("RANK", "0") or "0"
+    if not (world.isdigit() and rank.isdigit() and int(rank) < max(int(world), 1)):
+        raise BenchError(f"environment RANK={rank!r} WORLD_SIZE={world!r}: expected 0 <= RANK < WORLD_SIZE")
+    return Shard(int(rank), int(world)) if int(world) > 1 else Shard(0, 1)

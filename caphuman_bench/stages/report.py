@@ -21,6 +21,7 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.registry import all_metrics
 from caphuman_bench.report.breakdowns import breakdowns_json, per_image, run_spec
 from caphuman_bench.report.numbers import fmt_interval, rounded
+from caphuman_bench.report.pages import protocols
 from caphuman_bench.report.stats import PairedResult, paired_comparison, summarise
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.score import read_scores
@@ -52,7 +53,8 @@ def scored_values(scores: pd.DataFrame) -> tuple[list[str], dict[str, tuple[bool
 
 
 def aggregate_run(run: RunDir) -> dict:
-    """Compute and write `<run>/results.json` and the run's own leaderboard from the run's files."""
+    """A run's results from its files, in memory: reading never writes into a run directory
+    (`write_run_results` does, after `run` or `score`)."""
     run.require()
     info = run.info()
     families = all_metrics()
@@ -72,7 +74,7 @@ def aggregate_run(run: RunDir) -> dict:
     status = run.latest_status()
     tasks = run.tasks()
     finished = run.finished_ids()
-    scoring = json.loads(run.scoring_file.read_text()) if run.scoring_file.exists() else {}
+    scoring = run.scoring()
     results = {
         "method": info["label"],
         "method_card": info["method"]["name"],
@@ -89,12 +91,16 @@ def aggregate_run(run: RunDir) -> dict:
         "images": {"planned": len(tasks), "ok": len(finished),
                    "failed": sum(1 for r in status.values() if r["status"] == "failed"),
                    "missing": len(tasks) - len(finished)},
-        "provenance": {k: info[k] for k in ("config_hash", "card_hash", "params", "environment", "created") if k in info}
+        "provenance": {k: info[k] for k in ("config_hash", "card_hash", "params", "head_inputs", "environment", "created") if k in info}
                       | {"spec_hash": info["benchmark"]["spec_hash"]},
     }
+    return results
+
+
+def write_run_results(run: RunDir, results: dict) -> None:
+    """`<run>/results.json` and the run's own leaderboard (by the stages that write the run)."""
     write_json_atomic(run.results_file, results)
     write_leaderboard([results], run.path)
-    return results
 
 
 def find_runs(paths: list[Path]) -> list[RunDir]:
@@ -130,6 +136,7 @@ def leaderboard(results: list[dict]) -> pd.DataFrame:
                          "ci95_low": (m["ci95"] or [None, None])[0], "ci95_high": (m["ci95"] or [None, None])[1],
                          "higher_is_better": m["higher_is_better"], "images_ok": res["images"]["ok"],
                          "head_input": res.get("head_input", "none"),
+                         "protocol": protocols(res).get(m.get("family", ""), ""),
                          "config_hash": res["provenance"].get("config_hash", "")[:12]})
     return pd.DataFrame(rows)
 
@@ -144,6 +151,7 @@ def leaderboard_wide(board: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for (method, split), part in board.groupby(["method", "split"], sort=False):
         row = {"method": method, "split": split, "head input": part["head_input"].iloc[0],
+               "protocol": ", ".join(sorted({p for p in part["protocol"] if p})) or "–",
                "images": int(part["images_ok"].iloc[0])}
         cells = {r["metric"]: r for r in part.to_dict(orient="records")}
         for metric in metrics:
@@ -177,10 +185,7 @@ def write_leaderboard(results: list[dict], out_dir: Path) -> pd.DataFrame:
     out_dir.mkdir(parents=True, exist_ok=True)
     board = leaderboard(results)
     wide = leaderboard_wide(board)
-    protocols = sorted({(family, str(conv["protocol"])) for res in results
-                        for family, conv in res.get("conventions", {}).items() if conv.get("protocol")})
-    lines = "".join(f"- {family}: {protocol}\n" for family, protocol in protocols)
-    write_text_atomic(out_dir / "leaderboard.md", to_markdown(wide) + (f"\nScoring protocol:\n{lines}" if lines else ""))
+    write_text_atomic(out_dir / "leaderboard.md", to_markdown(wide))
     write_text_atomic(out_dir / "leaderboard.csv", board.to_csv(index=False))
     write_json_atomic(out_dir / "leaderboard.json", {"rows": board.to_dict(orient="records")})
     write_text_atomic(out_dir / "breakdowns.csv", breakdowns_table(results).to_csv(index=False))
@@ -248,16 +253,36 @@ def _rows_of(payload: dict | list, source: Path) -> dict[tuple[str, str, str], d
     if isinstance(payload, dict) and "rows" in payload:
         rows = payload["rows"]
     elif isinstance(payload, dict) and "metrics" in payload:
-        rows = leaderboard([payload]).to_dict(orient="records")
+        try:
+            rows = leaderboard([payload]).to_dict(orient="records")
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+            raise BenchError(f"{source}: not a results.json of caphuman-bench ({type(exc).__name__}: {exc})") from None
     else:
         raise BenchError(f"{source}: neither a leaderboard.json (field 'rows') nor a results.json (field 'metrics')")
+    if not isinstance(rows, list):
+        raise BenchError(f"{source}: field 'rows' must be a list")
     keyed = {}
-    for row in rows:
+    for i, row in enumerate(rows):
+        _check_row(row, f"{source}: rows[{i}]")
         key = (row["method"], row["split"], row["metric"])
         if key in keyed:
             raise BenchError(f"{source}: two rows for method {key[0]!r}, split {key[1]!r}, metric {key[2]!r}")
         keyed[key] = row
     return keyed
+
+
+def _check_row(row, where: str) -> None:
+    """A leaderboard row as `compare` reads it: names are strings, the mean a finite number or null."""
+    if not isinstance(row, dict):
+        raise BenchError(f"{where}: expected an object")
+    for name in ("method", "split", "metric"):
+        if not isinstance(row.get(name), str):
+            raise BenchError(f"{where}: field {name!r} must be a string")
+    mean = row.get("mean")
+    if mean is not None and (isinstance(mean, bool) or not isinstance(mean, (int, float)) or not math.isfinite(mean)):
+        raise BenchError(f"{where}: field 'mean' {mean!r} must be a finite number or null")
+    if not isinstance(row.get("higher_is_better"), bool):
+        raise BenchError(f"{where}: field 'higher_is_better' must be true or false")
 
 
 def _number(value) -> float | None:
@@ -273,7 +298,7 @@ def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[s
     for path in (old_path, new_path):
         try:
             loaded.append(_rows_of(json.loads(Path(path).read_text()), Path(path)))
-        except (OSError, json.JSONDecodeError) as exc:
+        except (OSError, ValueError) as exc:  # ValueError: not JSON, not UTF-8
             raise BenchError(f"{path}: unreadable ({exc})") from None
     old, new = loaded
     if old and not set(old) & set(new):

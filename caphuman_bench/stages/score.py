@@ -2,13 +2,18 @@
 
 Reads only the run directory (run.json, tasks, status, images, targets) and the benchmark spec it
 names. Metrics whose weights are missing are skipped and named; an image that cannot be read gets a
-per-item status; a metric that fails on a batch records `error` rows and the pass goes on.
+per-item status. A metric that cannot run at all (a bad weights file, device or model name) stops
+the pass before any row is written, naming the cause; a batch that fails is retried image by image,
+and only the images that still fail get `error` rows, which the next pass retries.
 Re-scoring is incremental: (task, metric) pairs already in the file are kept unless `force`.
+scores.parquet is derived: a damaged one (unreadable, wrong schema, duplicate rows) is rebuilt by
+rescoring, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -20,6 +25,7 @@ from caphuman_bench.benchmark import NEUTRAL_SUBJECT, Benchmark
 from caphuman_bench.errors import BenchError
 from caphuman_bench.images import ImageError, load_rgb
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
+from caphuman_bench.metrics.protocol import scoring_protocol
 from caphuman_bench.provenance import config_hash
 from caphuman_bench.registry import all_metrics, get_metric
 from caphuman_bench.rundir import RunDir
@@ -29,12 +35,19 @@ from caphuman_bench.weights import sha256_of
 KEY_COLUMNS = ["task_id", "image_sha256", "scored_with", "identity_id", "prompt_id", "condition_id", "sample", "metric",
                "status", "reason", "extra"]
 FLUSH_EVERY = 64  # items: how much scoring an interruption can lose at most
+ROW_STATUSES = ("ok", "no_face", "unreadable", "error")
+log = logging.getLogger(__name__)
+
+
+class DamagedScores(BenchError):
+    """scores.parquet cannot be trusted; `score` rebuilds it."""
 
 
 @dataclass
 class ScoreSummary:
     scored: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)  # metric -> reason (missing weights)
+    errors: dict[str, int] = field(default_factory=dict)  # metric -> rows with status error this pass
 
 
 def open_benchmark(run: RunDir) -> Benchmark:
@@ -44,7 +57,10 @@ def open_benchmark(run: RunDir) -> Benchmark:
     if bench.spec_hash != spec["spec_hash"]:
         raise BenchError(f"{bench.root}: the benchmark spec changed since {run.run_json} was written "
                          f"(field 'benchmark.spec_hash' {spec['spec_hash'][:12]} != {bench.spec_hash[:12]})")
-    for identity_id, digest in spec.get("reference_sha256", {}).items():
+    references = spec.get("reference_sha256") or {}
+    if not isinstance(references, dict):
+        raise BenchError(f"{run.run_json}: field 'benchmark.reference_sha256' must be a JSON object")
+    for identity_id, digest in references.items():
         if bench.reference_sha256(identity_id) != digest:
             raise BenchError(f"identity {identity_id!r}: the reference photo changed since {run.run_json} was written "
                              f"(field 'benchmark.reference_sha256'); plan a new run")
@@ -74,12 +90,18 @@ def select_metrics(names: list[str] | None, options: dict) -> tuple[dict[str, tu
 def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu", options: dict | None = None,
           shard: Shard = Shard(0, 1), force: bool = False, batch_size: int = 8, progress=None) -> ScoreSummary:
     run.require()
+    run.remove_stale_temps()
     options = dict(options or {})
+    scoring_protocol(options)  # an unknown protocol stops here, before any image is read
     bench = open_benchmark(run)
     ready, skipped = select_metrics(metrics, options)
     summary = ScoreSummary(skipped=skipped)
     finished = run.finished_ids()
-    tasks = [t for t in shard.select(run.tasks()) if t.task_id in finished]
+    all_finished = [t for t in run.tasks() if t.task_id in finished]
+    tasks = shard.select(all_finished)
+    groups: dict[tuple[str, str], list[Task]] = {}
+    for t in all_finished:  # (identity, prompt) groups across shards: what group metrics compare within
+        groups.setdefault((t.identity_id, t.prompt_id), []).append(t)
     digests = {t.task_id: sha256_of(run.image_path(t.task_id)) for t in tasks}
     signatures = {name: scoring_signature(name, options, found) for name, (_, found) in ready.items()}
     done = set() if force else _up_to_date(run, signatures, digests)
@@ -93,20 +115,26 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     todo = [t for t in tasks if any((t.task_id, name) not in done for name in instances)]
     bar = progress.add_task("score", total=len(todo)) if progress and todo else None
     pending: list[dict] = []
+    proven: set[str] = set()  # metrics that scored at least one image this pass
     for start in range(0, len(todo), batch_size):
         batch = todo[start : start + batch_size]
-        items = [_item(run, bench, t) for t in batch]
+        items = [_item(run, bench, t, groups[(t.identity_id, t.prompt_id)]) for t in batch]
         for name, metric in instances.items():
             pairs = [(t, it) for t, it in zip(batch, items) if (t.task_id, name) not in done]
             if not pairs:
                 continue
             try:
-                metric.update([it for _, it in pairs])
-                rows = metric.last_rows
-            except Exception as exc:  # one metric failing on one batch must not end the pass
-                rows = [ItemScore({v: math.nan for v in metric.value_names}, "error", f"{type(exc).__name__}: {exc}") for _ in pairs]
+                rows = _measure(metric, [it for _, it in pairs])
+            except BenchError as exc:
+                raise BenchError(_cannot_run(name, str(exc))) from None
+            failures = [r.reason for r in rows if r.status == "error"]
+            if name not in proven and failures and len(failures) == len(rows):
+                raise BenchError(_cannot_run(name, failures[0]))
+            proven.add(name)
             pending += [_row(t, name, r, digests[t.task_id], signatures[name]) for (t, _), r in zip(pairs, rows)]
             summary.scored[name] = summary.scored.get(name, 0) + len(pairs)
+            if failures:
+                summary.errors[name] = summary.errors.get(name, 0) + len(failures)
         if len(pending) >= FLUSH_EVERY:
             _merge_scores(run, pending)
             pending = []
@@ -118,7 +146,39 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     return summary
 
 
-def _item(run: RunDir, bench: Benchmark, task: Task) -> ScoreItem:
+def _cannot_run(metric: str, cause: str) -> str:
+    return (f"metric {metric} cannot run ({' '.join(cause.split())}); scoring stopped; fix the "
+            f"cause (weights file, --device, model name) or leave it out with --metrics")
+
+
+def _measure(metric: BenchMetric, items: list[ScoreItem]) -> list[ItemScore]:
+    """The metric's rows for a batch; when the batch fails, each image on its own, so one bad
+    image does not take its batch down. A BenchError (a cause the user must fix) is not caught."""
+    try:
+        metric.update(items)
+        return metric.last_rows
+    except BenchError:
+        raise
+    except Exception as exc:
+        if len(items) == 1:
+            return [_error_row(metric, exc)]
+    rows = []
+    for item in items:
+        try:
+            metric.update([item])
+            rows.append(metric.last_rows[0])
+        except BenchError:
+            raise
+        except Exception as exc:  # this image fails: an error row, retried by the next pass
+            rows.append(_error_row(metric, exc))
+    return rows
+
+
+def _error_row(metric: BenchMetric, exc: Exception) -> ItemScore:
+    return ItemScore({v: math.nan for v in metric.value_names}, "error", f"{type(exc).__name__}: {exc}")
+
+
+def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> ScoreItem:
     try:
         image, error = load_rgb(run.image_path(task.task_id)), None
     except ImageError as exc:
@@ -131,6 +191,8 @@ def _item(run: RunDir, bench: Benchmark, task: Task) -> ScoreItem:
         condition_id=task.condition_id, sample=task.sample, image=image, image_error=error,
         reference=bench.reference_image(task.identity_id), reference_sha256=bench.reference_sha256(task.identity_id),
         prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
+        siblings=tuple((t.task_id, run.image_path(t.task_id)) for t in group if t.task_id != task.task_id),
+        subject_prompt=bench.prompts[task.prompt_id].fill(bench.identities[task.identity_id].subject),
     )
 
 
@@ -151,25 +213,69 @@ def _row(task: Task, metric: str, score: ItemScore, image_sha256: str, signature
 
 
 def read_scores(run: RunDir) -> pd.DataFrame:
+    """scores.parquet, checked: readable, the key columns with their types, known statuses, one row
+    per (task, metric). A file that fails any check raises DamagedScores naming what is wrong."""
     if not run.scores_file.exists():
         return pd.DataFrame(columns=KEY_COLUMNS)
-    return pd.read_parquet(run.scores_file)
+    try:
+        return _checked_scores(run.scores_file)
+    except DamagedScores as exc:
+        raise DamagedScores(f"{exc}; `caphuman-bench score {run.path}` rebuilds it") from None
+
+
+def _checked_scores(where) -> pd.DataFrame:
+    try:
+        df = pd.read_parquet(where)
+    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, … on junk
+        raise DamagedScores(f"{where}: unreadable ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    missing = [c for c in KEY_COLUMNS if c not in df]
+    if missing:
+        raise DamagedScores(f"{where}: column {missing[0]!r} missing")
+    if len(df) == 0:
+        return df
+    for column in ("task_id", "image_sha256", "scored_with", "metric", "status", "reason"):
+        if not df[column].map(lambda v: isinstance(v, str)).all():
+            raise DamagedScores(f"{where}: column {column!r} holds a value that is not a string")
+    unknown = sorted(set(df["status"]) - set(ROW_STATUSES))
+    if unknown:
+        raise DamagedScores(f"{where}: column 'status' holds {unknown[0]!r} (expected {', '.join(ROW_STATUSES)})")
+    duplicated = df.duplicated(["task_id", "metric"])
+    if duplicated.any():
+        row = df[duplicated].iloc[0]
+        raise DamagedScores(f"{where}: {int(duplicated.sum())} duplicate row(s), e.g. task {row['task_id']!r} metric {row['metric']!r}")
+    values = [c for c in df.columns if c not in KEY_COLUMNS]
+    for column in values:
+        if not pd.api.types.is_float_dtype(df[column]):
+            raise DamagedScores(f"{where}: value column {column!r} is not floating point")
+    return df
+
+
+def _trusted_scores(run: RunDir, warn: bool) -> pd.DataFrame:
+    """The stored rows, or none when the file is damaged: every pair is then rescored and the file rebuilt."""
+    if not run.scores_file.exists():
+        return pd.DataFrame(columns=KEY_COLUMNS)
+    try:
+        return _checked_scores(run.scores_file)
+    except DamagedScores as exc:
+        if warn:
+            log.warning("%s; rescoring every image to rebuild it", exc)
+        return pd.DataFrame(columns=KEY_COLUMNS)
 
 
 def _up_to_date(run: RunDir, signatures: dict[str, str], digests: dict[str, str]) -> set[tuple[str, str]]:
-    """(task, metric) pairs whose stored row was scored on this very image with these settings."""
-    df = read_scores(run)
-    if "scored_with" not in df or "image_sha256" not in df:
-        return set()
-    return {(tid, metric) for tid, metric, sig, digest in zip(df["task_id"], df["metric"], df["scored_with"], df["image_sha256"])
-            if signatures.get(metric) == sig and digests.get(tid) == digest}
+    """(task, metric) pairs whose stored row was scored on this very image with these settings and
+    did not fail (an `error` row is retried)."""
+    df = _trusted_scores(run, warn=True)
+    return {(tid, metric) for tid, metric, sig, digest, status
+            in zip(df["task_id"], df["metric"], df["scored_with"], df["image_sha256"], df["status"])
+            if signatures.get(metric) == sig and digests.get(tid) == digest and status != "error"}
 
 
 def _merge_scores(run: RunDir, rows: list[dict]) -> None:
     """Add rows to scores.parquet under a lock, replacing older rows of the same (task, metric)."""
     new = pd.DataFrame(rows)
     with run.lock("scores"):
-        old = read_scores(run)
+        old = _trusted_scores(run, warn=False)  # _up_to_date said so, unless --force asked to rescore anyway
         if len(old):
             keys = set(zip(new["task_id"], new["metric"]))
             old = old[[k not in keys for k in zip(old["task_id"], old["metric"])]]
@@ -182,9 +288,14 @@ def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str]], skip
     """Per metric, what its rows were scored with (options, weights files, signature), and the
     metrics the last pass skipped. Metrics not in this pass keep their earlier entry."""
     with run.lock("scoring"):
-        previous = json.loads(run.scoring_file.read_text()) if run.scoring_file.exists() else {}
+        try:
+            previous = run.scoring()
+        except BenchError as exc:  # derived: rebuilt from this pass
+            log.warning("%s; rewriting it", exc)
+            previous = {}
         metrics = previous.get("metrics", {})
         for name, (options, found, signature) in scored.items():
-            metrics[name] = {"signature": signature, "weights": {wid: str(path) for wid, path in sorted(found.items())},
+            metrics[name] = {"signature": signature, "protocol": scoring_protocol(options).name,
+                             "weights": {wid: str(path) for wid, path in sorted(found.items())},
                              "options": {k: v for k, v in options.items() if k != "weights_paths"}}
         write_json_atomic(run.scoring_file, {"metrics": dict(sorted(metrics.items())), "skipped_metrics": skipped})
