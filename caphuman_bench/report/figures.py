@@ -72,15 +72,20 @@ def metric_bars(labels: list[str], means: list, lows: list, highs: list, metric:
     fig, ax = plt.subplots(figsize=(5.6, 1.5 + 0.5 * n), layout="constrained")
     y = list(range(n))[::-1]
     values = [0.0 if m is None else m for m in means]
-    ax.barh(y, values, xerr=_errors(means, lows, highs), color=[PALETTE[i % len(PALETTE)] for i in range(n)],
-            height=0.6, capsize=4, error_kw={"elinewidth": 1.2, "ecolor": "#222"})
+    scored = [i for i, m in enumerate(means) if m is not None]  # an unscored method gets no bar, only its label
+    if scored:
+        ax.barh([y[i] for i in scored], [values[i] for i in scored],
+                xerr=_errors(*([seq[i] for i in scored] for seq in (means, lows, highs))),
+                color=[PALETTE[i % len(PALETTE)] for i in scored], height=0.6, capsize=4,
+                error_kw={"elinewidth": 1.2, "ecolor": "#222"})
     ax.set_yticks(y, [wrap(label) for label in labels])
     finite = [v for v in (list(values) + [h for h in highs if h is not None]) if v is not None]
     top = max(finite + [0.0]) or 1.0
     bottom = min(finite + [0.0])
     ax.set_xlim(bottom - 0.02 * (top - bottom), top + 0.25 * (top - bottom or 1.0))
-    for yi, value, m in zip(y, values, means):
-        ax.text(value, yi, f"  {m:.3g}" if m is not None else "  not scored", va="center", ha="left", fontsize=9)
+    for yi, value, m, hi in zip(y, values, means, highs):  # written past the interval, not on it
+        ax.text(max(value, hi if hi is not None else value), yi, f"  {m:.3g}" if m is not None else "  not scored",
+                va="center", ha="left", fontsize=9)
     ax.set_title(f"{metric}\n{direction(higher)}", loc="left")
     ax.grid(axis="x", color="white", linewidth=1)
     ax.set_axisbelow(True)
@@ -108,10 +113,9 @@ def grouped_bars(groups: list[str], series: dict[str, tuple[list, list, list]], 
                label=wrap(name, 30), capsize=3, error_kw={"elinewidth": 1})
         plotted += 1
         if len(groups) * k <= 16:  # few bars: write each mean, so a zero is seen as a zero, not a gap
-            for x, m in zip(xs, means):
-                if m is not None:
-                    ax.annotate(f"{m:.3g}", (x, m), xytext=(0, 2), textcoords="offset points", ha="center",
-                                va="bottom", fontsize=8)
+            for x, m, hi in zip(xs, means, highs):  # above the interval, not on it
+                ax.annotate(f"{m:.3g}", (x, max(m, hi if hi is not None else m)), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=8)
     if not plotted:
         ax.text(0.5, 0.5, "not scored", transform=ax.transAxes, ha="center", va="center", color="#555")
     ax.set_xlim(-0.5, len(groups) - 0.5)

@@ -55,13 +55,13 @@ ul.paired li{margin:.25rem 0}
 
 
 def protocols(res: dict) -> dict[str, str]:
-    """Metric family → the scoring protocol its rows followed: the convention's `protocol`, else the
-    one `scoring.json` recorded (results.json `scored_with`)."""
+    """Metric family → the name of the scoring protocol its rows followed: the one `scoring.json`
+    recorded (results.json `scored_with`), else the convention's `protocol`."""
     found = {}
     for family in sorted(set(res.get("conventions", {})) | set(res.get("scored_with", {}))):
         conv = res.get("conventions", {}).get(family) or {}
         scored = res.get("scored_with", {}).get(family) or {}
-        protocol = conv.get("protocol") or scored.get("protocol")
+        protocol = scored.get("protocol") or conv.get("protocol")
         if protocol:
             found[family] = str(protocol)
     return found
@@ -275,7 +275,7 @@ def conventions_section(results: list[dict], labels: list[str]) -> list[str]:
     for res, label in zip(results, labels):
         for family, conv in sorted(res.get("conventions", {}).items()):
             protocol = protocols(res).get(family)
-            rest = "; ".join(f"{k}: {v}" for k, v in sorted(conv.items()) if k != "protocol")
+            rest = "; ".join(f"{k}: {v}" for k, v in sorted(conv.items()))
             rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{html.escape(family)}</td>"
                         f"<td class='l'>{html.escape(str(protocol) if protocol else '–')}</td>"
                         f"<td class='l'>{html.escape(rest)}</td></tr>")
