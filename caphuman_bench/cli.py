@@ -351,19 +351,20 @@ def ablate(
     split = split or default_split(preset)
     for overrides in variants:  # every variant's parameters checked before the first run starts
         _preflight(card, bench, split, preset, overrides, options["weights_paths"])
-    results, failed, status_files, unscored = [], 0, [], 0
+    results, failed, status_files, unscored, variant_runs = [], 0, [], 0, []
     for overrides in variants:
         planned, gen, res, score_errors = _execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,
                                      False, metrics.split(",") if metrics else None, options, 8)
         # Variants with the same parameters share a run (tau=0 is the default): label by the variant, not run.json.
         results.append({**res, "method": planned.label})
+        variant_runs.append(planned.run)
         unscored += score_errors
         if gen.failed:
             failed += gen.failed
             status_files.append(planned.run.status_file)
     write_leaderboard(results, out_dir)
     out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"wrote {write_ablation(results, out_dir)}")
+    console.print(f"wrote {write_ablation(results, out_dir, variant_runs)}")
     if failed:
         _report_failures(failed, status_files)
     if failed or unscored:

@@ -127,12 +127,17 @@ def test_ablation_page_reads_each_variant_from_its_parameters(tmp_path):
     from caphuman_bench.stages.report import write_ablation
 
     runs = tmp_path / "runs"
-    results = []
+    results, variant_runs = [], []
     for tau, use_local, shift in ((0, True, 0.0), (500, True, -0.1), (0, False, -0.2), (500, False, -0.3)):
-        run = make_run(runs, f"caphuman[tau={tau},local={use_local}] (smoke)", {"id_sim_dlib": np.full(12, 0.8 + shift)},
+        run = make_run(runs, f"caphuman[tau={tau},local={use_local}] (smoke)",
+                       {"id_sim_dlib": np.linspace(0.7, 0.9, 12) + shift},
                        params={"tau": tau, "use_global": True, "use_local": use_local}, seed=tau)
         results.append(aggregate_run(run))
-    page = write_ablation(results, tmp_path / "ablation")
+        variant_runs.append(run)
+    page = write_ablation(results, tmp_path / "ablation", variant_runs)
+    text = page.read_text()  # each variant against the first, image by image
+    assert "caphuman[tau=0,local=True] (smoke) beats caphuman[tau=500,local=False] (smoke) on id_sim_dlib" in text
+    assert "by 0.30 [0.30, 0.30], p &lt; 0.001, n = 12" in text
     names = sorted(p.name for p in page.parent.iterdir())
     assert names == ["ablation.html", "ablation_features_id_sim_dlib.png", "ablation_features_id_sim_dlib.svg",
                      "ablation_tau.png", "ablation_tau.svg"]

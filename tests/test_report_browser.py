@@ -30,14 +30,15 @@ def pages(tmp_path_factory):
     make_run(runs, "reference (smoke)", {"id_sim_dlib": np.full(12, 0.99), "face_detection": np.ones(12)})
     found = find_runs([runs])
     report = write_html([aggregate_run(r) for r in found], found, root / "report")
-    variants = []
+    variants, variant_runs = [], []
     for tau in (0, 300, 600):
         for use_local in (True, False):
             run = make_run(root / "ablation_runs", f"caphuman[tau={tau},local={use_local}] (smoke)",
                            {"id_sim_dlib": np.linspace(0.5, 0.9, 12) - tau / 3000 - 0.1 * (not use_local)},
                            params={"tau": tau, "use_global": True, "use_local": use_local}, seed=tau + use_local)
             variants.append(aggregate_run(run))
-    ablation = write_ablation(variants, root / "ablation")
+            variant_runs.append(run)
+    ablation = write_ablation(variants, root / "ablation", variant_runs)
     return {"report": report, "ablation": ablation}
 
 

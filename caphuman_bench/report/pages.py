@@ -356,7 +356,8 @@ def _variant(res: dict) -> tuple[int, str]:
 
 
 def ablation_page(results: list[dict], labels: list[str], order: list[str], out_dir: Path,
-                  identity: list[str], head: list[str]) -> tuple[str, list[Path]]:
+                  identity: list[str], head: list[str],
+                  paired: list[tuple[str, str, list[PairedResult]]] = ()) -> tuple[str, list[Path]]:
     """The τ sweep as curves (identity similarity and head-control error against τ) and the feature
     switches as grouped bars, each with its intervals; figures also written as PNG and SVG."""
     higher = _directions(results)
@@ -394,5 +395,6 @@ def ablation_page(results: list[dict], labels: list[str], order: list[str], out_
             written += figures.save_files(fig, out_dir / f"ablation_features_{name}")
             body.append(_figure(written[-2].read_bytes(), f"{name} by identity features"))
         body.append("</div>")
+    body += paired_section(list(paired))
     body += ["<h2>Every variant</h2>", leaderboard_table(results, labels, order)]
     return _page("caphuman-bench ablation", body), written

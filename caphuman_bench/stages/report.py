@@ -235,14 +235,20 @@ def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, grid_task
     return out
 
 
-def write_ablation(results: list[dict], out_dir: Path) -> Path:
-    """ablation.html with ablation_tau.{png,svg} and ablation_features_<metric>.{png,svg} beside it."""
-    from caphuman_bench.report.pages import ablation_page
+def write_ablation(results: list[dict], out_dir: Path, runs: list[RunDir] | None = None) -> Path:
+    """ablation.html with ablation_tau.{png,svg} and ablation_features_<metric>.{png,svg} beside it;
+    with the variants' `runs`, each variant is also compared image by image with the first one."""
+    from caphuman_bench.report.pages import HEADLINE, ablation_page
 
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = [v for v in value_order() if v.startswith("id_sim")]
     head = [v for v in ("rmse_pose", "pose_error_deg", "mp_pose_error_deg") if any(v in r["metrics"] for r in results)]
-    page, _ = ablation_page(results, board_labels(results), value_order(), out_dir, identity, head)
+    labels = board_labels(results)
+    paired = []
+    for run, label in zip((runs or [])[1:], labels[1:]):
+        if run.path != runs[0].path:  # variants with the same parameters share a run
+            paired.append((label, labels[0], [r for r in compare_paired(run, runs[0]) if r.metric in HEADLINE]))
+    page, _ = ablation_page(results, labels, value_order(), out_dir, identity, head, paired)
     out = out_dir / "ablation.html"
     write_text_atomic(out, page)
     return out
