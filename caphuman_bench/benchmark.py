@@ -27,7 +27,7 @@ SPEC_ENV = "CAPHUMAN_BENCH_SPEC"
 NEUTRAL_SUBJECT = "a person"  # what scoring puts in the placeholder (CLIP score, prompt accuracy)
 PLACEHOLDER = "{subject}"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_PACKAGE_IMAGE_RE = re.compile(r"^(skimage|matplotlib):[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_PACKAGE_IMAGE_RE = re.compile(r"^(skimage|matplotlib):[A-Za-z0-9][A-Za-z0-9_.-]*(~[a-z0-9]+)?$")
 
 # DECA's coefficient sizes (decalib/deca.py, `param_dict`).
 N_SHAPE, N_TEX, N_EXP, N_POSE, N_CAM, N_LIGHT = 100, 50, 50, 6, 3, 27
@@ -87,9 +87,23 @@ class Identity:
     id: str
     subject: str  # phrase put into the prompt at generation time: "a woman", "a man", "a person"
     source: str  # celeba | package | folder
-    file: str  # CelebA file name, or "skimage:astronaut" / "matplotlib:grace_hopper.jpg"
-    sha256: str = ""
+    file: str  # CelebA file name(s), or "skimage:astronaut" / "matplotlib:grace_hopper.jpg"; several: ';'-separated
+    sha256: str = ""  # of each file, ';'-separated like `file` (prepared specs)
     licence: str = ""
+    references: int = 1  # how many of its photos a method gets: 1, or k for the split-made identity "<id>@k"
+    of: str = ""  # the identity whose photos these are, for "<id>@k"; "" for a row of identities.csv
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        return tuple(self.file.split(";"))
+
+    @property
+    def photo_owner(self) -> str:
+        return self.of or self.id
+
+    def with_references(self, count: int) -> "Identity":
+        """The identity seen with its first `count` photos, as the id "<id>@<count>" (a `references` split)."""
+        return Identity(f"{self.id}@{count}", self.subject, self.source, self.file, self.sha256, self.licence, count, self.id)
 
 
 @dataclass(frozen=True)
@@ -99,6 +113,7 @@ class Split:
     prompts: tuple[str, ...]
     conditions: tuple[str, ...]
     samples: int
+    references: tuple[int, ...] = ()  # a `references` split: each identity as "<id>@k" for each k
 
 
 @dataclass
@@ -140,51 +155,85 @@ class Benchmark:
         return self.splits[name]
 
     def reference_image(self, identity_id: str) -> Image.Image:
-        """The identity's reference photo as RGB; errors name the identity and the file."""
-        if identity_id not in self._images:
-            self._images[identity_id] = self._load_reference(self.identities[identity_id])
-        return self._images[identity_id]
+        """The identity's (first) reference photo as RGB; errors name the identity and the file."""
+        return self.reference_images(identity_id)[0]
+
+    def reference_images(self, identity_id: str) -> list[Image.Image]:
+        """The photos a method gets for this identity: the first, or the first k for "<id>@k"."""
+        ident = self.identities[identity_id]
+        return [self._photo(ident, n) for n in range(ident.references)]
 
     def reference_sha256(self, identity_id: str) -> str:
-        """sha256 of the reference photo's RGB pixels and size: part of a run's identity, so a
+        """sha256 of the reference photos' RGB pixels and sizes: part of a run's identity, so a
         replaced photo makes another run, and the key of every per-identity cache."""
         if identity_id not in self._digests:
-            image = self.reference_image(identity_id)
-            h = hashlib.sha256(f"{image.size}".encode())
-            h.update(image.tobytes())
+            h = hashlib.sha256()
+            for n, image in enumerate(self.reference_images(identity_id)):
+                h.update(f"{image.size}".encode() if n == 0 else f"|{n}|{image.size}".encode())
+                h.update(image.tobytes())
             self._digests[identity_id] = h.hexdigest()
         return self._digests[identity_id]
 
-    def _load_reference(self, ident: Identity) -> Image.Image:
+    def _photo(self, ident: Identity, n: int) -> Image.Image:
+        key = f"{ident.photo_owner}#{n}"
+        if key not in self._images:
+            self._images[key] = self._load_photo(ident, n)
+        return self._images[key]
+
+    def _load_photo(self, ident: Identity, n: int) -> Image.Image:
+        """Photo n of an identity: a package image, or `identities/<id>.jpg` (n = 0) / `<id>.<n+1>.jpg`."""
         from caphuman_bench.images import ImageError, load_rgb
 
+        owner, file = ident.photo_owner, ident.files[n]
         if ident.source == "package":
-            return _package_image(ident)
+            return _package_image(owner, file)
         if self.identities_dir is None:
             raise BenchError(
-                f"identity {ident.id!r} ({ident.source} file {ident.file}) needs its photo: run "
+                f"identity {owner!r} ({ident.source} file {file}) needs its photo: run "
                 f"`caphuman-bench data prepare --celeba-root DIR` or pass --identities-dir DIR"
             )
-        path = _inside(self.identities_dir, f"{ident.id}.jpg")
+        path = _inside(self.identities_dir, photo_file_name(owner, n))
         if not path.exists():
-            raise BenchError(f"identity {ident.id!r}: reference photo {path} is missing")
-        if ident.sha256:
+            raise BenchError(f"identity {owner!r}: reference photo {path} is missing")
+        digests = ident.sha256.split(";") if ident.sha256 else []
+        if digests:
             from caphuman_bench.weights import sha256_of
 
             digest = sha256_of(path)
-            if digest != ident.sha256:
-                raise BenchError(f"identity {ident.id!r}: reference photo {path} has sha256 {digest[:12]}…, "
-                                 f"{self.root / 'identities.csv'} field 'sha256' says {ident.sha256[:12]}…")
+            if digest != digests[n]:
+                raise BenchError(f"identity {owner!r}: reference photo {path} has sha256 {digest[:12]}…, "
+                                 f"{self.root / 'identities.csv'} field 'sha256' says {digests[n][:12]}…")
         try:
             return load_rgb(path)
         except ImageError as exc:
-            raise BenchError(f"identity {ident.id!r}: reference photo {path}: {exc}") from None
+            raise BenchError(f"identity {owner!r}: reference photo {path}: {exc}") from None
 
 
-def _package_image(ident: Identity) -> Image.Image:
-    """Public-domain reference photos that ship inside installed packages (the demo split)."""
-    package, _, name = ident.file.partition(":")
-    unknown = BenchError(f"identities.csv: identity {ident.id!r}: field 'file' {ident.file!r} is not an image shipped "
+def photo_file_name(identity_id: str, n: int) -> str:
+    """Where a prepared identity's photo n lies in the identities folder: <id>.jpg, then <id>.2.jpg, ..."""
+    return f"{identity_id}.jpg" if n == 0 else f"{identity_id}.{n + 1}.jpg"
+
+
+# Variants of a package photo that stand in for further photos of the same person on the smoke preset
+# (no package ships two photos of one person): "skimage:astronaut~mirror".
+PACKAGE_VARIANTS = {
+    "mirror": lambda im: im.transpose(Image.FLIP_LEFT_RIGHT),
+    "crop90": lambda im: im.crop((round(im.width * 0.05), round(im.height * 0.05), round(im.width * 0.95), round(im.height * 0.95))),
+    "crop80": lambda im: im.crop((round(im.width * 0.1), round(im.height * 0.1), round(im.width * 0.9), round(im.height * 0.9))),
+    "dim": lambda im: im.point(lambda v: round(v * 0.8)),
+}
+
+
+def _package_image(identity_id: str, file: str) -> Image.Image:
+    """Public-domain reference photos that ship inside installed packages (the demo split), or a variant."""
+    file, _, variant = file.partition("~")
+    if variant:
+        if variant not in PACKAGE_VARIANTS:
+            raise BenchError(f"identities.csv: identity {identity_id!r}: field 'file': unknown variant ~{variant}; "
+                             f"variants: {', '.join(PACKAGE_VARIANTS)}")
+        return PACKAGE_VARIANTS[variant](_package_image(identity_id, file))
+    package, _, name = file.partition(":")
+    unknown = BenchError(f"identities.csv: identity {identity_id!r}: field 'file' {file!r} is not an image shipped "
                          f"with {package or 'a package'}")
     if package == "skimage":
         from skimage import data
@@ -335,11 +384,16 @@ def _load_identities(path: Path) -> dict[str, Identity]:
         iid = _check_id(path, row["id"], "identity")
         if row["source"] not in {"celeba", "package", "folder"}:
             raise BenchError(f"{path}: row {line} ({iid}): field 'source' must be celeba, package or folder")
-        if "/" in row["file"] or "\\" in row["file"] or row["file"].startswith(".."):
-            raise BenchError(f"{path}: row {line} ({iid}): field 'file' {row['file']!r} must be a bare file name")
-        if row["source"] == "package" and not _PACKAGE_IMAGE_RE.match(row["file"]):
-            raise BenchError(f"{path}: row {line} ({iid}): field 'file' {row['file']!r} must be skimage:<image name> "
-                             f"or matplotlib:<sample file>")
+        files = (row["file"] or "").split(";")
+        for file in files:
+            if not file or "/" in file or "\\" in file or file.startswith(".."):
+                raise BenchError(f"{path}: row {line} ({iid}): field 'file' {row['file']!r} must be bare file names, ';'-separated")
+            if row["source"] == "package" and not _PACKAGE_IMAGE_RE.match(file):
+                raise BenchError(f"{path}: row {line} ({iid}): field 'file' {file!r} must be skimage:<image name> "
+                                 f"or matplotlib:<sample file> (optionally ~variant)")
+        if row["sha256"] and len(row["sha256"].split(";")) != len(files):
+            raise BenchError(f"{path}: row {line} ({iid}): field 'sha256' lists {len(row['sha256'].split(';'))} digests "
+                             f"for {len(files)} files")
         if not (row["subject"] or "").strip():
             raise BenchError(f"{path}: row {line} ({iid}): field 'subject' is empty")
         if iid in identities:
@@ -353,11 +407,11 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
     if not isinstance(raw, dict) or not isinstance(raw.get("splits"), dict):
         raise BenchError(f"{path}: expected a mapping with a 'splits' mapping")
     pools = {"identities": identities, "prompts": prompts, "conditions": conditions}
-    splits = {}
+    splits, made = {}, {}
     for name, row in raw["splits"].items():
         where = f"{path}: split {name!r}"
-        if not isinstance(row, dict) or set(row) - {*pools, "samples", "description"}:
-            raise BenchError(f"{where}: fields are identities, prompts, conditions, samples, description")
+        if not isinstance(row, dict) or set(row) - {*pools, "samples", "description", "references"}:
+            raise BenchError(f"{where}: fields are identities, prompts, conditions, samples, references, description")
         chosen = {}
         for key, pool in pools.items():
             value = row.get(key, "all")
@@ -381,5 +435,19 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
         samples = row.get("samples", 3)
         if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
             raise BenchError(f"{where}: field 'samples' must be a positive integer")
-        splits[name] = Split(name, chosen["identities"], chosen["prompts"], chosen["conditions"], samples)
+        counts = row.get("references", [])
+        if not isinstance(counts, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in counts):
+            raise BenchError(f"{where}: field 'references' must be a list of positive integers (photos per identity)")
+        if counts:  # each identity once per count, as "<id>@k" with its first k photos
+            expanded = []
+            for iid in chosen["identities"]:
+                for k in counts:
+                    if len(identities[iid].files) < k:
+                        raise BenchError(f"{where}: identity {iid!r} has {len(identities[iid].files)} reference photos, "
+                                         f"field 'references' asks for {k}")
+                    made[f"{iid}@{k}"] = identities[iid].with_references(k)
+                    expanded.append(f"{iid}@{k}")
+            chosen["identities"] = tuple(expanded)
+        splits[name] = Split(name, chosen["identities"], chosen["prompts"], chosen["conditions"], samples, tuple(counts))
+    identities.update(made)  # after every split chose from the rows of identities.csv
     return splits

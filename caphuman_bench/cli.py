@@ -312,6 +312,7 @@ def ablate(
     method: Annotated[str, typer.Option("--method", "-m", help="Method card name (see `caphuman-bench methods`).")] = "caphuman",
     tau: Annotated[Optional[list[int]], typer.Option("--tau", help="τ values to sweep (repeat).")] = None,
     features: Annotated[Optional[list[str]], typer.Option("--features", help="Identity features: global+local, global, local (repeat).")] = None,
+    backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="Base models to sweep: caphuman, realistic_vision, or the path of any SD-1.5-family model, single file or diffusers folder (repeat).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="full, identity, prompt, pose or demo (default: demo for --preset smoke, else full).")] = None,
     runs_dir: RunsDir = Path("runs"),
@@ -326,7 +327,7 @@ def ablate(
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
 ):
-    """Sweep τ and the global/local identity features; one resumable run per variant, one leaderboard.
+    """Sweep τ, the global/local identity features and the base model; one resumable run per variant, one leaderboard.
 
     Each variant is labelled by its own overrides, e.g. caphuman[tau=0] (smoke). Exit 1 if a task failed.
 
@@ -346,8 +347,8 @@ def ablate(
     bench = Benchmark.load(spec, identities_dir)
     common = _parse_pairs(param, "--param")
     options = _score_options(no_face, clip_model, weights_path)
-    variants = [{**common, **({"tau": t} if t is not None else {}), **switches[f]}
-                for t in (tau or [None]) for f in (features or ["global+local"])]
+    variants = [{**common, **({"backbone": b} if b is not None else {}), **({"tau": t} if t is not None else {}), **switches[f]}
+                for b in (backbone or [None]) for t in (tau or [None]) for f in (features or ["global+local"])]
     split = split or default_split(preset)
     for overrides in variants:  # every variant's parameters checked before the first run starts
         _preflight(card, bench, split, preset, overrides, options["weights_paths"])

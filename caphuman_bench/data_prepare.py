@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark, Identity
+from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark, Identity, photo_file_name
 from caphuman_bench.errors import BenchError
 from caphuman_bench.images import ImageError, load_rgb
 from caphuman_bench.weights import sha256_of
@@ -60,7 +60,8 @@ def select_celeba_identities(celeba_root: Path, count: int = 100) -> list[Identi
     1. photos of the test partition (`list_eval_partition.txt` value 2);
     2. identities (`identity_CelebA.txt`) with at least MIN_TEST_IMAGES such photos, sorted by number;
     3. `count` of them evenly spaced over that list (index round(i·(N−1)/(count−1)));
-    4. each identity's reference photo is its test photo with the smallest file name;
+    4. each identity's reference photo is its test photo with the smallest file name; its first
+       MIN_TEST_IMAGES test photos by file name are its reference photos for the `references` split;
     5. subject phrase from `list_attr_celeba.txt` (Male = 1 → "a man", else "a woman"), "a person"
        when that file is absent.
     """
@@ -85,9 +86,9 @@ def select_celeba_identities(celeba_root: Path, count: int = 100) -> list[Identi
                 male[parts[0]] = parts[column] == "1"
     identities = []
     for ident in picks:
-        photo = min(by_identity[ident])
-        subject = {True: "a man", False: "a woman"}.get(male.get(photo), "a person")
-        identities.append(Identity(f"celeba-{ident:05d}", subject, "celeba", photo, "", "CelebA: non-commercial research only"))
+        photos = sorted(by_identity[ident])[:MIN_TEST_IMAGES]
+        subject = {True: "a man", False: "a woman"}.get(male.get(photos[0]), "a person")
+        identities.append(Identity(f"celeba-{ident:05d}", subject, "celeba", ";".join(photos), "", "CelebA: non-commercial research only"))
     return identities
 
 
@@ -103,41 +104,47 @@ def prepare(out_dir: Path, *, celeba_root: Path | None = None, identities_dir: P
     if (celeba_root is None) == (identities_dir is None):
         raise BenchError("data prepare needs exactly one of --celeba-root DIR or --identities-dir DIR")
     bench = Benchmark.load(spec_root or DEFAULT_SPEC_DIR)
-    kept = [i for i in bench.identities.values() if i.source == "package"]
-    listed = [i for i in bench.identities.values() if i.source != "package"]
+    rows_of_spec = [i for i in bench.identities.values() if not i.of]  # not the "<id>@k" a references split makes
+    kept = [i for i in rows_of_spec if i.source == "package"]
+    listed = [i for i in rows_of_spec if i.source != "package"]
     if celeba_root is not None:
         folder = _image_folder(celeba_root)
         chosen = listed or select_celeba_identities(celeba_root, count)
-        sources = {i.id: folder / i.file for i in chosen}
+        sources = {i.id: [folder / f for f in i.files] for i in chosen}
     else:
         chosen = listed or [Identity(p.stem, "a person", "folder", p.name, "", "user-provided")
                             for p in sorted(identities_dir.glob("*.jpg"))]
         if not chosen:
             raise BenchError(f"{identities_dir}: no <identity>.jpg files")
-        sources = {i.id: identities_dir / (i.file if i.source == "folder" else f"{i.id}.jpg") for i in chosen}
+        sources = {i.id: [identities_dir / (f if i.source == "folder" else photo_file_name(i.id, n)) for n, f in enumerate(i.files)]
+                   for i in chosen}
 
     report = PrepareReport(out_dir)
     (out_dir / "identities").mkdir(parents=True, exist_ok=True)
     rows = []
     for ident in chosen:
-        src = sources[ident.id]
-        if not src.exists():
-            report.missing.append(f"{src}: not found (identity {ident.id})")
-            continue
-        digest = sha256_of(src)
-        if ident.sha256 and digest != ident.sha256:
-            report.missing.append(f"{src}: sha256 {digest[:12]}… differs from identities.csv ({ident.sha256[:12]}…)")
-            continue
-        try:
-            load_rgb(src)
-        except ImageError as exc:
-            report.missing.append(f"{src}: {exc}")
-            continue
-        dst = out_dir / "identities" / f"{ident.id}.jpg"
-        if not dst.exists() or sha256_of(dst) != digest:
-            shutil.copyfile(src, dst)
-        rows.append(Identity(ident.id, ident.subject, ident.source, ident.file, digest, ident.licence))
-        report.written.append(ident.id)
+        expected = ident.sha256.split(";") if ident.sha256 else [""] * len(ident.files)
+        digests = []
+        for n, (src, known) in enumerate(zip(sources[ident.id], expected)):
+            if not src.exists():
+                report.missing.append(f"{src}: not found (identity {ident.id})")
+                break
+            digest = sha256_of(src)
+            if known and digest != known:
+                report.missing.append(f"{src}: sha256 {digest[:12]}… differs from identities.csv ({known[:12]}…)")
+                break
+            try:
+                load_rgb(src)
+            except ImageError as exc:
+                report.missing.append(f"{src}: {exc}")
+                break
+            dst = out_dir / "identities" / photo_file_name(ident.id, n)
+            if not dst.exists() or sha256_of(dst) != digest:
+                shutil.copyfile(src, dst)
+            digests.append(digest)
+        else:
+            rows.append(Identity(ident.id, ident.subject, ident.source, ident.file, ";".join(digests), ident.licence))
+            report.written.append(ident.id)
     for name in SPEC_FILES:
         shutil.copyfile(bench.root / name, out_dir / name)
     buf = io.StringIO()

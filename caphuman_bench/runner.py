@@ -67,7 +67,7 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
     identity = {"card_hash": card.card_hash(), "params": params, "benchmark": BENCHMARK_NAME,
                 "benchmark_version": bench.version, "spec_hash": bench.spec_hash, "split": split, "seed": seed,
                 "references": references}
-    artefacts = get_method(card.adapter).artefacts(card, params, references, Path(runs_dir))
+    artefacts = get_method(card.adapter).artefacts(card, params, bench, list(references), Path(runs_dir))
     if artefacts:  # fine-tuned weights: a retrained artefact is another configuration
         identity["artefacts"] = {i: a["sha256"] for i, a in artefacts.items()}
     chash = config_hash(identity)

@@ -3,6 +3,7 @@ resumes and retrains what does not verify; `run` uses the artefacts it planned w
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -159,6 +160,7 @@ def test_finetune_then_run_end_to_end(recipe, bench, tmp_path, capsys, monkeypat
         for identity_id in ("nasa-astronaut", "grace-hopper"):
             record = json.loads((store.folder(identity_id) / "finetune.json").read_text())
             assert info["artefacts"][identity_id]["sha256"] == record["sha256"]
+            assert info["artefacts"][identity_id]["path"] == str(store.file(identity_id).relative_to(runs))
         images = sorted((run_dir / "images").glob("*.png"))
         assert len(images) == 12 and {np.asarray(Image.open(p)).shape for p in images} == {(64, 64, 3)}
         for part in ("tasks.jsonl", "status.jsonl", "scores.parquet", "results.json", "leaderboard.md"):
@@ -202,6 +204,12 @@ def test_resume_skips_and_a_corrupt_artefact_is_retrained_never_used(bench, tmp_
     assert run(capsys, monkeypatch, runs, "textual_inversion", "--no-score")[0] == 0
     assert len(run_dirs(runs, "textual_inversion")) == 2
 
+    # run.json names the artefacts relative to the runs folder: a moved folder generates as before
+    moved = tmp_path / "moved"
+    runs.rename(moved)
+    assert run(capsys, monkeypatch, moved, "textual_inversion", "--no-score", "--force")[0] == 0
+    assert len(run_dirs(moved, "textual_inversion")) == 2
+
 
 def test_the_full_model_path_trains_and_generates_from_a_diffusers_folder(tmp_path, capsys, monkeypatch):
     """Without `tiny`, the base model is the `stable_diffusion_v1_5` folder (here tiny weights saved in its layout)."""
@@ -224,3 +232,28 @@ def test_the_full_model_path_trains_and_generates_from_a_diffusers_folder(tmp_pa
     (run_dir,) = run_dirs(runs, "dreambooth")
     assert len(list((run_dir / "images").glob("*.png"))) == 12
     assert json.loads((run_dir / "run.json").read_text())["params"]["tiny"] is False
+
+
+def test_finetune_on_a_split_without_identities_says_how_to_prepare_it(tmp_path, capsys, monkeypatch):
+    code, _, err = cli(capsys, monkeypatch, "finetune", "--method", "lora", "--preset", "smoke", "--split", "full",
+                       "--runs-dir", tmp_path / "runs")
+    assert code == 2 and "data prepare" in err and not (tmp_path / "runs").exists()
+
+
+def test_an_artefact_counts_only_for_its_photo_subject_and_bytes(tmp_path):
+    store = ArtefactStore(tmp_path, "lora", smoke_params("lora"))
+    assert store.root.parent == tmp_path / "finetune" and store.root.name.startswith("lora-")
+    assert store.verify("ada", "photo-sha", "a woman", full=True) == (None, f"no artefact ({store.folder('ada')}/finetune.json missing)")
+    store.file("ada").parent.mkdir(parents=True)
+    store.file("ada").write_bytes(b"weights")
+    store.write_record("ada", "photo-sha", "a woman", "a sks woman", {})
+    artefact, _ = store.verify("ada", "photo-sha", "a woman", full=True)
+    assert artefact.sha256 == hashlib.sha256(b"weights").hexdigest() == artefact.record["sha256"]
+    assert store.verify("ada", "other-photo", "a woman", full=True)[0] is None
+    assert "subject phrase" in store.verify("ada", "photo-sha", "a man", full=True)[1]
+    store.file("ada").write_bytes(b"weighTs")  # same size: planning's cheap check passes, the full one does not
+    assert store.verify("ada", "photo-sha", "a woman", full=False)[0] is not None
+    assert "sha256 differs" in store.verify("ada", "photo-sha", "a woman", full=True)[1]
+    # another training setting is another folder; the _controlnet_head card shares this one
+    assert ArtefactStore(tmp_path, "lora", smoke_params("lora", train_steps=3)).root != store.root
+    assert ArtefactStore(tmp_path, "lora", smoke_params("lora_controlnet_head")).root == store.root

@@ -139,7 +139,7 @@ def test_faceid_embeddings_as_diffusers_documents_them(normals_adapter, bench):
     assert embeds.shape == (2, 1, 512)
     assert torch.all(embeds[0] == 0) and torch.linalg.vector_norm(embeds[1]).item() == pytest.approx(1.0, abs=1e-5)
     layer = normals_adapter.pipe.unet.encoder_hid_proj.image_projection_layers[0]
-    positive, negative = normals_adapter.identity_embeds("nasa-astronaut", requests[0].reference)[1]
+    positive, negative = normals_adapter.identity_embeds("nasa-astronaut", requests[0].references)[1]
     assert layer.clip_embeds.shape[:2] == (4, 1) and layer.shortcut
     assert torch.equal(layer.clip_embeds[1, 0], negative[0]) and torch.equal(layer.clip_embeds[2, 0], positive[0])
 

@@ -9,12 +9,14 @@
 The training hash covers the recipe, every `train_*` parameter and `tiny`, so the plain and the
 `_controlnet_head` card of one recipe share their artefacts, and a changed training setting trains anew
 into another folder. An artefact counts only when its record is complete, was made from the same
-reference photo and its file has the recorded sha256; anything else is trained again, never used.
+reference photo and subject phrase ("a woman": its noun is in the training prompt), and its file has
+the recorded sha256; anything else is trained again, never used.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +48,11 @@ class Artefact:
     sha256: str
     record: dict
 
-    def to_run_json(self) -> dict:
-        return {"path": str(self.file.resolve()), "sha256": self.sha256, "identity_phrase": self.record["identity_phrase"],
-                "subject": self.record["subject"]}
+    def to_run_json(self, runs_dir: str | Path) -> dict:
+        """What a run records: the path relative to the runs folder (which holds the run too, so the folder
+        can move), the sha256 and the phrase that replaces the subject in the prompts."""
+        return {"path": os.path.relpath(self.file, runs_dir), "sha256": self.sha256,
+                "identity_phrase": self.record["identity_phrase"], "subject": self.record["subject"]}
 
 
 class ArtefactStore:
@@ -66,7 +70,7 @@ class ArtefactStore:
     def file(self, identity_id: str) -> Path:
         return self.folder(identity_id) / ARTEFACT_FILES[self.recipe]
 
-    def verify(self, identity_id: str, reference_sha256: str, *, full: bool) -> tuple[Artefact | None, str]:
+    def verify(self, identity_id: str, reference_sha256: str, subject: str, *, full: bool) -> tuple[Artefact | None, str]:
         """The identity's artefact, or None and why not. `full` re-hashes the file; otherwise its size is
         compared with the record (cheap, for planning; the adapter re-hashes before it uses the file)."""
         record_path = self.folder(identity_id) / RECORD_FILE
@@ -74,12 +78,12 @@ class ArtefactStore:
             return None, f"no artefact ({record_path} missing)"
         try:
             record = json.loads(record_path.read_text())
-            expected = (record["recipe"], record["training_hash"], record["reference_sha256"])
+            expected = (record["recipe"], record["training_hash"], record["reference_sha256"], record["subject"])
             size, sha256 = int(record["size"]), str(record["sha256"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             return None, f"{record_path}: unreadable record ({type(exc).__name__}: {exc})"
-        if expected != (self.recipe, self.training_hash, reference_sha256):
-            return None, f"{record_path}: made for another recipe, training configuration or reference photo"
+        if expected != (self.recipe, self.training_hash, reference_sha256, subject):
+            return None, f"{record_path}: made for another recipe, training configuration, reference photo or subject phrase"
         path = self.file(identity_id)
         if not path.exists() or path.stat().st_size != size:
             return None, f"{path}: missing or not the recorded size ({size} bytes)"

@@ -526,6 +526,49 @@ def overlay_backbone(modules: dict[str, torch.nn.Module], configs: CapHumanConfi
     return list(present)
 
 
+DIFFUSERS_BACKBONE_PARTS = ("unet", "vae", "text_encoder")
+DIFFUSERS_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.bin",
+                          "pytorch_model.bin")
+
+
+def overlay_diffusers_backbone(modules: dict[str, torch.nn.Module], folder: str | Path) -> list[str]:
+    """Replace UNet / VAE / text encoder with those of an SD-1.5-family model in diffusers' folder layout.
+
+    The folder's `unet/`, `vae/`, `text_encoder/` hold diffusers' own classes, so their state dicts
+    load strictly into CapHuman's (same classes, same SD-1.5 configuration); parts the folder lacks are
+    kept, as `overlay_backbone` does for a single file. Returns the replaced names.
+    """
+    folder = Path(folder)
+    replaced = []
+    for name in DIFFUSERS_BACKBONE_PARTS:
+        files = [folder / name / f for f in DIFFUSERS_WEIGHT_NAMES if (folder / name / f).exists()]
+        if not files:
+            continue
+        state_dict = load_checkpoint_file(files[0])
+        module = modules[name]
+        expected = _expected_shapes(module)
+        missing = sorted(set(expected) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(expected) - {"text_model.embeddings.position_ids"})
+        if missing or unexpected:
+            raise BenchError(f"{files[0]}: not an SD-1.5 {name} (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        wrong = [k for k, shape in expected.items() if tuple(state_dict[k].shape) != tuple(shape)]
+        if wrong:
+            raise BenchError(f"{files[0]}: key {wrong[0]!r} has shape {tuple(state_dict[wrong[0]].shape)}, "
+                             f"expected {tuple(expected[wrong[0]])} (not an SD-1.5-family {name})")
+        module.load_state_dict({k: state_dict[k] for k in expected}, strict=True, assign=True)
+        replaced.append(name)
+    if not replaced:
+        raise BenchError(f"{folder}: no unet/, vae/ or text_encoder/ weights ({', '.join(DIFFUSERS_WEIGHT_NAMES)})")
+    return replaced
+
+
+def overlay_any_backbone(modules: dict[str, torch.nn.Module], configs: CapHumanConfigs | None, path: str | Path) -> list[str]:
+    """A backbone in either format: a diffusers folder, or one LDM single file (`.safetensors` / `.ckpt`)."""
+    if Path(path).is_dir():
+        return overlay_diffusers_backbone(modules, path)
+    return overlay_backbone(modules, configs, path)
+
+
 def overlay_vae(vae: AutoencoderKL, path: str | Path) -> None:
     """Load a standalone LDM VAE file (keys without `first_stage_model.`, e.g. vae-ft-mse-840000-ema-pruned)."""
     state_dict = {k: v for k, v in load_checkpoint_file(path).items() if not k.startswith(TRAINING_ONLY_PREFIXES)}
@@ -557,7 +600,7 @@ def load_caphuman_components(
     converted = convert_caphuman_state_dict(load_checkpoint_file(ckpt_path), configs, modules, label=str(ckpt_path))
     load_converted(modules, converted, assign=True)
     if backbone_path is not None:
-        overlay_backbone(modules, configs, backbone_path)
+        overlay_any_backbone(modules, configs, backbone_path)
     if vae_path is not None:
         if "vae" not in modules:
             raise BenchError(f"{vae_path}: a VAE file was given but hparams has no 'vae' section")

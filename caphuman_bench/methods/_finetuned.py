@@ -25,7 +25,7 @@ from PIL import Image
 from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore
 from caphuman_bench.finetune.training import SAVE_DTYPES, TRAIN_DTYPES
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.methods.ip_adapter_controlnet import HEAD_WEIGHTS
 from caphuman_bench.weights import sha256_of
@@ -91,17 +91,18 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
         return [*BASE_WEIGHTS, *((*CONTROLNET_WEIGHTS, *HEAD_WEIGHTS) if params.get("controlnet_head") else ())]
 
     @classmethod
-    def artefacts(cls, card, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
+    def artefacts(cls, card, params: dict[str, Any], bench, identity_ids: list[str], runs_dir: Path) -> dict[str, dict]:
         store = ArtefactStore(runs_dir, cls.recipe, params)
         found, problems = {}, []
-        for identity_id, reference_sha256 in references.items():
-            artefact, reason = store.verify(identity_id, reference_sha256, full=False)
+        for identity_id in identity_ids:
+            artefact, reason = store.verify(identity_id, bench.reference_sha256(identity_id),
+                                            bench.identities[identity_id].subject, full=False)
             if artefact is None:
                 problems.append(f"{identity_id}: {reason}")
             else:
-                found[identity_id] = artefact.to_run_json()
+                found[identity_id] = artefact.to_run_json(runs_dir)
         if problems:
-            raise BenchError(f"{card.name}: {len(problems)} of {len(references)} identities have no usable fine-tuned weights "
+            raise BenchError(f"{card.name}: {len(problems)} of {len(identity_ids)} identities have no usable fine-tuned weights "
                              f"under {store.root} (first: {problems[0]}); run `caphuman-bench finetune --method {card.name}` "
                              "with this run's --split, --preset, --param and --runs-dir first")
         return found
@@ -140,7 +141,7 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
 
     def _activate(self, identity_id: str) -> dict:
         """The identity's planned artefact, verified against its planned sha256 and loaded into the pipeline."""
-        planned = self.context.artefacts.get(identity_id)
+        planned = self.context.artefacts.get(identity_id)  # its path already made absolute by the generate stage
         if planned is None:
             raise BenchError(f"{self.card.name}: this run was planned without fine-tuned weights for identity {identity_id!r}; "
                              f"run `caphuman-bench finetune --method {self.card.name}`, then `run` again")
@@ -161,17 +162,8 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         """Batches of consecutive requests of one identity: the pipeline holds one identity's weights at a time."""
-        batch_size = max(1, int(self.params.get("batch_size", 1)))
-        images: list[Image.Image] = []
-        batch: list[GenerationRequest] = []
-        for request in requests:
-            if batch and (len(batch) == batch_size or request.identity_id != batch[0].identity_id):
-                images.extend(self._generate_batch(batch))
-                batch = []
-            batch.append(request)
-        if batch:
-            images.extend(self._generate_batch(batch))
-        return images
+        batch_size = int(self.params.get("batch_size", 1))
+        return [image for batch in consecutive_batches(requests, batch_size) for image in self._generate_batch(batch)]
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         planned = self._activate(requests[0].identity_id)

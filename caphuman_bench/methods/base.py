@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from caphuman_bench.benchmark import HeadCondition
+from caphuman_bench.benchmark import Benchmark, HeadCondition
 from caphuman_bench.errors import BenchError
 from caphuman_bench.cards import COMMAND_LINE, MethodCard, ParamTypes
 
@@ -31,6 +31,26 @@ class GenerationRequest:
     height: int
     width: int
     subject: str = ""  # the identity's subject phrase as it stands in `prompt` ("a woman")
+    # Every photo the method gets: [reference], or the first k of a `references` split's "<id>@k".
+    # Methods that take several use them all (PhotoMaker, IP-Adapters by averaging); the others use `reference`.
+    references: list[Image.Image] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if not self.references:
+            self.references = [self.reference]
+
+
+def consecutive_batches(requests: list[GenerationRequest], batch_size: int, key=lambda r: r.identity_id):
+    """Runs of at most `batch_size` consecutive requests with one `key` (by default one identity): what an
+    adapter whose pipeline call holds one identity (one image embedding, one fine-tuned model) can batch."""
+    batch: list[GenerationRequest] = []
+    for request in requests:
+        if batch and (len(batch) == max(1, batch_size) or key(request) != key(batch[0])):
+            yield batch
+            batch = []
+        batch.append(request)
+    if batch:
+        yield batch
 
 
 def with_trigger_word(request: GenerationRequest, trigger: str) -> str:
@@ -102,11 +122,13 @@ class MethodAdapter:
         return [] if params.get("tiny") else list(card.weights)
 
     @classmethod
-    def artefacts(cls, card: MethodCard, params: dict[str, Any], references: dict[str, str], runs_dir: Path) -> dict[str, dict]:
-        """Per-identity files an earlier command made for this method (fine-tuned weights), checked when a run
-        is planned: {identity: {"path", "sha256", ...}}. Their hashes join the run's configuration hash, so
-        new artefacts never reuse old images. Raise BenchError naming the command to run when one is
-        missing. `references`: identity -> sha256 of its reference photo. Default: none."""
+    def artefacts(cls, card: MethodCard, params: dict[str, Any], bench: Benchmark, identity_ids: list[str],
+                  runs_dir: Path) -> dict[str, dict]:
+        """Files outside the weights manifest that the images depend on, checked when a run is planned:
+        per identity, what an earlier command made (fine-tuned weights), or a user's file (CapHuman's
+        `backbone` path): {key: {"path", "sha256", ...}}. Their hashes join the run's configuration hash,
+        so new artefacts never reuse old images. Raise BenchError naming the command to run when one is
+        missing. Default: none."""
         return {}
 
     def load(self) -> None:

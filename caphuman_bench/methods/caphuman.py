@@ -11,6 +11,12 @@ at DDIM steps with t > tau (0 = never; any tau >= 999 also never drops, so tau =
 give the same image); `use_global: false` / `use_local: false` zero the projected ID token / image
 tokens. The head condition and its mask are never dropped: CapFace keeps steering the head pose.
 
+Backbone (`backbone`): "caphuman" (the checkpoint's own SD-1.5), "realistic_vision" (the official
+script's Realistic Vision V3.0 + vae-ft-mse overlay), or the path of any SD-1.5-family model — an LDM
+single file (`.safetensors` / `.ckpt`) or a diffusers folder (`unet/`, `vae/`, `text_encoder/`) — whose
+parts replace the checkpoint's UNet, VAE and text encoder (CapFace stays). A path's sha256 is part of
+the run's configuration (`artefacts.backbone` in run.json), so another file never reuses old images.
+
 With `tiny: true` (the smoke preset) every network has random weights and needs no file: the tiny
 CapHuman of `build_tiny_caphuman_pipeline`, a tiny CLIP / full-size random FaceNet and BiSeNet with
 the real MTCNN, and the synthetic FLAME-format head from FLAME's neutral code (no DECA).
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -59,8 +66,10 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
         super().check_params(params, where)
-        if params.get("backbone", "caphuman") not in BACKBONES:
-            raise BenchError(f"{where}: parameter 'backbone' must be one of {', '.join(BACKBONES)}, got {params['backbone']!r}")
+        backbone = params.get("backbone", "caphuman")
+        if backbone not in BACKBONES and not Path(backbone).exists():
+            raise BenchError(f"{where}: parameter 'backbone' must be one of {', '.join(BACKBONES)} or the path of an "
+                             f"SD-1.5-family model (single file or diffusers folder); {backbone!r} is neither")
         if int(params.get("height", 512)) != int(params.get("width", 512)):
             raise BenchError(f"{where}: CapHuman renders square head conditions; parameters 'height' and 'width' must be equal")
         if float(params.get("tau", 0)) < 0:
@@ -72,6 +81,26 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
             return []
         extra = OVERLAY_WEIGHTS if params.get("backbone") == "realistic_vision" else ()
         return [*BASE_WEIGHTS, *extra]
+
+    @classmethod
+    def artefacts(cls, card, params: dict[str, Any], bench, identity_ids: list[str], runs_dir: Path) -> dict[str, dict]:
+        """A backbone given by path: its files' sha256 (a replaced file is another configuration)."""
+        backbone = params.get("backbone", "caphuman")
+        if backbone in BACKBONES:
+            return {}
+        from caphuman_bench.provenance import config_hash
+        from caphuman_bench.weights import sha256_of
+
+        path = Path(backbone).resolve()
+        if path.is_dir():  # a diffusers folder: the digest of its files' digests
+            digest = config_hash({str(f.relative_to(path)): sha256_of(f) for f in sorted(path.rglob("*")) if f.is_file()})
+        else:
+            digest = sha256_of(path)
+        return {"backbone": {"path": str(path), "sha256": digest}}
+
+    def _backbone_path(self) -> Path | None:
+        backbone = self.params.get("backbone", "caphuman")
+        return None if backbone in BACKBONES else Path(backbone)
 
     # ------------------------------------------------------------------------------------------
     # building
@@ -92,7 +121,12 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         from caphuman_bench.pipelines.tiny import build_tiny_caphuman_pipeline
         from caphuman_bench.render.head_condition import HeadConditionRenderer
 
-        self.pipe = build_tiny_caphuman_pipeline(seed=0).to(self.device, self.dtype)
+        self.pipe = build_tiny_caphuman_pipeline(seed=0)
+        if self._backbone_path() is not None:  # a tiny SD-1.5-layout model, in the tests
+            from caphuman_bench.loaders.convert_caphuman import overlay_any_backbone
+
+            overlay_any_backbone({n: getattr(self.pipe, n) for n in ("unet", "vae", "text_encoder")}, None, self._backbone_path())
+        self.pipe = self.pipe.to(self.device, self.dtype)
         token_dim = self.pipe.capface.config.image_token_dim
         self.identity_encoder = IdentityEncoder.random(image_token_dim=token_dim, seed=0, device=self.device)
         self.renderer = HeadConditionRenderer.synthetic(device=self.device)
@@ -110,7 +144,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         overlay = self.params.get("backbone") == "realistic_vision"
         components = load_caphuman_components(
             paths["caphuman_ckpt"],
-            backbone_path=paths["realistic_vision_v3"] if overlay else None,
+            backbone_path=paths["realistic_vision_v3"] if overlay else self._backbone_path(),
             vae_path=paths["vae_ft_mse"] if overlay else None,
             device=self.device,
             dtype=self.dtype,

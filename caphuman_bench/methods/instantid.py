@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin
 from caphuman_bench.methods.photomaker import SDXL_FOLDER, sdxl_folder
 from caphuman_bench.methods.reference_faces import ReferenceFaces, require_onnxruntime
@@ -150,17 +150,8 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         """Batches of consecutive requests of one identity (one face embedding per pipeline call)."""
-        batch_size = max(1, int(self.params.get("batch_size", 1)))
-        images: list[Image.Image] = []
-        batch: list[GenerationRequest] = []
-        for request in requests:
-            if batch and (len(batch) == batch_size or request.identity_id != batch[0].identity_id):
-                images.extend(self._generate_batch(batch))
-                batch = []
-            batch.append(request)
-        if batch:
-            images.extend(self._generate_batch(batch))
-        return images
+        batch_size = int(self.params.get("batch_size", 1))
+        return [image for batch in consecutive_batches(requests, batch_size) for image in self._generate_batch(batch)]
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         sizes = {(r.height, r.width) for r in requests}

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.methods.sd15 import HEAD_WEIGHTS, SD15_DDIM, build_tiny_sd15_pipeline, weights_folder
 from caphuman_bench.registry import register_method
@@ -164,28 +164,21 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         return normals_to_controlnet_image(render.normal)
 
     @torch.no_grad()
-    def identity_embeds(self, identity_id: str, reference: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+    def identity_embeds(self, identity_id: str, photos: list[Image.Image]) -> tuple[torch.Tensor, torch.Tensor]:
         """(reference, all-black image) CLIP penultimate hidden states [1, 1, T, D]: IP-Adapter plus's
-        conditional and unconditional inputs (diffusers' `encode_image`), once per identity."""
+        conditional and unconditional inputs (diffusers' `encode_image`), once per identity; with several
+        photos (a `references` split), the mean of their hidden states."""
         if identity_id not in self._ip_embeds:
-            positive, negative = self.pipe.encode_image(reference.convert("RGB"), self.device, 1, output_hidden_states=True)
+            encoded = [self.pipe.encode_image(p.convert("RGB"), self.device, 1, output_hidden_states=True) for p in photos]
+            positive, negative = (torch.stack([e[i] for e in encoded]).mean(dim=0) for i in (0, 1))
             self._ip_embeds[identity_id] = (positive[None], negative[None])
         return self._ip_embeds[identity_id]
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         """Batches of consecutive requests of one identity: diffusers' pipeline gives every prompt of a
         call the same IP-Adapter image embedding (it repeats it batch_size times)."""
-        batch_size = max(1, int(self.params.get("batch_size", 1)))
-        images: list[Image.Image] = []
-        batch: list[GenerationRequest] = []
-        for request in requests:
-            if batch and (len(batch) == batch_size or request.identity_id != batch[0].identity_id):
-                images.extend(self._generate_batch(batch))
-                batch = []
-            batch.append(request)
-        if batch:
-            images.extend(self._generate_batch(batch))
-        return images
+        batch_size = int(self.params.get("batch_size", 1))
+        return [image for batch in consecutive_batches(requests, batch_size) for image in self._generate_batch(batch)]
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         sizes = {(r.height, r.width) for r in requests}
@@ -212,5 +205,5 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
 
     def _pipeline_embeds(self, request: GenerationRequest, guided: bool) -> torch.Tensor:
         """The identity's embedding as the pipeline takes it: [1, 1, T, D]; with guidance [2, ...], unconditional first."""
-        positive, negative = self.identity_embeds(request.identity_id, request.reference)
+        positive, negative = self.identity_embeds(request.identity_id, request.references)
         return torch.cat([negative, positive]) if guided else positive

@@ -189,23 +189,25 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         return pipe
 
     @torch.no_grad()
-    def identity_embeds(self, identity_id: str, reference: Image.Image):
+    def identity_embeds(self, identity_id: str, photos: list[Image.Image]):
         """(normalised ArcFace embedding [1, 1, 512], Plus' (CLIP hidden states, unconditional ones) or None),
-        once per identity."""
+        once per identity. Several photos (a `references` split): the mean of their raw ArcFace embeddings,
+        normalised, and the mean of their face crops' CLIP hidden states."""
         from caphuman_bench.faces.arcface import arcface_align, arcface_embeddings
         from caphuman_bench.faces.detection import detect_faces
 
         if identity_id not in self._identities:
-            (detection,) = detect_faces([reference], str(self.device))
-            if detection is None:
-                raise BenchError(f"identity {identity_id!r}: no face detected in the reference photo, "
+            detections = detect_faces(photos, str(self.device))
+            if any(d is None for d in detections):
+                raise BenchError(f"identity {identity_id!r}: no face detected in a reference photo, "
                                  "so no ArcFace embedding for IP-Adapter-FaceID")
-            (raw,) = arcface_embeddings(self.arcface, [reference], [detection.landmarks])
+            raw = np.mean(arcface_embeddings(self.arcface, photos, [d.landmarks for d in detections]), axis=0)
             normed = torch.tensor(raw / np.linalg.norm(raw), dtype=self.dtype, device=self.device).view(1, 1, -1)
             clip = None
             if self.variant == "plusv2":
-                crop = Image.fromarray(arcface_align(reference, detection.landmarks, FACE_CROP))
-                clip = self.pipe.encode_image(crop, self.device, 1, output_hidden_states=True)
+                crops = [Image.fromarray(arcface_align(p, d.landmarks, FACE_CROP)) for p, d in zip(photos, detections)]
+                encoded = [self.pipe.encode_image(crop, self.device, 1, output_hidden_states=True) for crop in crops]
+                clip = tuple(torch.stack([e[i] for e in encoded]).mean(dim=0) for i in (0, 1))
             self._identities[identity_id] = (normed, clip)
         return self._identities[identity_id]
 
@@ -214,7 +216,7 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         return request.identity_id
 
     def extra_pipeline_inputs(self, requests: list[GenerationRequest], guided: bool) -> dict[str, Any]:
-        identity, clip = self.identity_embeds(requests[0].identity_id, requests[0].reference)
+        identity, clip = self.identity_embeds(requests[0].identity_id, requests[0].references)
         self.pipe.set_ip_adapter_scale(float(self.params.get("ip_adapter_scale", 1.0)))
         if clip is not None:
             positive, negative = clip  # [1, tokens, width] each

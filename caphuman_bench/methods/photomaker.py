@@ -1,6 +1,6 @@
 """The `photomaker` method: SDXL + PhotoMaker (TencentARC, CVPR 2024), v1 or v2 (`version`).
 
-Identity: the reference photo as PhotoMaker's single ID image (CLIP ViT-L/14 through the ID encoder,
+Identity: the reference photo(s) as PhotoMaker's ID images (several in a `references` split) (CLIP ViT-L/14 through the ID encoder,
 fused into the class word); v2 also takes its ArcFace embedding (`reference_faces`: MTCNN + the
 project's onnxruntime ArcFace on buffalo_l's `w600k_r50.onnx`, the model insightface's `FaceAnalysis`
 loads by default, which is what the authors' `FaceAnalysis2(...)` in inference_pmv2.py / app_v2.py
@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, with_trigger_word
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches, with_trigger_word
 from caphuman_bench.methods.reference_faces import ReferenceFaces, require_onnxruntime
 from caphuman_bench.registry import register_method
 
@@ -177,17 +177,8 @@ class PhotoMakerMethod(MethodAdapter):
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         """Batches of consecutive requests of one identity: one ID image per call, shared by its prompts."""
-        images: list[Image.Image] = []
-        batch_size = max(1, int(self.params.get("batch_size", 1)))
-        batch: list[GenerationRequest] = []
-        for request in requests:
-            if batch and (len(batch) == batch_size or request.identity_id != batch[0].identity_id):
-                images.extend(self._generate_batch(batch))
-                batch = []
-            batch.append(request)
-        if batch:
-            images.extend(self._generate_batch(batch))
-        return images
+        batch_size = int(self.params.get("batch_size", 1))
+        return [image for batch in consecutive_batches(requests, batch_size) for image in self._generate_batch(batch)]
 
     def _generate_batch(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         sizes = {(r.height, r.width) for r in requests}
@@ -197,10 +188,11 @@ class PhotoMakerMethod(MethodAdapter):
         first = requests[0]
         steps = int(self.params.get("num_inference_steps", 50))
         trigger = self.pipe.config.trigger_word
-        id_embeds = self.faces.embedding(first.identity_id, first.reference)[None] if self.faces else None
+        id_embeds = (torch.stack([self.faces.embedding(f"{first.identity_id}#{n}", photo) for n, photo in enumerate(first.references)])
+                     if self.faces else None)  # one ArcFace embedding per ID image, as the authors' app_v2 stacks them
         output = self.pipe(
             [with_trigger_word(r, trigger) for r in requests],
-            input_id_images=[first.reference.convert("RGB")],
+            input_id_images=[photo.convert("RGB") for photo in first.references],
             id_embeds=id_embeds,
             start_merge_step=start_merge_step(float(self.params.get("style_strength_ratio", 20)), steps),
             negative_prompt=[str(self.params.get("negative_prompt", ""))] * len(requests),

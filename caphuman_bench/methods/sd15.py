@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.registry import register_method
 
@@ -224,18 +224,9 @@ class StableDiffusion15Method(HeadRenderMixin, MethodAdapter):
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         """Consecutive requests of one `group_key` and size go through the pipeline together."""
-        batch_size = max(1, int(self.params.get("batch_size", 1)))
-        images: list[Image.Image] = []
-        batch: list[GenerationRequest] = []
-        for request in requests:
-            if batch and (len(batch) == batch_size or self.group_key(request) != self.group_key(batch[0])
-                          or (request.height, request.width) != (batch[0].height, batch[0].width)):
-                images.extend(self._generate_batch(batch))
-                batch = []
-            batch.append(request)
-        if batch:
-            images.extend(self._generate_batch(batch))
-        return images
+        batches = consecutive_batches(requests, int(self.params.get("batch_size", 1)),
+                                      key=lambda r: (self.group_key(r), r.height, r.width))
+        return [image for batch in batches for image in self._generate_batch(batch)]
 
     def extra_pipeline_inputs(self, requests: list[GenerationRequest], guided: bool) -> dict[str, Any]:
         """What a subclass adds to the pipeline call (identity embeddings)."""

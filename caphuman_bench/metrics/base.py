@@ -39,6 +39,7 @@ class ScoreItem:
     image_error: str | None = None
     reference_sha256: str = ""  # of the reference photo's pixels: keys the per-identity feature cache
     target: dict[str, np.ndarray] | None = None  # head-control target coefficients (shape, exp, pose, cam, light)
+    references: tuple[Image.Image, ...] = ()  # every photo of a `references` split's "<id>@k" (k > 1); else empty
     siblings: tuple[tuple[str, Path], ...] = ()  # (task id, image) of the other finished samples of this identity and prompt
 
 

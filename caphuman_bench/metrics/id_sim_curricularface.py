@@ -43,7 +43,8 @@ def curricularface_input(image: Image.Image, landmarks: np.ndarray) -> torch.Ten
     return (pixels / 255.0 - 0.5) / 0.5
 
 
-@register_metric("id_sim_curricularface", higher_is_better=True, weights=("mtcnn", "curricularface_ir101"))
+@register_metric("id_sim_curricularface", higher_is_better={"id_sim_curricularface": True, "id_sim_curricularface_mean_ref": True},
+                 weights=("mtcnn", "curricularface_ir101"))
 class CurricularFaceIdentity(IdentitySimilarity):
     """Cosine of CurricularFace IR-101 (Glint360K) embeddings of 5-point-aligned faces (PuLID / ConsisID's recogniser)."""
 

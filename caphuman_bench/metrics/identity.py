@@ -76,8 +76,14 @@ class IdentitySimilarity(BenchMetric):
     def compare(self, reference: np.ndarray, generated: np.ndarray) -> dict[str, float]:
         return {self.metric_name: self.protocol.similarity(cosine(reference, generated))}
 
+    @property
+    def mean_ref_name(self) -> str:
+        """Against the mean embedding of all the identity's reference photos (a `references` split)."""
+        return f"{self.metric_name}_mean_ref"
+
     def no_face_values(self) -> dict[str, float]:
-        return {name: (0.0 if self.no_face == "zero" else math.nan) for name in self.value_names}
+        """A generated image without a face; `<metric>_mean_ref` is NaN here and on every single-reference identity."""
+        return {name: (0.0 if self.no_face == "zero" and name != self.mean_ref_name else math.nan) for name in self.value_names}
 
     # -- the loop -------------------------------------------------------------------------------
     def detect(self, images: list[Image.Image]) -> list[FaceDetection | None]:
@@ -85,6 +91,11 @@ class IdentitySimilarity(BenchMetric):
 
     def _reference_embedding(self, image: Image.Image) -> np.ndarray | None:
         return self.embed([image], self.detect([image]))[0]
+
+    def _mean_reference_embedding(self, photos: tuple[Image.Image, ...]) -> np.ndarray | None:
+        """The mean of the embeddings of the photos with a face (None when none has one)."""
+        found = [e for e in self.embed(list(photos), self.detect(list(photos))) if e is not None]
+        return np.mean(found, axis=0) if found else None
 
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         readable = [i for i, item in enumerate(items) if item.image is not None]
@@ -107,11 +118,17 @@ class IdentitySimilarity(BenchMetric):
                 rows.append(ItemScore(self.no_face_values(), "no_face", f"no face detected (no_face={self.no_face})", {"n_faces": 0}))
             else:
                 extra = {"n_faces": detection.n_faces, "face_prob": round(detection.prob, 6), "protocol": self.protocol.name}
-                rows.append(ItemScore(self.compare(reference, embedding), "ok", "", extra))
+                values = self.compare(reference, embedding)
+                if len(item.references) > 1:
+                    mean = self.reference_features(f"{item.identity_id}.mean", item.references, self._mean_reference_embedding,
+                                                   item.reference_sha256)
+                    values[self.mean_ref_name] = self.compare(mean, embedding)[self.metric_name] if mean is not None else math.nan
+                rows.append(ItemScore(values, "ok", "", extra))
         return rows
 
 
-@register_metric("id_sim_facenet", higher_is_better=True, weights=("mtcnn", "facenet_vggface2"))
+@register_metric("id_sim_facenet", higher_is_better={"id_sim_facenet": True, "id_sim_facenet_mean_ref": True},
+                 weights=("mtcnn", "facenet_vggface2"))
 class FaceNetIdentity(IdentitySimilarity):
     """ID sim (the paper's): cosine of facenet-pytorch InceptionResnetV1 (VGGFace2) embeddings of MTCNN crops."""
 
@@ -153,7 +170,8 @@ def facenet_on(path: str | Path, device: str) -> torch.nn.Module:
     return _FACENETS[key]
 
 
-@register_metric("id_sim_arcface", higher_is_better=True, weights=("mtcnn", "arcface_antelopev2"))
+@register_metric("id_sim_arcface", higher_is_better={"id_sim_arcface": True, "id_sim_arcface_mean_ref": True},
+                 weights=("mtcnn", "arcface_antelopev2"))
 class ArcFaceIdentity(IdentitySimilarity):
     """Cosine of insightface ArcFace (antelopev2 glintr100) embeddings of 5-point-aligned 112 × 112 crops."""
 
@@ -182,7 +200,7 @@ class ArcFaceIdentity(IdentitySimilarity):
 
 @register_metric(
     "id_sim_dlib",
-    higher_is_better={"id_sim_dlib": True, "id_dist_dlib": False, "id_match_dlib": True},
+    higher_is_better={"id_sim_dlib": True, "id_dist_dlib": False, "id_match_dlib": True, "id_sim_dlib_mean_ref": True},
     weights=("mtcnn", "dlib_shape_predictor_5", "dlib_face_recognition"),
 )
 class DlibIdentity(IdentitySimilarity):

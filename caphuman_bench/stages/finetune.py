@@ -1,7 +1,7 @@
 """Stage 1b — finetune: per-identity weights of the fine-tuning baselines, before their runs are planned.
 
-Resumable like generation: an identity whose artefact verifies (record complete, same reference photo
-and training configuration, file sha256 as recorded) is skipped; one that does not is trained again
+Resumable like generation: an identity whose artefact verifies (record complete, same reference photo,
+subject phrase and training configuration, file sha256 as recorded) is skipped; one that does not is trained again
 from the base model, never used. Identities are sharded like tasks (`--shard`, RANK / WORLD_SIZE).
 A failure is reported with its reason and the other identities go on.
 """
@@ -18,7 +18,7 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore
 from caphuman_bench.finetune.training import identity_phrase
 from caphuman_bench.registry import get_method
-from caphuman_bench.stages.plan import Shard
+from caphuman_bench.stages.plan import Shard, plan_tasks
 
 
 @dataclass
@@ -48,11 +48,13 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
     resolved = weights.require(adapter_cls.training_weights(params), weights_paths)
     store = ArtefactStore(runs_dir, adapter_cls.recipe, params)
     summary = FinetuneSummary(root=str(store.root))
-    identities = shard.select(list(bench.split(split).identities))
+    # The planned tasks' identities: an empty split stops here with plan_tasks' message on how to prepare it.
+    identities = shard.select(list(dict.fromkeys(t.identity_id for t in plan_tasks(bench, split))))
     references = {i: bench.reference_sha256(i) for i in identities}
     todo = []
     for identity_id in identities:
-        artefact, reason = store.verify(identity_id, references[identity_id], full=True)
+        artefact, reason = store.verify(identity_id, references[identity_id], bench.identities[identity_id].subject,
+                                        full=True)
         if artefact is not None:
             summary.kept.append(identity_id)
             continue

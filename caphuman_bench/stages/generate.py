@@ -62,10 +62,13 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
 
     # Pre-flight, before any model is built: weights present, reference photos readable.
     adapter_cls, resolved = method_weights(card, params, weights_paths)
-    references = {t.identity_id: bench.reference_image(t.identity_id) for t in todo}
+    photos = {t.identity_id: bench.reference_images(t.identity_id) for t in todo}
+    references = {identity_id: images[0] for identity_id, images in photos.items()}
 
+    # Fine-tuned weights as planned; run.json holds their paths relative to the runs folder that holds the run.
+    artefacts = {i: {**a, "path": str(run.path.parent / a["path"])} for i, a in run.info().get("artefacts", {}).items()}
     adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved,
-                                                      artefacts=run.info().get("artefacts", {})))
+                                                      artefacts=artefacts))
     adapter.load()
 
     for identity_id, condition_id in dict.fromkeys((t.identity_id, t.condition_id) for t in todo):
@@ -80,7 +83,7 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
             claimed = _claim(run, claims, batch, claim_index, force)
             summary.elsewhere += len(batch) - len(claimed)
             try:
-                _generate_batch(run, adapter, bench, claimed, references, params, summary)
+                _generate_batch(run, adapter, bench, claimed, photos, params, summary)
             finally:
                 for t in claimed:
                     claims.release(claim_index[t.task_id])
@@ -100,12 +103,12 @@ def _claim(run: RunDir, claims, batch: list[Task], claim_index: dict[str, int], 
     return claimed
 
 
-def _generate_batch(run: RunDir, adapter, bench: Benchmark, batch: list[Task], references, params: dict,
+def _generate_batch(run: RunDir, adapter, bench: Benchmark, batch: list[Task], photos: dict[str, list], params: dict,
                     summary: GenerateSummary) -> None:
     if not batch:
         return
     height, width = int(params.get("height", 512)), int(params.get("width", 512))
-    requests = [_request(t, bench, references, height, width) for t in batch]
+    requests = [_request(t, bench, photos, height, width) for t in batch]
     started = time.perf_counter()
     try:
         images = adapter.generate(requests)
@@ -133,7 +136,7 @@ def _stored_target(run: RunDir, identity_id: str, condition_id: str):
         return None
 
 
-def _request(task: Task, bench: Benchmark, references, height: int, width: int) -> GenerationRequest:
+def _request(task: Task, bench: Benchmark, photos: dict[str, list], height: int, width: int) -> GenerationRequest:
     identity = bench.identities[task.identity_id]
     generator = torch.Generator(device="cpu").manual_seed(task.seed)
     return GenerationRequest(
@@ -141,7 +144,8 @@ def _request(task: Task, bench: Benchmark, references, height: int, width: int) 
         identity_id=task.identity_id,
         prompt=bench.prompts[task.prompt_id].fill(identity.subject),
         subject=identity.subject,
-        reference=references[task.identity_id],
+        reference=photos[task.identity_id][0],
+        references=photos[task.identity_id],
         condition=bench.conditions[task.condition_id],
         generator=generator,
         height=height,

@@ -190,6 +190,7 @@ def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> Score
         task_id=task.task_id, identity_id=task.identity_id, prompt_id=task.prompt_id,
         condition_id=task.condition_id, sample=task.sample, image=image, image_error=error,
         reference=bench.reference_image(task.identity_id), reference_sha256=bench.reference_sha256(task.identity_id),
+        references=tuple(photos) if len(photos := bench.reference_images(task.identity_id)) > 1 else (),
         prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
         siblings=tuple((t.task_id, run.image_path(t.task_id)) for t in group if t.task_id != task.task_id),
         subject_prompt=bench.prompts[task.prompt_id].fill(bench.identities[task.identity_id].subject),
