@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 RUNS ?= runs
+REPORT ?= reports/smoke
 
 .PHONY: demo test venv clean
 
@@ -17,7 +18,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/caphuman-bench run --method caphuman --preset smoke --runs-dir $(RUNS)
 	$(BIN)/caphuman-bench run --method reference --preset smoke --runs-dir $(RUNS)
-	$(BIN)/caphuman-bench report --runs-dir $(RUNS) --out reports/smoke
+	$(BIN)/caphuman-bench report --runs-dir $(RUNS) --out $(REPORT) --html
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q

@@ -237,6 +237,7 @@ def report(
     runs_dir: RunsDir = Path("runs"),
     out_dir: Annotated[Path, typer.Option("--out", help="Where leaderboard.{md,csv,json} (and report.html) go.")] = Path("reports"),
     html_report: Annotated[bool, typer.Option("--html", help="Also write a self-contained report.html with plots and samples.")] = False,
+    grid_tasks: Annotated[int, typer.Option("--grid-tasks", help="Tasks shown across methods in report.html's sample grid.")] = 6,
 ):
     """Aggregate runs into a leaderboard (Markdown, CSV, JSON); the run directories are only read.
 
@@ -254,24 +255,42 @@ def report(
                       soft_wrap=True)
     wide = write_leaderboard(results, out_dir)
     if html_report:
-        console.print(f"wrote {write_html(results, found, out_dir)}")
+        console.print(f"wrote {write_html(results, found, out_dir, grid_tasks=grid_tasks)}")
     from caphuman_bench.stages.report import to_markdown
 
     out.print(to_markdown(wide), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"leaderboard of {len(found)} run(s) → {out_dir}/leaderboard.{{md,csv,json}}")
+    console.print(f"leaderboard of {len(found)} run(s) → {out_dir}/leaderboard.{{md,csv,json}}, breakdowns.csv")
 
 
 @app.command()
 def compare(
-    old: Annotated[Path, typer.Argument(help="Baseline leaderboard.json or results.json.")],
-    new: Annotated[Path, typer.Argument(help="Candidate leaderboard.json or results.json.")],
+    old: Annotated[Path, typer.Argument(help="Baseline leaderboard.json or results.json (with --paired: run directory A).")],
+    new: Annotated[Path, typer.Argument(help="Candidate leaderboard.json or results.json (with --paired: run directory B).")],
     tolerance: Annotated[float, typer.Option("--tolerance", min=0.0, help="Largest change for the worse allowed (absolute, metric units).")] = 0.01,
     metric_tolerance: Annotated[Optional[list[str]], typer.Option("--metric-tolerance", help="Per-metric tolerance: NAME=VALUE.")] = None,
+    paired: Annotated[bool, typer.Option("--paired", help="Compare two runs image by image: paired bootstrap interval and Wilcoxon p of A − B.")] = False,
+    metrics: Annotated[Optional[str], typer.Option("--metrics", help="With --paired: comma-separated values to compare (default: all both runs scored).")] = None,
 ):
-    """Leaderboard gate for CI: exit 1 when a metric got worse beyond tolerance.
+    """Leaderboard gate for CI: exit 1 when a metric got worse beyond tolerance. With --paired, two run
+    directories planned on the same tasks are compared per image (no gate).
 
     Example: caphuman-bench compare reports/leaderboard.json runs/new/leaderboard.json --tolerance 0.02
+    Example: caphuman-bench compare --paired runs/caphuman-full-… runs/ip_adapter_controlnet-full-…
     """
+    if paired:
+        from caphuman_bench.report.stats import paired_sentence
+        from caphuman_bench.rundir import RunDir
+        from caphuman_bench.stages.report import compare_paired, paired_table
+
+        run_a, run_b = RunDir(old), RunDir(new)
+        results = compare_paired(run_a, run_b, metrics.split(",") if metrics else None)
+        name_a, name_b = run_a.info()["label"], run_b.info()["label"]
+        if name_a == name_b:
+            name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
+        out.print(paired_table(results).to_string(index=False), markup=False, highlight=False, soft_wrap=True)
+        for result in results:
+            out.print(paired_sentence(result, name_a, name_b), markup=False, highlight=False, soft_wrap=True)
+        return
     from caphuman_bench.stages.report import compare as compare_boards
 
     tolerances = {}
@@ -299,7 +318,7 @@ def ablate(
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Where the ablation leaderboard goes.")] = Path("reports/ablations"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the ablation leaderboard, ablation.html and its figures go.")] = Path("reports/ablations"),
     device: Device = "auto",
     seed: Annotated[int, typer.Option("--seed", help="Base seed; each image's seed is derived from it and its task.")] = 0,
     param: Annotated[Optional[list[str]], typer.Option("--param", "-p", help="Override a card parameter in every variant: KEY=VALUE (YAML value).")] = None,
@@ -318,7 +337,7 @@ def ablate(
     from caphuman_bench.cards import get_card
     from caphuman_bench.runner import default_split
     from caphuman_bench.stages.plan import Shard
-    from caphuman_bench.stages.report import write_leaderboard, leaderboard_wide, leaderboard, to_markdown
+    from caphuman_bench.stages.report import leaderboard, leaderboard_wide, to_markdown, write_ablation, write_leaderboard
 
     switches = {"global+local": {}, "global": {"use_local": False}, "local": {"use_global": False}}
     unknown = [f for f in features or [] if f not in switches]
@@ -333,18 +352,20 @@ def ablate(
     split = split or default_split(preset)
     for overrides in variants:  # every variant's parameters checked before the first run starts
         _preflight(card, bench, split, preset, overrides, options["weights_paths"])
-    results, failed, status_files, unscored = [], 0, [], 0
+    results, failed, status_files, unscored, variant_runs = [], 0, [], 0, []
     for overrides in variants:
         planned, gen, res, score_errors = _execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,
                                      False, metrics.split(",") if metrics else None, options, 8)
         # Variants with the same parameters share a run (tau=0 is the default): label by the variant, not run.json.
         results.append({**res, "method": planned.label})
+        variant_runs.append(planned.run)
         unscored += score_errors
         if gen.failed:
             failed += gen.failed
             status_files.append(planned.run.status_file)
     write_leaderboard(results, out_dir)
     out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
+    console.print(f"wrote {write_ablation(results, out_dir, variant_runs)}")
     if failed:
         _report_failures(failed, status_files)
     if failed or unscored:

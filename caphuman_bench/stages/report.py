@@ -1,14 +1,14 @@
 """Stage 4 — report: aggregates per run (`results.json`), leaderboards across runs, and `compare`.
 
-Reads `scores.parquet`, `status.jsonl`, `run.json` and `skipped_metrics.json` of each run; never the
-models. Every number in `results.json` travels with its convention and the run's provenance.
+Reads `scores.parquet`, `status.jsonl`, `run.json`, `scoring.json` of each run and the benchmark spec
+it names; never the models. Every number in `results.json` travels with its convention and the run's
+provenance, and is written to a fixed number of significant digits (`report/numbers.py`), so
+aggregating the same scores again writes the same bytes. Statistics, breakdowns, figures and the HTML
+pages live in `caphuman_bench/report/`.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 from pathlib import Path
@@ -19,19 +19,37 @@ import pandas as pd
 from caphuman_bench.atomic import write_json_atomic, write_text_atomic
 from caphuman_bench.errors import BenchError
 from caphuman_bench.registry import all_metrics
+from caphuman_bench.report.breakdowns import breakdowns_json, per_image, run_spec
+from caphuman_bench.report.numbers import fmt_interval, rounded
+from caphuman_bench.report.pages import protocols
+from caphuman_bench.report.stats import PairedResult, paired_comparison, summarise
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.score import read_scores
 
-BOOTSTRAP_RESAMPLES = 1000
+IDENTITY_FAMILIES = ("id_sim_facenet", "id_sim_arcface", "id_sim_dlib")
 
 
-def bootstrap_ci95(values: np.ndarray, seed: int = 0) -> list[float] | None:
-    """Percentile bootstrap 95% interval of the mean (fixed seed: the same scores give the same interval)."""
-    if len(values) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(BOOTSTRAP_RESAMPLES, len(values)))].mean(axis=1)
-    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+def value_order() -> list[str]:
+    """Reported values in the reader's order: the face-detection rate, then the identity metrics
+    beside it (a similarity means little without the rate it was computed on), then the rest."""
+    families = all_metrics()
+    names = [(0 if f == "face_detection" else 1 if f in IDENTITY_FAMILIES else 2, i, v)
+             for i, (f, cls) in enumerate(families.items()) for v in cls.info.higher_is_better]
+    return [v for _, _, v in sorted(names, key=lambda t: (t[0], t[1]))]
+
+
+def scored_values(scores: pd.DataFrame) -> tuple[list[str], dict[str, tuple[bool, str]]]:
+    """Value names present in `scores` (reader's order) → (higher_is_better, family)."""
+    families = all_metrics()
+    found = {}
+    for family in sorted(set(scores["metric"])) if len(scores) else []:
+        cls = families.get(family)
+        if cls is None:
+            continue
+        for value_name, higher in cls.info.higher_is_better.items():
+            if value_name in scores:
+                found[value_name] = (higher, family)
+    return [v for v in value_order() if v in found], found
 
 
 def aggregate_run(run: RunDir) -> dict:
@@ -41,26 +59,18 @@ def aggregate_run(run: RunDir) -> dict:
     info = run.info()
     families = all_metrics()
     scores = read_scores(run)
-    metrics, conventions, statuses = {}, {}, {}
+    conventions, statuses = {}, {}
     for family, rows in scores.groupby("metric", sort=True):
         cls = families.get(family)
         if cls is None:
             continue
         conventions[family] = dict(getattr(cls, "convention", {}) or {})
         statuses[family] = {str(k): int(v) for k, v in rows["status"].value_counts().sort_index().items()}
-        for value_name, higher in cls.info.higher_is_better.items():
-            if value_name not in rows:
-                continue
-            values = rows[value_name].astype(float).to_numpy()
-            values = values[~np.isnan(values)]
-            metrics[value_name] = {
-                "mean": float(values.mean()) if len(values) else None,
-                "std": float(values.std(ddof=1)) if len(values) > 1 else None,
-                "n": int(len(values)),
-                "ci95": bootstrap_ci95(values),
-                "higher_is_better": higher,
-                "family": family,
-            }
+    names, found = scored_values(scores)
+    bench = run_spec(run)
+    table = per_image(run, scores, names, bench)
+    metrics = {name: summarise(table[name].to_numpy(dtype=np.float64))
+                     | {"higher_is_better": found[name][0], "family": found[name][1]} for name in names}
     status = run.latest_status()
     tasks = run.tasks()
     finished = run.finished_ids()
@@ -72,7 +82,8 @@ def aggregate_run(run: RunDir) -> dict:
         "benchmark": info["benchmark"]["name"],
         "benchmark_version": info["benchmark"]["version"],
         "split": info["benchmark"]["split"],
-        "metrics": metrics,
+        "metrics": rounded(metrics),  # numbers only: parameters and provenance are written as they are
+        "breakdowns": rounded(breakdowns_json(table, names, bench)),
         "conventions": conventions,
         "item_status": statuses,
         "scored_with": {family: entry for family, entry in scoring.get("metrics", {}).items() if family in conventions},
@@ -125,24 +136,34 @@ def leaderboard(results: list[dict]) -> pd.DataFrame:
                          "ci95_low": (m["ci95"] or [None, None])[0], "ci95_high": (m["ci95"] or [None, None])[1],
                          "higher_is_better": m["higher_is_better"], "images_ok": res["images"]["ok"],
                          "head_input": res.get("head_input", "none"),
+                         "protocol": protocols(res).get(m.get("family", ""), ""),
                          "config_hash": res["provenance"].get("config_hash", "")[:12]})
     return pd.DataFrame(rows)
 
 
 def leaderboard_wide(board: pd.DataFrame) -> pd.DataFrame:
+    """One row per run: head input, images, then each value as 'mean [95 % interval]' (reader's order),
+    with its n appended where fewer images than finished carry it (no face, not scored)."""
     if board.empty:
         return board
-    wide = board.pivot_table(index=["method", "split"], columns="metric", values="mean", aggfunc="first")
-    first = board.groupby(["method", "split"])[["images_ok", "head_input"]].first()
-    wide.insert(0, "images", first["images_ok"])
-    wide.insert(0, "head input", first["head_input"])
-    return wide.reset_index()
-
-
-def _fmt(value) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
+    order = {v: i for i, v in enumerate(value_order())}
+    metrics = sorted(set(board["metric"]), key=lambda m: (order.get(m, len(order)), m))
+    rows = []
+    for (method, split), part in board.groupby(["method", "split"], sort=False):
+        row = {"method": method, "split": split, "head input": part["head_input"].iloc[0],
+               "protocol": ", ".join(sorted({p for p in part["protocol"] if p})) or "–",
+               "images": int(part["images_ok"].iloc[0])}
+        cells = {r["metric"]: r for r in part.to_dict(orient="records")}
+        for metric in metrics:
+            r = cells.get(metric)
+            if r is None:
+                row[metric] = "–"
+                continue
+            ci = None if _number(r["ci95_low"]) is None else [r["ci95_low"], r["ci95_high"]]
+            partial = _number(r["mean"]) is not None and r["n"] < row["images"]
+            row[metric] = fmt_interval(_number(r["mean"]), ci) + (f" (n={r['n']})" if partial else "")
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def to_markdown(wide: pd.DataFrame) -> str:
@@ -154,8 +175,10 @@ def to_markdown(wide: pd.DataFrame) -> str:
     header = [c if c not in arrows else f"{c} {arrows[c]}" for c in wide.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in wide.iterrows():
-        lines.append("| " + " | ".join(_fmt(row[c]) for c in wide.columns) + " |")
-    return "\n".join(lines) + "\n"
+        lines.append("| " + " | ".join(str(row[c]) for c in wide.columns) + " |")
+    note = ("\nMean [95 % bootstrap interval over images]; (n=…) where fewer images than finished carry the value. "
+            "face_detection is the rate the identity similarities were computed on.\n")
+    return "\n".join(lines) + "\n" + note
 
 
 def write_leaderboard(results: list[dict], out_dir: Path) -> pd.DataFrame:
@@ -165,45 +188,69 @@ def write_leaderboard(results: list[dict], out_dir: Path) -> pd.DataFrame:
     write_text_atomic(out_dir / "leaderboard.md", to_markdown(wide))
     write_text_atomic(out_dir / "leaderboard.csv", board.to_csv(index=False))
     write_json_atomic(out_dir / "leaderboard.json", {"rows": board.to_dict(orient="records")})
+    write_text_atomic(out_dir / "breakdowns.csv", breakdowns_table(results).to_csv(index=False))
     return wide
 
 
-def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, thumbnails: int = 6) -> Path:
-    """A single self-contained HTML page: leaderboard, one bar chart per metric, sample images."""
-    import matplotlib
+def breakdowns_table(results: list[dict]) -> pd.DataFrame:
+    """Every run's breakdowns as one long table: method, split, axis, group, metric, mean, std, n, interval."""
+    rows = []
+    for res, label in zip(results, board_labels(results)):
+        for axis, groups in res.get("breakdowns", {}).items():
+            for group, values in groups.items():
+                for metric, m in values.items():
+                    low, high = m.get("ci95") or (None, None)
+                    rows.append({"method": label, "split": res["split"], "axis": axis, "group": group, "metric": metric,
+                                 "mean": m["mean"], "std": m["std"], "n": m["n"], "ci95_low": low, "ci95_high": high})
+    return pd.DataFrame(rows, columns=["method", "split", "axis", "group", "metric", "mean", "std", "n", "ci95_low",
+                                       "ci95_high"])
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
 
-    board = leaderboard(results)
-    wide = leaderboard_wide(board)
-    parts = ["<!doctype html><meta charset='utf-8'><title>caphuman-bench report</title>",
-             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{margin:2px}</style>",
-             "<h1>caphuman-bench report</h1><h2>Leaderboard</h2>",
-             wide.to_html(index=False, float_format=lambda v: f"{v:.4f}", na_rep="–")]
-    for metric, rows in board.groupby("metric"):
-        fig, ax = plt.subplots(figsize=(5, 0.5 + 0.4 * len(rows)))
-        labels = [f"{m} ({s})" for m, s in zip(rows["method"], rows["split"])]
-        ax.barh(labels, rows["mean"].fillna(0), xerr=rows["std"].fillna(0), color="#4c72b0")
-        ax.set_title(f"{metric} ({'higher' if rows['higher_is_better'].iloc[0] else 'lower'} is better)")
-        buf = io.BytesIO()
-        fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=80)
-        plt.close(fig)
-        parts.append(f"<img alt='{html.escape(metric)}' src='data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()}'>")
-    parts.append("<h2>Samples</h2>")
-    for run in runs:
-        parts.append(f"<h3>{html.escape(run.info()['label'])}</h3>")
-        for path in sorted(run.images_dir.glob("*.png"))[:thumbnails]:
-            with Image.open(path) as img:
-                img.thumbnail((160, 160))
-                buf = io.BytesIO()
-                img.convert("RGB").save(buf, format="JPEG", quality=85)
-            parts.append(f"<img title='{html.escape(path.stem)}' src='data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}'>")
+def paired_pairs(results: list[dict], runs: list[RunDir], labels: list[str]) -> list[tuple[str, str, list[PairedResult]]]:
+    """Paired comparisons of every two runs planned on the same tasks, on the headline values."""
+    from caphuman_bench.report.pages import HEADLINE
+
+    pairs = []
+    for i in range(len(runs)):
+        for j in range(i + 1, len(runs)):
+            try:
+                same_tasks(runs[i], runs[j])
+            except BenchError:
+                continue
+            compared = [r for r in compare_paired(runs[i], runs[j]) if r.metric in HEADLINE]
+            if compared:
+                pairs.append((labels[i], labels[j], compared))
+    return pairs
+
+
+def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, grid_tasks: int = 6) -> Path:
+    """report.html: leaderboard with intervals, figures, breakdowns, paired comparisons, samples, the paper."""
+    from caphuman_bench.report.pages import report_page
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    labels = board_labels(results)
     out = out_dir / "report.html"
-    write_text_atomic(out, "\n".join(parts))
+    write_text_atomic(out, report_page(results, runs, labels, value_order(), paired_pairs(results, runs, labels),
+                                       grid_tasks=grid_tasks))
+    return out
+
+
+def write_ablation(results: list[dict], out_dir: Path, runs: list[RunDir] | None = None) -> Path:
+    """ablation.html with ablation_tau.{png,svg} and ablation_features_<metric>.{png,svg} beside it;
+    with the variants' `runs`, each variant is also compared image by image with the first one."""
+    from caphuman_bench.report.pages import HEADLINE, ablation_page
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    identity = [v for v in value_order() if v.startswith("id_sim")]
+    head = [v for v in ("rmse_pose", "pose_error_deg", "mp_pose_error_deg") if any(v in r["metrics"] for r in results)]
+    labels = board_labels(results)
+    paired = []
+    for run, label in zip((runs or [])[1:], labels[1:]):
+        if run.path != runs[0].path:  # variants with the same parameters share a run
+            paired.append((label, labels[0], [r for r in compare_paired(run, runs[0]) if r.metric in HEADLINE]))
+    page, _ = ablation_page(results, labels, value_order(), out_dir, identity, head, paired)
+    out = out_dir / "ablation.html"
+    write_text_atomic(out, page)
     return out
 
 
@@ -282,3 +329,51 @@ def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[s
         rows.append({"method": key[0], "split": key[1], "metric": key[2], "old": o_mean, "new": n_mean,
                      "delta": delta, "tolerance": tol, "verdict": verdict})
     return pd.DataFrame(rows), regressed
+
+
+def same_tasks(a: RunDir, b: RunDir) -> None:
+    """Refuse a paired comparison of runs that were not planned on the same tasks of the same spec."""
+    spec_a, spec_b = a.info()["benchmark"], b.info()["benchmark"]
+    if spec_a.get("spec_hash") != spec_b.get("spec_hash"):
+        raise BenchError(f"{a.path} and {b.path}: planned on different benchmark specs (field 'benchmark.spec_hash' "
+                         f"{str(spec_a.get('spec_hash'))[:12]} != {str(spec_b.get('spec_hash'))[:12]}); "
+                         "a paired comparison needs the same tasks")
+    keys_a = {t.task_id: (t.identity_id, t.prompt_id, t.condition_id, t.sample) for t in a.tasks()}
+    keys_b = {t.task_id: (t.identity_id, t.prompt_id, t.condition_id, t.sample) for t in b.tasks()}
+    if keys_a != keys_b:
+        only_a, only_b = sorted(set(keys_a) - set(keys_b)), sorted(set(keys_b) - set(keys_a))
+        example = (only_a or only_b or [""])[0]
+        raise BenchError(f"{a.tasks_file} and {b.tasks_file}: the runs' tasks differ ({len(only_a)} only in the first, "
+                         f"{len(only_b)} only in the second, e.g. {example!r}); a paired comparison needs the same tasks "
+                         "(same split, identities and samples)")
+
+
+def per_image_scores(run: RunDir) -> tuple[pd.DataFrame, dict[str, tuple[bool, str]]]:
+    """The run's per-image table (one row per task) and its values' (higher_is_better, family)."""
+    scores = read_scores(run)
+    names, found = scored_values(scores)
+    return per_image(run, scores, names, run_spec(run)).set_index("task_id"), found
+
+
+def compare_paired(a: RunDir, b: RunDir, metrics: list[str] | None = None) -> list[PairedResult]:
+    """A − B per image on every value both runs scored (or `metrics`), paired over the same tasks."""
+    a.require(), b.require()
+    same_tasks(a, b)
+    table_a, found_a = per_image_scores(a)
+    table_b, found_b = per_image_scores(b)
+    names = [v for v in value_order() if v in found_a and v in found_b]
+    if metrics:
+        unknown = [m for m in metrics if m not in names]
+        if unknown:
+            raise BenchError(f"--metrics {unknown[0]!r}: not scored in both runs (both have: {', '.join(names) or 'none'})")
+        names = [v for v in names if v in metrics]
+    table_b = table_b.loc[table_a.index]
+    return [paired_comparison(table_a[v].to_numpy(dtype=np.float64), table_b[v].to_numpy(dtype=np.float64), v,
+                              found_a[v][0]) for v in names]
+
+
+def paired_table(results: list[PairedResult]) -> pd.DataFrame:
+    """The paired comparison as rows, numbers rounded as they are written."""
+    return pd.DataFrame([rounded(r.to_dict()) for r in results],
+                        columns=["metric", "higher_is_better", "n", "mean_a", "mean_b", "difference", "ci95",
+                                 "p_wilcoxon", "p_sign", "significant"])

@@ -1,0 +1,400 @@
+"""The self-contained HTML pages: `report.html` (leaderboard, figures, breakdowns, paired comparisons,
+a qualitative grid, the paper's numbers) and `ablation.html` (the τ trade-off and the feature switches).
+
+Images are embedded (PNG figures, JPEG thumbnails as data URIs), so a page is one file that can be
+mailed or committed. The layout is one column of cards that wrap: it reads at 1400 px and on a phone.
+Nothing on a page depends on the time it was written.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from caphuman_bench.benchmark import Benchmark
+from caphuman_bench.report import figures
+from caphuman_bench.report.breakdowns import AXIS_TITLES, run_spec
+from caphuman_bench.report.numbers import fmt, fmt_interval
+from caphuman_bench.report.paper import paper_table
+from caphuman_bench.report.stats import PairedResult, paired_sentence
+from caphuman_bench.rundir import RunDir
+
+# The values a reader looks at first; the rest are one click away.
+HEADLINE = ("face_detection", "id_sim_facenet", "id_sim_arcface", "id_sim_dlib", "clip_score", "prompt_acc_top1",
+            "rmse_pose", "pose_error_deg", "mp_pose_error_deg")
+THUMB = 192
+
+CSS = """
+*{box-sizing:border-box}
+body{font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0 auto;padding:1rem;max-width:1320px;
+     color:#1d232a;line-height:1.45}
+h1{font-size:1.6rem;margin:.2rem 0}h2{font-size:1.25rem;margin-top:2rem;border-bottom:1px solid #d5dae0}
+h3{font-size:1.05rem}
+.note{color:#4b5563;font-size:.92rem}.caveat{background:#fff7e6;border-left:4px solid #e0a030;padding:.5rem .8rem}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;margin:.5rem 0}
+table{border-collapse:collapse;font-size:.9rem}
+th,td{border:1px solid #d5dae0;padding:.3rem .55rem;text-align:right;vertical-align:top}
+th{background:#f3f5f8;text-align:center}td.l,th.l{text-align:left}
+.ci{color:#5b6470;font-size:.8rem;white-space:nowrap}
+.figs{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,420px),1fr));gap:1rem}
+.figs.wide{grid-template-columns:repeat(auto-fill,minmax(min(100%,620px),1fr))}
+.figs.one{grid-template-columns:minmax(0,1100px)}
+figure{margin:0;background:#fff;border:1px solid #e3e7ec;border-radius:6px;padding:.4rem}
+figure img{width:100%;height:auto;display:block}
+figcaption{font-size:.85rem;color:#4b5563;padding:.2rem}
+table.grid td{text-align:center;font-size:.8rem;max-width:210px}
+table.grid img{width:clamp(56px,20vw,176px);height:auto;display:block;margin:0 auto}
+details{margin:.6rem 0}summary{cursor:pointer;font-weight:600}
+ul.paired li{margin:.25rem 0}
+"""
+
+
+def protocols(res: dict) -> dict[str, str]:
+    """Metric family → the name of the scoring protocol its rows followed: the one `scoring.json`
+    recorded (results.json `scored_with`), else the convention's `protocol`."""
+    found = {}
+    for family in sorted(set(res.get("conventions", {})) | set(res.get("scored_with", {}))):
+        conv = res.get("conventions", {}).get(family) or {}
+        scored = res.get("scored_with", {}).get(family) or {}
+        protocol = scored.get("protocol") or conv.get("protocol")
+        if protocol:
+            found[family] = str(protocol)
+    return found
+
+
+def run_protocol(res: dict) -> str:
+    return ", ".join(sorted(set(protocols(res).values()))) or "–"
+
+
+def _b64(data: bytes, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _figure(png: bytes, alt: str, caption: str = "") -> str:
+    cap = f"<figcaption>{html.escape(caption)}</figcaption>" if caption else ""
+    return f"<figure><img alt='{html.escape(alt)}' src='{_b64(png, 'image/png')}'>{cap}</figure>"
+
+
+def _thumb(image: Image.Image | None) -> str:
+    if image is None:
+        return "<span class='note'>—</span>"
+    image = image.convert("RGB")
+    image.thumbnail((THUMB, THUMB))
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=85, optimize=True)
+    return f"<img alt='' src='{_b64(buf.getvalue(), 'image/jpeg')}'>"
+
+
+def _page(title: str, body: list[str]) -> str:
+    return ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _arrow(higher) -> str:
+    return "" if higher is None else (" ↑" if higher else " ↓")
+
+
+def _cell(m: dict | None, images: int) -> str:
+    if m is None or m.get("mean") is None:
+        return "<td>–</td>"
+    ci = f"<br><span class='ci'>[{fmt(m['ci95'][0])}, {fmt(m['ci95'][1])}]</span>" if m.get("ci95") else ""
+    n = f"<br><span class='ci'>n = {m['n']}</span>" if m["n"] < images else ""
+    return f"<td>{fmt(m['mean'])}{ci}{n}</td>"
+
+
+def _metric_names(results: list[dict], order: list[str]) -> list[str]:
+    present = {name for res in results for name in res["metrics"]}
+    return [v for v in order if v in present] + sorted(present - set(order))
+
+
+def _directions(results: list[dict]) -> dict[str, bool]:
+    return {name: m["higher_is_better"] for res in results for name, m in res["metrics"].items()}
+
+
+def leaderboard_table(results: list[dict], labels: list[str], order: list[str]) -> str:
+    names = _metric_names(results, order)
+    higher = _directions(results)
+    head = "".join(f"<th>{html.escape(n)}{_arrow(higher.get(n))}</th>" for n in names)
+    rows = []
+    for res, label in zip(results, labels):
+        images = res["images"]["ok"]
+        cells = "".join(_cell(res["metrics"].get(n), images) for n in names)
+        rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{html.escape(res['split'])}</td>"
+                    f"<td class='l'>{html.escape(str(res.get('head_input', 'none')))}</td>"
+                    f"<td class='l'>{html.escape(run_protocol(res))}</td><td>{images}</td>{cells}</tr>")
+    return ("<div class='scroll'><table><thead><tr><th class='l'>method</th><th class='l'>split</th>"
+            f"<th class='l'>head input</th><th class='l'>protocol</th><th>images</th>{head}</tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def metric_figures(results: list[dict], labels: list[str], names: list[str]) -> list[str]:
+    higher = _directions(results)
+    out = []
+    for name in names:
+        ms = [res["metrics"].get(name) or {} for res in results]
+        means = [m.get("mean") for m in ms]
+        lows = [(m.get("ci95") or [None, None])[0] for m in ms]
+        highs = [(m.get("ci95") or [None, None])[1] for m in ms]
+        png = figures.save_png(figures.metric_bars(labels, means, lows, highs, name, higher.get(name)))
+        out.append(_figure(png, name, "mean and 95 % bootstrap interval over images"))
+    return out
+
+
+def _series(results: list[dict], labels: list[str], axis: str, name: str) -> tuple[list[str], dict]:
+    """Groups of one breakdown axis (first-seen order across runs) and, per run, (means, lows, highs)."""
+    groups = list(dict.fromkeys(g for res in results for g, vals in res.get("breakdowns", {}).get(axis, {}).items()
+                                if name in vals))
+    series = {}
+    for res, label in zip(results, labels):
+        table = res.get("breakdowns", {}).get(axis, {})
+        cells = [table.get(g, {}).get(name) or {} for g in groups]
+        if any(c.get("mean") is not None for c in cells):
+            series[label] = ([c.get("mean") for c in cells], [(c.get("ci95") or [None, None])[0] for c in cells],
+                             [(c.get("ci95") or [None, None])[1] for c in cells])
+    return groups, series
+
+
+def breakdown_table(results: list[dict], labels: list[str], axis: str, name: str) -> str:
+    groups, _ = _series(results, labels, axis, name)
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    rows = []
+    for g in groups:
+        cells = []
+        for res in results:
+            m = res.get("breakdowns", {}).get(axis, {}).get(g, {}).get(name)
+            cells.append("<td>–</td>" if not m else f"<td>{fmt_interval(m['mean'], m.get('ci95'))}"
+                         f"<br><span class='ci'>n = {m['n']}</span></td>")
+        rows.append(f"<tr><td class='l'>{html.escape(g)}</td>{''.join(cells)}</tr>")
+    return (f"<div class='scroll'><table><thead><tr><th class='l'>{html.escape(AXIS_TITLES[axis])}</th>{head}</tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
+
+
+def breakdown_section(results: list[dict], labels: list[str], names: list[str]) -> list[str]:
+    higher = _directions(results)
+    parts = ["<h2 id='breakdowns'>Breakdowns</h2>",
+             "<p class='note'>The benchmark's splits: per head condition, per |yaw| bin, per prompt category, per "
+             "identity. Each group's mean with its 95 % interval; weighted by n, the groups give back the overall mean.</p>"]
+    for axis in ("condition", "abs_yaw", "category"):
+        parts.append(f"<h3>By {AXIS_TITLES[axis]}</h3><div class='figs wide'>")
+        tables = []
+        for name in names:
+            groups, series = _series(results, labels, axis, name)
+            if not series:
+                continue
+            png = figures.save_png(figures.grouped_bars(groups, series, name, higher.get(name), AXIS_TITLES[axis], labels))
+            parts.append(_figure(png, f"{name} by {AXIS_TITLES[axis]}"))
+            tables.append(f"<h4>{html.escape(name)}</h4>" + breakdown_table(results, labels, axis, name))
+        parts.append("</div>")
+        if tables:
+            parts.append(f"<details><summary>Tables by {AXIS_TITLES[axis]}</summary>{''.join(tables)}</details>")
+    tables = [f"<h4>{html.escape(n)}</h4>" + breakdown_table(results, labels, "identity", n) for n in names]
+    parts.append(f"<h3>By identity</h3><details><summary>Tables by identity</summary>{''.join(tables)}</details>")
+    return parts
+
+
+def paired_section(paired: list[tuple[str, str, list[PairedResult]]]) -> list[str]:
+    if not paired:
+        return []
+    parts = ["<h2 id='paired'>Paired comparisons</h2>",
+             "<p class='note'>Runs planned on the same tasks, compared image by image: the mean per-image difference "
+             "with its paired-bootstrap 95 % interval and the Wilcoxon signed-rank p-value (scipy). Significant: the "
+             "interval excludes 0 and p &lt; 0.05. Images of one identity are not independent: read the intervals "
+             "as a lower bound on the uncertainty across identities.</p>"]
+    for name_a, name_b, results in paired:
+        items = "".join(f"<li>{html.escape(paired_sentence(r, name_a, name_b))}</li>" for r in results)
+        parts.append(f"<h3>{html.escape(name_a)} vs {html.escape(name_b)}</h3><ul class='paired'>{items}</ul>")
+    return parts
+
+
+def choose_tasks(runs: list[RunDir], count: int) -> list:
+    """`count` tasks finished in every run, spread evenly over (identity, prompt, condition)."""
+    if not runs or count <= 0:
+        return []
+    common = set.intersection(*(r.finished_ids() for r in runs))
+    tasks = sorted((t for t in runs[0].tasks() if t.task_id in common),
+                   key=lambda t: (t.identity_id, t.prompt_id, t.condition_id, t.sample))
+    if len(tasks) <= count:
+        return tasks
+    return [tasks[int(i)] for i in np.linspace(0, len(tasks) - 1, count).round()]
+
+
+def _head_render(runs: list[RunDir], identity_id: str, condition_id: str) -> Image.Image | None:
+    """The head render a method was steered with, from the first run that cached one."""
+    for run in runs:
+        path = run.cache_dir / "method" / "render" / identity_id / condition_id / "head_render.npz"
+        if not path.exists():
+            continue
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                pixels = np.clip(data["rendered"], 0, 1).transpose(1, 2, 0)
+        except Exception:  # a damaged cache entry costs its picture, not the page (numpy raises many kinds)
+            continue
+        return Image.fromarray((pixels * 255).round().astype(np.uint8))
+    return None
+
+
+def sample_grid(runs: list[RunDir], labels: list[str], bench: Benchmark | None, count: int) -> list[str]:
+    tasks = choose_tasks(runs, count)
+    if not tasks:
+        return []
+    head = "".join(f"<th>{html.escape(label)}</th>" for label in labels)
+    rows = []
+    for task in tasks:
+        prompt = bench.prompts.get(task.prompt_id) if bench else None
+        condition = bench.conditions.get(task.condition_id) if bench else None
+        identity = bench.identities.get(task.identity_id) if bench else None
+        text = prompt.fill(identity.subject if identity else "a person") if prompt else task.prompt_id
+        where = f"{task.condition_id}: {condition.description}" if condition else task.condition_id
+        try:
+            reference = bench.reference_image(task.identity_id) if bench else None
+        except Exception:  # a moved photo must not cost the whole page
+            reference = None
+        cells = [_thumb(reference), _thumb(_head_render(runs, task.identity_id, task.condition_id))]
+        for run in runs:
+            with Image.open(run.image_path(task.task_id)) as img:
+                cells.append(_thumb(img))
+        caption = (f"<tr><td class='l' colspan='{len(runs) + 2}'><b>{html.escape(text)}</b> · {html.escape(where)} · "
+                   f"identity {html.escape(task.identity_id)}, sample {task.sample}</td></tr>")
+        rows.append(caption + "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+    return ["<h2 id='samples'>Samples</h2>",
+            "<p class='note'>The same tasks across methods: reference photo, the head render the head-controlled "
+            "methods were steered with (— where no run has one), then each method's image.</p>",
+            f"<div class='scroll'><table class='grid'><thead><tr><th>reference</th><th>head render</th>{head}</tr>"
+            f"</thead><tbody>{''.join(rows)}</tbody></table></div>"]
+
+
+def conventions_section(results: list[dict], labels: list[str]) -> list[str]:
+    rows = []
+    for res, label in zip(results, labels):
+        for family, conv in sorted(res.get("conventions", {}).items()):
+            protocol = protocols(res).get(family)
+            rest = "; ".join(f"{k}: {v}" for k, v in sorted(conv.items()))
+            rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{html.escape(family)}</td>"
+                        f"<td class='l'>{html.escape(str(protocol) if protocol else '–')}</td>"
+                        f"<td class='l'>{html.escape(rest)}</td></tr>")
+    if not rows:
+        return []
+    return ["<h2 id='conventions'>Conventions</h2><details><summary>Scoring protocol and conventions per metric family</summary>"
+            "<div class='scroll'><table><thead><tr><th class='l'>run</th><th class='l'>family</th>"
+            f"<th class='l'>protocol</th><th class='l'>convention</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></details>"]
+
+
+def provenance_section(results: list[dict], labels: list[str]) -> list[str]:
+    rows = []
+    for res, label in zip(results, labels):
+        prov = res.get("provenance", {})
+        versions = prov.get("environment", {}).get("versions", {})
+        soft = ", ".join(f"{k} {versions[k]}" for k in ("torch", "diffusers", "transformers") if k in versions)
+        rows.append(f"<tr><td class='l'>{html.escape(label)}</td><td class='l'>{html.escape(str(prov.get('config_hash', ''))[:12])}</td>"
+                    f"<td class='l'>{html.escape(str(prov.get('card_hash', ''))[:12])}</td>"
+                    f"<td class='l'>{html.escape(res['benchmark_version'])} ({html.escape(str(prov.get('spec_hash', ''))[:12])})</td>"
+                    f"<td class='l'>{html.escape(soft)}</td></tr>")
+    return ["<h2 id='provenance'>Provenance</h2><div class='scroll'><table><thead><tr><th class='l'>run</th>"
+            "<th class='l'>config</th><th class='l'>card</th><th class='l'>benchmark (spec hash)</th><th class='l'>versions</th>"
+            f"</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"]
+
+
+def paper_section(results: list[dict], labels: list[str]) -> list[str]:
+    table = paper_table(results, labels)
+    if table is None:
+        return []
+    source, caveat, header, rows = table
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td class='{'l' if i == 0 else ''}'>{html.escape(str(c))}</td>" for i, c in enumerate(row))
+                   + "</tr>" for row in rows)
+    return ["<h2 id='paper'>The paper's numbers beside this run's</h2>",
+            f"<p class='caveat'><b>Rows marked “paper” are the paper's reported numbers</b>, not measured here "
+            f"({html.escape(source)}). {html.escape(caveat)}</p>",
+            f"<div class='scroll'><table><thead><tr><th class='l'>row</th>{head}</tr></thead><tbody>{body}</tbody></table></div>"]
+
+
+def report_page(results: list[dict], runs: list[RunDir], labels: list[str], order: list[str],
+                paired: list[tuple[str, str, list[PairedResult]]], grid_tasks: int = 6) -> str:
+    names = _metric_names(results, order)
+    headline = [n for n in names if n in HEADLINE] or names
+    others = [n for n in names if n not in headline]
+    bench = run_spec(runs[0]) if runs else None
+    versions = sorted({res["benchmark_version"] for res in results})
+    body = ["<h1>caphuman-bench report</h1>",
+            f"<p class='note'>{len(results)} run(s) on {html.escape(', '.join(sorted({r['split'] for r in results})))} · "
+            f"benchmark {html.escape(', '.join(versions))}, a documented reconstruction of HumanIPHC (the paper's lists "
+            "were not released). Every number is a mean over images with its 95 % bootstrap interval; "
+            "<code>n</code> is shown where fewer images than finished carry a value.</p>",
+            "<p class='note'><a href='#figures'>figures</a> · <a href='#breakdowns'>breakdowns</a> · "
+            "<a href='#paired'>paired comparisons</a> · <a href='#samples'>samples</a> · <a href='#paper'>paper</a> · "
+            "<a href='#provenance'>provenance</a></p>",
+            "<h2 id='leaderboard'>Leaderboard</h2>", leaderboard_table(results, labels, order),
+            "<p class='note'>face_detection is the rate the identity similarities were computed on "
+            "(no face: similarity 0 under <code>--no-face zero</code>).</p>"]
+    if headline:
+        body += ["<h2 id='figures'>Figures</h2><div class='figs'>", *metric_figures(results, labels, headline), "</div>"]
+    if others:
+        body += ["<details><summary>Every other reported value</summary><div class='figs'>",
+                 *metric_figures(results, labels, others), "</div></details>"]
+    body += breakdown_section(results, labels, headline)
+    body += paired_section(paired)
+    body += sample_grid(runs, labels, bench, grid_tasks)
+    body += paper_section(results, labels)
+    body += conventions_section(results, labels)
+    body += provenance_section(results, labels)
+    return _page("caphuman-bench report", body)
+
+
+def _variant(res: dict) -> tuple[int, str]:
+    """(τ, identity features) of an ablation run, from its resolved parameters."""
+    params = res.get("provenance", {}).get("params", {})
+    use_global, use_local = params.get("use_global", True), params.get("use_local", True)
+    features = "global+local" if use_global and use_local else "global" if use_global else "local" if use_local else "none"
+    return int(params.get("tau", 0) or 0), features
+
+
+def ablation_page(results: list[dict], labels: list[str], order: list[str], out_dir: Path,
+                  identity: list[str], head: list[str],
+                  paired: list[tuple[str, str, list[PairedResult]]] = ()) -> tuple[str, list[Path]]:
+    """The τ sweep as curves (identity similarity and head-control error against τ) and the feature
+    switches as grouped bars, each with its intervals; figures also written as PNG and SVG."""
+    higher = _directions(results)
+    variants = [_variant(r) for r in results]
+    names = _metric_names(results, order)
+    present = ([n for n in identity if n in names], [n for n in head if n in names])
+    panels_for = [found[0] for found in present if found] or names[:2]
+    features = list(dict.fromkeys(f for _, f in variants))
+    taus = sorted({t for t, _ in variants})
+
+    def cell(t, f, name):
+        for (vt, vf), res in zip(variants, results):
+            if (vt, vf) == (t, f):
+                m = res["metrics"].get(name) or {}
+                ci = m.get("ci95") or [None, None]
+                return m.get("mean"), ci[0], ci[1]
+        return None, None, None
+
+    written, body = [], ["<h1>caphuman-bench ablation</h1>",
+                         f"<p class='note'>{len(results)} variant(s) of {html.escape(labels[0].split('[')[0] if labels else '')} "
+                         "on the same tasks: τ (the identity context is dropped at every step with t &gt; τ) and the "
+                         "identity features (global FaceNet token, local CLIP tokens). Means with 95 % bootstrap intervals.</p>"]
+    if panels_for:
+        panels = []
+        for name in panels_for:
+            lines = {f: ([t for t in taus], *map(list, zip(*[cell(t, f, name) for t in taus]))) for f in features}
+            panels.append((name, higher.get(name), lines))
+        written += figures.save_files(figures.tau_curves(panels), out_dir / "ablation_tau")
+        body += ["<h2>τ: identity against head control</h2><div class='figs one'>",
+                 _figure(written[-2].read_bytes(), "tau sweep", "one line per identity-feature setting"), "</div>"]
+        body += ["<h2>Identity features</h2><div class='figs wide'>"]
+        for name in panels_for:
+            series = {f"τ = {t}": tuple(map(list, zip(*[cell(t, f, name) for f in features]))) for t in taus}
+            fig = figures.grouped_bars(features, series, name, higher.get(name), "identity features")
+            written += figures.save_files(fig, out_dir / f"ablation_features_{name}")
+            body.append(_figure(written[-2].read_bytes(), f"{name} by identity features"))
+        body.append("</div>")
+    body += paired_section(list(paired))
+    body += ["<h2>Every variant</h2>", leaderboard_table(results, labels, order)]
+    return _page("caphuman-bench ablation", body), written

@@ -1,0 +1,82 @@
+"""report.html and ablation.html opened in headless Chromium as a reader would: at 1400 px and at a
+phone's 400 px every image loads, no console error, the page does not overflow sideways, a screenshot
+is written; and every figure's plotting area is a reasonable part of its image (not a sliver)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from caphuman_bench.report.figures import AXES_FACE
+from caphuman_bench.stages.report import aggregate_run, find_runs, write_ablation, write_html
+from tests.browser import Browser, chromium_path
+from tests.report_helpers import make_run
+
+pytestmark = pytest.mark.skipif(chromium_path() is None,
+                                reason="chromium is not installed and could not be (.ci/run runs apt-get install -y chromium)")
+
+
+@pytest.fixture(scope="module")
+def pages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pages")
+    runs = root / "runs"
+    make_run(runs, "caphuman (smoke)", seed=1)
+    make_run(runs, "ip_adapter_controlnet with a long label (smoke)", seed=2)
+    make_run(runs, "reference (smoke)", {"id_sim_dlib": np.full(12, 0.99), "face_detection": np.ones(12)})
+    found = find_runs([runs])
+    report = write_html([aggregate_run(r) for r in found], found, root / "report")
+    variants, variant_runs = [], []
+    for tau in (0, 300, 600):
+        for use_local in (True, False):
+            run = make_run(root / "ablation_runs", f"caphuman[tau={tau},local={use_local}] (smoke)",
+                           {"id_sim_dlib": np.linspace(0.5, 0.9, 12) - tau / 3000 - 0.1 * (not use_local)},
+                           params={"tau": tau, "use_global": True, "use_local": use_local}, seed=tau + use_local)
+            variants.append(aggregate_run(run))
+            variant_runs.append(run)
+    ablation = write_ablation(variants, root / "ablation", variant_runs)
+    return {"report": report, "ablation": ablation}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    b = Browser()
+    yield b
+    b.close()
+
+
+def plot_fraction(png: bytes) -> tuple[float, float]:
+    """(area, width) of the bounding box of the axes' face colour, as fractions of the image."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    face = np.array([int(AXES_FACE[i:i + 2], 16) for i in (1, 3, 5)])
+    ys, xs = np.nonzero((pixels == face).all(axis=2))
+    assert len(xs), "no plotting area found"
+    h, w = pixels.shape[:2]
+    box_w, box_h = xs.max() - xs.min() + 1, ys.max() - ys.min() + 1
+    return box_w * box_h / (w * h), box_w / w
+
+
+@pytest.mark.parametrize("name", ["report", "ablation"])
+@pytest.mark.parametrize("width", [1400, 400])
+def test_page_in_chromium(pages, browser, name, width, tmp_path):
+    page = browser.open(pages[name], width, mobile=width < 600)
+    images = page.images()
+    assert images and all(i["naturalWidth"] > 0 for i in images), [i["alt"] for i in images if not i["naturalWidth"]]
+    assert page.errors() == []
+    assert page.page_width() <= width  # wide tables scroll inside their box, the page does not
+    shot = page.screenshot(tmp_path / f"{name}-{width}.png", height=2400)
+    assert Image.open(shot).size[0] == width
+
+
+@pytest.mark.parametrize("name", ["report", "ablation"])
+def test_every_figure_gives_its_plot_a_real_share_of_the_image(pages, name):
+    html = pages[name].read_text()
+    figures = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    assert len(figures) >= (6 if name == "report" else 2)
+    for data in figures:
+        area, width = plot_fraction(base64.b64decode(data))
+        assert area > 0.3 and width > 0.45, (area, width)
