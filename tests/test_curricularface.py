@@ -85,3 +85,24 @@ def test_the_metric_scores_the_same_face_one_and_a_blank_image_zero(tiny_weights
     assert same.status == "ok" and same.values["id_sim_curricularface"] == pytest.approx(1.0, abs=1e-5)
     assert mirrored.status == "ok" and mirrored.values["id_sim_curricularface"] < 1.0 - 1e-4
     assert blank.status == "no_face" and blank.values["id_sim_curricularface"] == 0.0
+
+
+def test_recogniser_rank_agreement_is_kendalls_tau_over_the_methods_both_scored():
+    from caphuman_bench.report.stats import recogniser_agreement
+
+    means = {
+        "id_sim_facenet": {"a": 0.9, "b": 0.5, "c": 0.3, "d": 0.1},
+        "id_sim_arcface": {"a": 0.8, "b": 0.6, "c": 0.2, "d": 0.0},  # the same ranking: τ = 1
+        "id_sim_dlib": {"a": 0.1, "b": 0.2, "c": 0.3, "d": 0.4},  # reversed: τ = -1
+        "id_sim_curricularface": {"a": 0.5, "b": 0.4},  # two methods: no τ
+    }
+    rows = {(r["recogniser_a"], r["recogniser_b"]): r for r in recogniser_agreement(means)}
+    assert rows[("id_sim_facenet", "id_sim_arcface")]["kendall_tau"] == pytest.approx(1.0)
+    assert rows[("id_sim_facenet", "id_sim_dlib")]["kendall_tau"] == pytest.approx(-1.0)
+    assert rows[("id_sim_facenet", "id_sim_dlib")]["p_value"] == pytest.approx(2 / 24)  # exact test: 2 of 4! orderings as extreme
+    curricular = rows[("id_sim_facenet", "id_sim_curricularface")]
+    assert curricular["methods"] == 2 and curricular["kendall_tau"] is None
+    # one swapped pair among four methods: (6 - 2 * 1) / 6
+    swapped = recogniser_agreement({"id_sim_facenet": means["id_sim_facenet"],
+                                    "id_sim_arcface": {"a": 0.8, "b": 0.2, "c": 0.6, "d": 0.0}})
+    assert swapped[0]["kendall_tau"] == pytest.approx(4 / 6)

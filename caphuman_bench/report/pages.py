@@ -21,7 +21,7 @@ from caphuman_bench.report import figures
 from caphuman_bench.report.breakdowns import AXIS_TITLES, run_spec
 from caphuman_bench.report.numbers import fmt, fmt_interval
 from caphuman_bench.report.paper import paper_table
-from caphuman_bench.report.stats import PairedResult, paired_sentence
+from caphuman_bench.report.stats import PairedResult, paired_sentence, recogniser_agreement, recogniser_means
 from caphuman_bench.rundir import RunDir
 
 # The values a reader looks at first; the rest are one click away.
@@ -199,6 +199,26 @@ def breakdown_section(results: list[dict], labels: list[str], names: list[str]) 
     return parts
 
 
+def recogniser_section(results: list[dict], labels: list[str]) -> list[str]:
+    """The face recognisers side by side, and how well their rankings of the methods agree (Kendall's τ)."""
+    means = recogniser_means(results, labels)
+    if len(means) < 2:
+        return []
+    methods = sorted({m for per in means.values() for m in per})
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in means)
+    rows = "".join(f"<tr><td class='l'>{html.escape(m)}</td>" +
+                   "".join(f"<td>{fmt(per.get(m))}</td>" for per in means.values()) + "</tr>" for m in methods)
+    pairs = "".join(f"<tr><td class='l'>{html.escape(r['recogniser_a'])} · {html.escape(r['recogniser_b'])}</td>"
+                    f"<td>{r['methods']}</td><td>{fmt(r['kendall_tau'])}</td><td>{fmt(r['p_value'])}</td></tr>"
+                    for r in recogniser_agreement(means))
+    return ["<h2 id='recognisers'>Face recognisers side by side</h2>",
+            "<p class='note'>A method tuned against one recogniser ranks high under it only; Kendall's τ compares "
+            "the recognisers' rankings of the methods (scipy τ-b; no τ below three methods scored by both).</p>",
+            f"<div class='scroll'><table><thead><tr><th class='l'>method</th>{head}</tr></thead><tbody>{rows}</tbody></table></div>",
+            "<div class='scroll'><table><thead><tr><th class='l'>recognisers</th><th>methods</th><th>Kendall τ</th>"
+            f"<th>p</th></tr></thead><tbody>{pairs}</tbody></table></div>"]
+
+
 def paired_section(paired: list[tuple[str, str, list[PairedResult]]]) -> list[str]:
     if not paired:
         return []
@@ -339,6 +359,7 @@ def report_page(results: list[dict], runs: list[RunDir], labels: list[str], orde
         body += ["<details><summary>Every other reported value</summary><div class='figs'>",
                  *metric_figures(results, labels, others), "</div></details>"]
     body += breakdown_section(results, labels, headline)
+    body += recogniser_section(results, labels)
     body += paired_section(paired)
     body += sample_grid(runs, labels, bench, grid_tasks)
     body += paper_section(results, labels)

@@ -115,3 +115,40 @@ def paired_sentence(result: PairedResult, name_a: str, name_b: str) -> str:
     word = "higher" if result.higher_is_better else "lower"
     return (f"{winner} beats {loser} on {result.metric} ({word} is better) by "
             f"{fmt(scale * result.difference, 2)} {interval(scale)}, {tail}")
+
+
+RECOGNISERS = ("id_sim_facenet", "id_sim_arcface", "id_sim_dlib", "id_sim_curricularface")
+
+
+def recogniser_means(results: list[dict], labels: list[str]) -> dict[str, dict[str, float]]:
+    """recogniser -> {run label: mean} over the runs (results.json payloads) that scored it."""
+    means: dict[str, dict[str, float]] = {}
+    for res, label in zip(results, labels):
+        for name in RECOGNISERS:
+            mean = (res["metrics"].get(name) or {}).get("mean")
+            if mean is not None:
+                means.setdefault(name, {})[label] = mean
+    return means
+
+
+def recogniser_agreement(means: dict[str, dict[str, float]]) -> list[dict]:
+    """Kendall's τ (scipy, τ-b) between the rankings of methods by each two face recognisers.
+
+    `means`: recogniser -> {method: mean}. Only methods both recognisers scored count; a pair with fewer
+    than three such methods gets no τ (two points always agree or disagree completely). A method that
+    games one recogniser (e.g. trained on ArcFace embeddings) shows as a low τ against the others.
+    """
+    from scipy.stats import kendalltau
+
+    rows = []
+    names = [r for r in RECOGNISERS if r in means]
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            methods = sorted(set(means[a]) & set(means[b]))
+            tau = p = None
+            if len(methods) >= 3:
+                result = kendalltau([means[a][m] for m in methods], [means[b][m] for m in methods])
+                if np.isfinite(result.statistic):
+                    tau, p = float(result.statistic), float(result.pvalue)
+            rows.append({"recogniser_a": a, "recogniser_b": b, "methods": len(methods), "kendall_tau": tau, "p_value": p})
+    return rows

@@ -22,7 +22,7 @@ from caphuman_bench.registry import all_metrics
 from caphuman_bench.report.breakdowns import breakdowns_json, per_image, run_spec
 from caphuman_bench.report.numbers import fmt_interval, rounded
 from caphuman_bench.report.pages import protocols
-from caphuman_bench.report.stats import PairedResult, paired_comparison, summarise
+from caphuman_bench.report.stats import PairedResult, paired_comparison, recogniser_agreement, recogniser_means, summarise
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.score import read_scores
 
@@ -189,6 +189,9 @@ def write_leaderboard(results: list[dict], out_dir: Path) -> pd.DataFrame:
     write_text_atomic(out_dir / "leaderboard.csv", board.to_csv(index=False))
     write_json_atomic(out_dir / "leaderboard.json", {"rows": board.to_dict(orient="records")})
     write_text_atomic(out_dir / "breakdowns.csv", breakdowns_table(results).to_csv(index=False))
+    agreement = recogniser_agreement(recogniser_means(results, board_labels(results)))
+    write_text_atomic(out_dir / "recognisers.csv", pd.DataFrame(rounded(agreement), columns=[
+        "recogniser_a", "recogniser_b", "methods", "kendall_tau", "p_value"]).to_csv(index=False))
     return wide
 
 
