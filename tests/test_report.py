@@ -96,7 +96,7 @@ def test_numbers_are_written_rounded_and_reruns_are_byte_identical(tmp_path, cap
         assert cli(capsys, monkeypatch, "report", "--runs-dir", runs, "--out", tmp_path / out, "--html")[0] == 0
         written.append({p.name: p.read_bytes() for p in sorted((tmp_path / out).iterdir())})
     assert written[0] == written[1] and set(written[0]) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json",
-                                                           "breakdowns.csv", "report.html"}
+                                                           "breakdowns.csv", "recognisers.csv", "report.html"}
     rows = json.loads(written[0]["leaderboard.json"])["rows"]
     for row in rows:
         for key in ("mean", "std", "ci95_low", "ci95_high"):
