@@ -15,11 +15,11 @@ from caphuman_bench import weights
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.errors import BenchError
-from caphuman_bench.images import save_png_atomic
 from caphuman_bench.methods.base import GenerationRequest, MethodContext
 from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import Shard, Task
+from caphuman_bench.stages.writer import ImageWriter
 
 
 @dataclass
@@ -67,6 +67,7 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
 
     height, width = int(params.get("height", 512)), int(params.get("width", 512))
     task_bar = progress.add_task(f"generate {card.name}", total=len(todo)) if progress else None
+    writer = ImageWriter()  # PNG encoding and status lines overlap the next batch's denoising
     for batch in _batches(todo, max(1, int(params.get("batch_size", 1)))):
         requests = [_request(t, bench, references, height, width) for t in batch]
         started = time.perf_counter()
@@ -82,11 +83,12 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
         else:
             seconds = (time.perf_counter() - started) / len(batch)
             for t, image in zip(batch, images):
-                save_png_atomic(image, run.image_path(t.task_id))
-                run.append_status(t.task_id, "ok", seconds=seconds, seed=t.seed)
+                writer.submit(image, run.image_path(t.task_id),
+                              then=lambda t=t, s=seconds: run.append_status(t.task_id, "ok", seconds=s, seed=t.seed))
             summary.generated += len(batch)
         if progress:
             progress.advance(task_bar, len(batch))
+    writer.close()
     return summary
 
 
