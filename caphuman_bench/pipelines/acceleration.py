@@ -102,10 +102,10 @@ def accelerate_pipeline(pipe, levers: Levers):
     if levers.compile != "off":
         _inductor_knobs(levers)
         mode = None if levers.compile == "default" else levers.compile
-        pipe.unet.compile(mode=mode, fullgraph=True)
-        pipe.capface.compile(mode=mode, fullgraph=True)
+        pipe.unet.compile(mode=mode)
+        pipe.capface.compile(mode=mode)
         if levers.compile_vae and getattr(pipe, "vae", None) is not None:
-            pipe.vae.decoder.compile(mode=mode, fullgraph=True)
+            pipe.vae.decoder.compile(mode=mode)
     pipe.levers = levers
     return pipe
 
