@@ -142,13 +142,21 @@ def pipeline_inputs(pipe, batch: int, size: int, device, dtype) -> dict:
 
 
 def run_caphuman(pipe, inputs: dict, steps: int, levers=None) -> torch.Tensor:
+    """The final latents (random-weight images saturate at 0 and 1, so differences are read on latents)."""
     from caphuman_bench.pipelines.acceleration import EAGER, attention_backend
 
     batch = inputs["hint"].shape[0]
+    final = {}
+
+    def keep_latents(_pipe, step, _t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
     with attention_backend(levers or EAGER):
-        return pipe([PROMPT] * batch, condition_image=inputs["hint"], image_tokens=inputs["tokens"], id_embedding=inputs["ident"],
-                    num_inference_steps=steps, guidance_scale=7.0,
-                    generator=[torch.Generator().manual_seed(i) for i in range(batch)], output_type="pt").images
+        pipe([PROMPT] * batch, condition_image=inputs["hint"], image_tokens=inputs["tokens"], id_embedding=inputs["ident"],
+             num_inference_steps=steps, guidance_scale=7.0, generator=[torch.Generator().manual_seed(i) for i in range(batch)],
+             output_type="pt", callback_on_step_end=keep_latents)
+    return final["latents"]
 
 
 def run_stock(pipe, inputs: dict, steps: int) -> torch.Tensor:
@@ -167,10 +175,11 @@ def flops_per_image(pipe, device, dtype, size: int, steps: int) -> float:
     return counter.get_total_flops() / 2
 
 
-def difference(images: torch.Tensor, reference: torch.Tensor) -> dict:
-    a, b = images.float(), reference.float()
-    return {"rel_l2": float((a - b).norm() / b.norm()), "max_abs_8bit": float((a - b).abs().max() * 255),
-            "mean_abs_8bit": float((a - b).abs().mean() * 255), "finite": bool(torch.isfinite(a).all())}
+def difference(latents: torch.Tensor, reference: torch.Tensor) -> dict:
+    """‖a − b‖ / ‖b‖ and max |a − b| / max |b| of the final latents, per batch."""
+    a, b = latents.float(), reference.float()
+    return {"latent_rel_l2": float((a - b).norm() / b.norm()), "latent_max_abs_rel": float((a - b).abs().max() / b.abs().max()),
+            "finite": bool(torch.isfinite(a).all())}
 
 
 def timed_calls(fn, device, repeats: int) -> tuple[float, list[float], torch.Tensor]:
@@ -193,19 +202,20 @@ def lever_plan(batches: list[int], fast_batches: list[int]):
     """(label, levers or 'stock', batch) rows, cheapest first; every compiled row is one compilation."""
     from caphuman_bench.pipelines.acceleration import EAGER, FAST
 
-    rows = [("stock diffusers (eager)", "stock", b) for b in batches[-1:]]
-    rows += [("eager", EAGER, b) for b in batches]
     big = batches[-1]
-    rows += [("+ channels-last", EAGER.with_(channels_last=True), big),
-             ("+ fused QKV", EAGER.with_(fuse_qkv=True), big),
-             ("+ cuDNN attention", EAGER.with_(sdpa="cudnn"), big),
-             ("+ flash attention", EAGER.with_(sdpa="flash"), big),
-             ("channels-last + fused QKV + cuDNN attention", FAST.with_(compile="off"), big)]
-    rows += [("all + torch.compile (default)", FAST, b) for b in fast_batches]
-    rows += [("tolerance", "fp32", 4)]
-    rows += [("all + torch.compile (reduce-overhead: CUDA graphs)", FAST.with_(compile="reduce-overhead"), fast_batches[0]),
-             ("all + torch.compile + coordinate-descent tuning", FAST.with_(coordinate_descent=True), fast_batches[0]),
-             ("all + torch.compile (max-autotune-no-cudagraphs)", FAST.with_(compile="max-autotune-no-cudagraphs"), fast_batches[0])]
+    rows = [("stock", "stock diffusers (eager)", "stock", big)]
+    rows += [("eager", "eager", EAGER, b) for b in batches]
+    rows += [("single", "+ channels-last", EAGER.with_(channels_last=True), big),
+             ("single", "+ fused QKV", EAGER.with_(fuse_qkv=True), big),
+             ("single", "+ cuDNN attention", EAGER.with_(sdpa="cudnn"), big),
+             ("single", "+ flash attention", EAGER.with_(sdpa="flash"), big),
+             ("single", "channels-last + fused QKV + cuDNN attention", FAST.with_(compile="off"), big)]
+    rows += [("compile", "all + torch.compile (default)", FAST, b) for b in fast_batches]
+    rows += [("tolerance", "tolerance", "fp32", 4)]
+    rows += [("compile-nhwc", "fused QKV + cuDNN attention + torch.compile, NCHW", FAST.with_(channels_last=False), fast_batches[0]),
+             ("cudagraphs", "all + torch.compile (reduce-overhead: CUDA graphs)", FAST.with_(compile="reduce-overhead"), fast_batches[0]),
+             ("tuning", "all + torch.compile + coordinate-descent tuning", FAST.with_(coordinate_descent=True), fast_batches[0]),
+             ("autotune", "all + torch.compile (max-autotune-no-cudagraphs)", FAST.with_(compile="max-autotune-no-cudagraphs"), fast_batches[0])]
     return rows
 
 
@@ -223,7 +233,9 @@ def part_generation(args) -> None:
     report.flush()
     deadline = time.monotonic() + args.budget_s
     reference: dict[int, torch.Tensor] = {}  # eager images per batch size: the tolerance baseline
-    for label, levers, batch in lever_plan(args.batch, args.fast_batch):
+    for key, label, levers, batch in lever_plan(args.batch, args.fast_batch):
+        if args.only and key not in args.only:
+            continue
         if time.monotonic() > deadline:
             report.add({"label": label, "batch": batch, "skipped": "time budget spent"})
             continue
@@ -280,7 +292,7 @@ def print_table(data: dict) -> None:
         if "images_per_second" not in r:
             print(f"{r['label']:52} {r['batch']:>5}  {r.get('error') or r.get('skipped')}")
             continue
-        diff = r.get("vs_eager", {}).get("rel_l2")
+        diff = r.get("vs_eager", {}).get("latent_rel_l2")
         print(f"{r['label']:52} {r['batch']:>5} {r['images_per_second']:7.2f} {r.get('mfu') or 0:6.3f} {r['first_call_s']:8.1f} "
               f"{r['peak_memory_gib'] or 0:6.1f} {'' if diff is None else f'{diff:.2e}':>14}")
 
@@ -318,7 +330,7 @@ def stage_times(run: Path, start: float, lines: list[tuple[float, str]]) -> dict
     when = lambda text: next((t for t, line in lines if text in line), None)  # noqa: E731
     generated_at = when("generated ")
     out = {"images_ok": len(ok), "images_failed": sum(r["status"] == "failed" for r in records),
-           "generate_done_s": generated_at, "run_done_s": lines[-1][0] if lines else None}
+           "planned_s": when("run "), "generate_done_s": generated_at, "run_done_s": lines[-1][0] if lines else None}
     if ok:
         per_batch = {}  # a batch shares one `seconds` value and one status second
         for r in ok:
@@ -347,6 +359,8 @@ def part_scoring(args) -> None:
     if args.weights:
         os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
     run = RunDir(Path(args.run))
+    if args.perturb:
+        perturb_images(run)
     ready, skipped = select_metrics(args.metrics or None, {})
     report.data["skipped"] = skipped
     n = len(run.finished_ids())
@@ -397,6 +411,26 @@ def steady_throughput(root: Path, ranks: int) -> dict:
             "first_batch_s": [round(sec * len(rs), 1) for (sec, _), rs in first]}
 
 
+def perturb_images(run) -> None:
+    """Make every image of a `reference` run distinct (shift, zoom, noise; seeded per task) so the
+    per-pixel detection memo cannot make scoring look faster than it is on generated images."""
+    import numpy as np
+    from PIL import Image
+
+    from caphuman_bench.images import save_png_atomic
+
+    for index, task_id in enumerate(sorted(run.finished_ids())):
+        path = run.image_path(task_id)
+        rng = np.random.default_rng(index)
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        zoom = rng.uniform(0.92, 1.08)
+        dx, dy = rng.uniform(-0.04, 0.04, 2) * (w, h)
+        image = image.transform((w, h), Image.AFFINE, (1 / zoom, 0, dx, 0, 1 / zoom, dy), resample=Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 3, (h, w, 3))
+        save_png_atomic(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), path)
+
+
 def part_scaling(args) -> None:
     one, many = steady_throughput(Path(args.one), 1), steady_throughput(Path(args.many), args.gpus)
     data = {"part": "scaling", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "one": one, "many": many, "gpus": args.gpus,
@@ -406,6 +440,55 @@ def part_scaling(args) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=1) + "\n")
     print(json.dumps(data))
+
+
+def part_throughput(args) -> None:
+    """One process per GPU (torchrun): the fast pipeline's images/s on each, timed between barriers.
+
+    Rank r generates its own batches on cuda:LOCAL_RANK; every rank starts timing together after
+    its compilation, so the sum over ranks is what the node delivers at once. With one process it
+    is the one-GPU reference of the scaling table."""
+    import torch.distributed as dist
+
+    from caphuman_bench.pipelines.acceleration import FAST, accelerate_pipeline
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device, dtype = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu"), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") and world > 1:  # one inductor cache per rank: no write races
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] += f"_{local}"
+    if world > 1:
+        dist.init_process_group("gloo")
+    pipe, _ = build_pipelines(device, dtype, args.tiny)
+    pipe = accelerate_pipeline(pipe, FAST if device.type == "cuda" else FAST.with_(compile="off"))
+    inputs = pipeline_inputs(pipe, args.batch, args.size, device, dtype)
+    started = time.perf_counter()
+    run_caphuman(pipe, inputs, args.steps, pipe.levers)
+    _sync(device)
+    first = time.perf_counter() - started
+    if world > 1:
+        dist.barrier()
+    started = time.perf_counter()
+    for _ in range(args.batches):
+        run_caphuman(pipe, inputs, args.steps, pipe.levers)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    mine = {"rank": rank, "device": str(device), "first_call_s": round(first, 1), "seconds": round(seconds, 3),
+            "images": args.batches * args.batch, "images_per_second": round(args.batches * args.batch / seconds, 3)}
+    rows = [mine]
+    if world > 1:
+        rows = [None] * world
+        dist.all_gather_object(rows, mine)
+        dist.destroy_process_group()
+    if rank == 0:
+        data = {"part": "throughput", **environment(device), "gpus": world, "batch": args.batch, "steps": args.steps,
+                "levers": pipe.levers.as_dict(), "ranks": rows,
+                "node_images_per_second": round(sum(r["images"] for r in rows) / max(r["seconds"] for r in rows), 3)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(json.dumps(data), flush=True)
 
 
 def main() -> None:
@@ -421,6 +504,7 @@ def main() -> None:
     gen.add_argument("--budget-s", type=float, default=480, help="no new row starts after this many seconds")
     gen.add_argument("--tiny", action="store_true", help="the tiny CapHuman (CPU dry run)")
     gen.add_argument("--tolerance-fp32", action="store_true")
+    gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nhwc cudagraphs tuning autotune")
     e2e = sub.add_parser("e2e")
     e2e.add_argument("--weights", type=Path)
     e2e.add_argument("--runs-dir", type=Path, required=True)
@@ -430,17 +514,25 @@ def main() -> None:
     sc.add_argument("--weights", type=Path)
     sc.add_argument("--metrics", nargs="*")
     sc.add_argument("--score-batch", type=int, default=64)
+    sc.add_argument("--perturb", action="store_true", help="make the images distinct first (see perturb_images)")
     scale = sub.add_parser("scaling")
     scale.add_argument("--one", type=Path, required=True)
     scale.add_argument("--many", type=Path, required=True)
     scale.add_argument("--gpus", type=int, required=True)
-    for p in (gen, e2e, sc, scale):
+    thr = sub.add_parser("throughput")
+    thr.add_argument("--batch", type=int, default=32)
+    thr.add_argument("--batches", type=int, default=4)
+    thr.add_argument("--dtype", default="bfloat16")
+    thr.add_argument("--steps", type=int, default=20)
+    thr.add_argument("--size", type=int, default=512)
+    thr.add_argument("--tiny", action="store_true")
+    for p in (gen, e2e, sc, scale, thr):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     argv = sys.argv[1:]
     run_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
-    {"generation": part_generation, "scoring": part_scoring, "scaling": part_scaling}.get(args.part, lambda a: part_e2e(a, run_args))(args)
+    {"generation": part_generation, "scoring": part_scoring, "scaling": part_scaling, "throughput": part_throughput}.get(args.part, lambda a: part_e2e(a, run_args))(args)
 
 
 if __name__ == "__main__":

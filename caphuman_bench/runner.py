@@ -20,13 +20,16 @@ BENCHMARK_NAME = "humaniphc"
 
 
 def pick_device(device: str) -> str:
-    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate) or the CPU."""
+    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate, SLURM_LOCALID under
+    srun) or the CPU."""
     if device != "auto":
         return device
     import torch
 
     if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}"
+        local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+        # modulo: srun with --gpus-per-task shows each task only its own GPU as cuda:0
+        return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
     return "cpu"
 
 

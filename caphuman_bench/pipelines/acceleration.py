@@ -102,10 +102,14 @@ def accelerate_pipeline(pipe, levers: Levers):
     if levers.compile != "off":
         _inductor_knobs(levers)
         mode = None if levers.compile == "default" else levers.compile
-        pipe.unet.compile(mode=mode)
-        pipe.capface.compile(mode=mode)
+        # UNet and CapFace share forward wrappers (nn.Module._call_impl, diffusers' decorators), so
+        # their graphs sit in one dynamo cache: static shapes and room for both, or each batch-size
+        # difference between them would recompile everything with dynamic shapes
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        pipe.unet.compile(mode=mode, dynamic=False)
+        pipe.capface.compile(mode=mode, dynamic=False)
         if levers.compile_vae and getattr(pipe, "vae", None) is not None:
-            pipe.vae.decoder.compile(mode=mode)
+            pipe.vae.decoder.compile(mode=mode, dynamic=False)
     pipe.levers = levers
     return pipe
 
