@@ -27,7 +27,7 @@ cp -r benchmark_data/humaniphc $S/spec && cat >> $S/spec/splits.yaml <<'YAML'
 YAML
 quiet() { grep -v -e "should be kept in float32" -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"/tmp/site" -e "is_torch_version"; }
 (CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=$S/ind0 python3 $B generation --batch 32 --fast-batch 32 --repeats 2 \
-   --only stock eager compile tolerance compile-nhwc cudagraphs --tolerance-fp32 --budget-s 280 --out $OUT/generation.json 2>&1 | quiet > $S/gen.log) &
+   --only stock eager compile tolerance compile-nchw cudagraphs --tolerance-fp32 --budget-s 280 --out $OUT/generation.json 2>&1 | quiet > $S/gen.log) &
 (CUDA_VISIBLE_DEVICES=2 TORCHINDUCTOR_CACHE_DIR=$S/ind2 python3 $B throughput --batch 32 --batches 4 --out $OUT/throughput_1gpu.json 2>&1 | quiet > $S/thr1.log) &
 (export CUDA_VISIBLE_DEVICES=1 TORCHINDUCTOR_CACHE_DIR=$S/ind1
  python3 benchmarks/make_random_weights.py --out $S/w --dtype float16 --device cuda

@@ -86,7 +86,8 @@ def random_tensor(key: str, shape: list[int], dtype: torch.dtype, generator: tor
 
 def random_state_dict(layout: dict[str, tuple[list[int], torch.dtype]], seed: int, device: str = "cpu") -> dict[str, torch.Tensor]:
     generator = None if device == "meta" else torch.Generator(device=device).manual_seed(seed)
-    return {key: random_tensor(key, shape, _dtype(dtype), generator, device) for key, (shape, dtype) in layout.items()}
+    state = {key: random_tensor(key, shape, _dtype(dtype), generator, device) for key, (shape, dtype) in layout.items()}
+    return state if device == "meta" else {k: v.cpu() for k, v in state.items()}  # files hold CPU tensors
 
 
 def _with_schedule(state: dict[str, torch.Tensor], hparams: dict, device: str) -> dict[str, torch.Tensor]:
@@ -109,7 +110,7 @@ def caphuman_state_dict(layout: str = "full", seed: int = 0, device: str = "cpu"
     else:
         keys, hparams = _safetensors_layout(TINY_DIR / "state_dict.safetensors"), tiny_hparams()
     state = random_state_dict(keys, seed, device)
-    return {k: v.cpu() if v.device.type != "meta" else v for k, v in _with_schedule(state, hparams, device).items()}
+    return _with_schedule(state, hparams, device)
 
 
 def tiny_hparams() -> dict:
@@ -162,7 +163,10 @@ def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype
 
     out.mkdir(parents=True, exist_ok=True)
     path = lambda wid: out / weights.entry(wid).file  # noqa: E731
-    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}  # noqa: E731
+    from caphuman_bench.loaders.convert_caphuman import SCHEDULE_BUFFERS
+
+    # the schedule buffers stay float32 (the loader compares them with the hparams to 1e-6)
+    cast = lambda sd: {k: v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v for k, v in sd.items()}  # noqa: E731
     writers = {
         "caphuman_ckpt": lambda: torch.save({"state_dict": cast(caphuman_state_dict(layout, seed, device))}, path("caphuman_ckpt")),
         "facenet_vggface2": lambda: torch.save(facenet_state_dict(seed + 1, device), path("facenet_vggface2")),
