@@ -28,7 +28,7 @@ YAML
 quiet() { grep -v -e "should be kept in float32" -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"/tmp/site" -e "is_torch_version"; }
 (CUDA_VISIBLE_DEVICES=0 TORCHINDUCTOR_CACHE_DIR=$S/ind0 python3 $B generation --batch 32 --fast-batch 32 --repeats 2 \
    --only stock eager compile tolerance compile-nchw cudagraphs --tolerance-fp32 --budget-s 260 --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log) &
-(CUDA_VISIBLE_DEVICES=2 TORCHINDUCTOR_CACHE_DIR=$S/ind2 python3 $B throughput --batch 32 --batches 4 --out $OUT/throughput_1gpu.json 2>&1 | quiet > $OUT/thr1.log) &
+(CUDA_VISIBLE_DEVICES=2 TORCHINDUCTOR_CACHE_DIR=$S/ind2 python3 $B throughput --batch 32 --batches 4 --out $OUT/throughput_1gpu.json 2>&1 | quiet > $OUT/thr.log) &
 (export CUDA_VISIBLE_DEVICES=1 TORCHINDUCTOR_CACHE_DIR=$S/ind1
  python3 benchmarks/make_random_weights.py --out $S/w --dtype float16 --device cuda
  python3 $B e2e --weights $S/w --runs-dir $S/runs --out $OUT/e2e.json -- --method caphuman --spec $S/spec --split speed \
@@ -38,5 +38,5 @@ quiet() { grep -v -e "should be kept in float32" -e "UserWarning" -e "warn_once"
 wait
 for r in 0 1 2 3; do cp -r $S/ind2 $S/ind4_$r 2>/dev/null; done
 TORCHINDUCTOR_CACHE_DIR=$S/ind4 timeout 170 torchrun --standalone --nproc_per_node 4 $B throughput --batch 32 --batches 4 \
-  --out $OUT/throughput_4gpu.json 2>&1 | quiet > $OUT/thr4.log
-tail -n 25 $OUT/gen.log; tail -n 3 $OUT/thr1.log; tail -n 40 $OUT/e2e.log; tail -n 3 $OUT/thr4.log
+  --out $OUT/throughput_4gpu.json 2>&1 | quiet >> $OUT/thr.log
+tail -n 25 $OUT/gen.log; tail -n 40 $OUT/e2e.log; tail -n 6 $OUT/thr.log
