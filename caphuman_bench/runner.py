@@ -22,12 +22,18 @@ BENCHMARK_NAME = "humaniphc"
 
 
 def pick_device(device: str) -> str:
-    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate) or the CPU; any
-    other name is checked here, so a bad `--device` is one error before any work."""
+    """`auto` → the GPU of this process (LOCAL_RANK under torchrun / accelerate, SLURM_LOCALID under
+    srun) or the CPU; any other name is checked here, so a bad `--device` is one error before any work."""
     import torch
 
     if device == "auto":
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0') or 0)}" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
+        if not local.isdigit():
+            raise BenchError(f"environment LOCAL_RANK / SLURM_LOCALID {local!r}: expected a number")
+        # modulo: srun with --gpus-per-task shows each task only its own GPU as cuda:0
+        return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):

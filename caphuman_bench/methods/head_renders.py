@@ -40,6 +40,7 @@ from PIL import Image
 
 from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.errors import BenchError
+from caphuman_bench.faces.memo import BoundedMemo
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -88,6 +89,9 @@ def head_inputs(params: dict) -> dict:
         "head_frame": params.get("head_frame", "reference"),
         "mixing": params.get("mixing", "position,pose"),
     }
+
+
+RENDER_MEMO = 64  # a 512² render holds ~10 MB; tasks come identity by identity
 
 
 class HeadRenderMixin:
@@ -200,14 +204,25 @@ class HeadRenderMixin:
         return {**coefficients, "id": condition.id}, frame
 
     def head_render(self, identity_id: str, reference: Image.Image, condition, size: int):
-        """The head render of one identity × condition; `render_cached` re-renders if any input changed."""
+        """The head render of one identity × condition; `render_cached` re-renders if any input changed.
+
+        Kept in memory too (the last RENDER_MEMO): every task of an identity × condition needs the
+        same render, and reading the compressed file back costs ~0.1 s, seconds per batch of 32."""
         code = self.identity_code(identity_id, reference)
         coefficients, frame = self._condition_and_frame(identity_id, reference, condition)
         mixing = str(self.params.get("mixing", "position,pose"))
-        folder = self._cache_path("render", identity_id, condition.id)
-        if folder is None:
-            return self.renderer.render(code, coefficients, mixing, size, frame)
-        return self.renderer.render_cached(code, coefficients, folder, mixing, size, frame)
+        if not hasattr(self, "_renders"):
+            self._renders = BoundedMemo(RENDER_MEMO)
+        key = (identity_id, condition.id, mixing, size)
+        render = self._renders.get(key)
+        if render is None:
+            folder = self._cache_path("render", identity_id, condition.id)
+            if folder is None:
+                render = self.renderer.render(code, coefficients, mixing, size, frame)
+            else:
+                render = self.renderer.render_cached(code, coefficients, folder, mixing, size, frame)
+            self._renders.put(key, render)
+        return render
 
     def head_landmarks(self, identity_id: str, reference: Image.Image, condition, size: int) -> np.ndarray:
         """The 68 FLAME landmarks [68, 2] (pixels) of exactly the head `head_render` draws."""

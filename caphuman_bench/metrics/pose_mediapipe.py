@@ -105,6 +105,44 @@ class FaceMeshReader:
         self._mesh.close()
 
 
+_WORKER_READER: FaceMeshReader | None = None
+
+
+def _worker_landmarks(pixels: np.ndarray) -> np.ndarray | None:
+    """In a pool process: its own face mesh (MediaPipe graphs are not shared between processes)."""
+    global _WORKER_READER
+    if _WORKER_READER is None:
+        _WORKER_READER = FaceMeshReader()
+    return _WORKER_READER.landmarks(Image.fromarray(pixels))
+
+
+class FaceMeshPool:
+    """MediaPipe on CPU worker processes (spawned: safe beside CUDA): MediaPipe runs one image at a
+    time on one core, so the GPU families would otherwise wait on it. Same landmarks as in-process
+    (static-image mode has no state between images)."""
+
+    def __init__(self, workers: int) -> None:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def landmarks(self, images: list[Image.Image]) -> list[np.ndarray | None]:
+        pixels = [np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8)) for image in images]
+        return list(self._pool.map(_worker_landmarks, pixels, chunksize=max(1, len(pixels) // (4 * self.workers))))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def default_mediapipe_workers() -> int:
+    """One process per core but one (the scoring loop's), at most 16."""
+    import os
+
+    return max(1, min(16, (os.cpu_count() or 1) - 1))
+
+
 def generated_rotation(reference_landmarks: np.ndarray, generated_landmarks: np.ndarray) -> np.ndarray:
     """R_gen = Kabsch(reference → generated, rigid landmarks) · R_ref (module doc, step 3)."""
     rigid = _rigid_landmarks()
@@ -134,6 +172,8 @@ class PoseMediaPipe(BenchMetric):
     def __init__(self, context=None) -> None:
         super().__init__(context)
         self._reader: FaceMeshReader | None = None
+        self._pool: FaceMeshPool | None = None
+        self.workers = int(self.option("mediapipe_workers", default_mediapipe_workers()))
 
     @property
     def reader(self) -> FaceMeshReader:
@@ -142,9 +182,19 @@ class PoseMediaPipe(BenchMetric):
         return self._reader
 
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
-        return [self._measure_one(item) for item in items]
+        scorable = [i for i, item in enumerate(items) if item.image is not None and item.target is not None and "pose" in item.target]
+        generated = dict(zip(scorable, self._generated_landmarks([items[i].image for i in scorable])))
+        return [self._measure_one(item, generated.get(i)) for i, item in enumerate(items)]
 
-    def _measure_one(self, item: ScoreItem) -> ItemScore:
+    def _generated_landmarks(self, images: list[Image.Image]) -> list[np.ndarray | None]:
+        """Landmarks of a batch of generated images: in the worker pool when there is one to use."""
+        if self.workers <= 1 or len(images) < 2:
+            return [self.reader.landmarks(image) for image in images]
+        if self._pool is None:
+            self._pool = FaceMeshPool(self.workers)
+        return self._pool.landmarks(images)
+
+    def _measure_one(self, item: ScoreItem, generated: np.ndarray | None = None) -> ItemScore:
         unscored = {name: math.nan for name in VALUE_NAMES}
         if item.image is None:
             return ItemScore(unscored, "unreadable", item.image_error or "image could not be read")
@@ -153,7 +203,6 @@ class PoseMediaPipe(BenchMetric):
         reference = self.reference_features(item.identity_id, item.reference, self.reader.landmarks, item.reference_sha256)
         if reference is None:
             return ItemScore(unscored, "no_face", "MediaPipe found no face in the reference photo")
-        generated = self.reader.landmarks(item.image)
         if generated is None:
             return ItemScore(unscored, "no_face", "MediaPipe found no face in the generated image")
         rotation = generated_rotation(reference, generated)

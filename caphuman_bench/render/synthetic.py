@@ -269,11 +269,13 @@ def flame_pickle_bytes(model: dict) -> bytes:
     return buffer.getvalue()
 
 
-def write_synthetic_flame(folder: str | Path, seed: int = 0) -> tuple[Path, Path, Path]:
-    """Write generic_model.pkl, FLAME_texture.npz and head_template.obj; return their paths."""
+def write_synthetic_flame(folder: str | Path, seed: int = 0, **sizes) -> tuple[Path, Path, Path]:
+    """Write generic_model.pkl, FLAME_texture.npz and head_template.obj; return their paths.
+
+    `sizes` (n_lat, n_lon, texture_side) go to `synthetic_flame`, e.g. FLAME's own size for speed runs."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    head = synthetic_flame(seed)
+    head = synthetic_flame(seed, **sizes)
     flame_path, texture_path, template_path = (folder / n for n in ("generic_model.pkl", "FLAME_texture.npz", "head_template.obj"))
     flame_path.write_bytes(flame_pickle_bytes(head.model))
     np.savez(texture_path, mean=head.texture_mean[None], tex_dir=head.texture_dirs[None])

@@ -9,6 +9,7 @@ directory (the same command twice) split the work instead of both doing all of i
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -18,11 +19,11 @@ from caphuman_bench import weights
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.errors import BenchError
-from caphuman_bench.images import save_png_atomic
 from caphuman_bench.methods.base import GenerationRequest, MethodContext
 from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import Shard, Task
+from caphuman_bench.stages.writer import ImageWriter
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +79,14 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
                 run.write_target(identity_id, condition_id, target)
 
     task_bar = progress.add_task(f"generate {card.name}", total=len(todo)) if progress else None
-    with run.claims() as claims:
+    # PNG encoding and status lines overlap the next batch's denoising; a task's claim is released once
+    # its image and status line are written (the writer closes before the claims do).
+    with run.claims() as claims, ImageWriter() as writer:
         for batch in _batches(todo, max(1, int(params.get("batch_size", 1)))):
             claimed = _claim(run, claims, batch, claim_index, force)
             summary.elsewhere += len(batch) - len(claimed)
-            try:
-                _generate_batch(run, adapter, bench, claimed, photos, params, summary)
-            finally:
-                for t in claimed:
-                    claims.release(claim_index[t.task_id])
+            _generate_batch(run, adapter, bench, claimed, photos, params, summary, writer,
+                            release=lambda t: claims.release(claim_index[t.task_id]))
             if progress:
                 progress.advance(task_bar, len(batch))
     return summary
@@ -104,7 +104,7 @@ def _claim(run: RunDir, claims, batch: list[Task], claim_index: dict[str, int], 
 
 
 def _generate_batch(run: RunDir, adapter, bench: Benchmark, batch: list[Task], photos: dict[str, list], params: dict,
-                    summary: GenerateSummary) -> None:
+                    summary: GenerateSummary, writer: ImageWriter, release) -> None:
     if not batch:
         return
     height, width = int(params.get("height", 512)), int(params.get("width", 512))
@@ -117,14 +117,28 @@ def _generate_batch(run: RunDir, adapter, bench: Benchmark, batch: list[Task], p
     except (RuntimeError, ValueError, BenchError) as exc:
         for t in batch:
             run.append_status(t.task_id, "failed", f"{type(exc).__name__}: {exc}")
+            release(t)
         summary.failed += len(batch)
         summary.failures.append(f"{batch[0].task_id}: {exc}")
+    except BaseException:
+        for t in batch:
+            release(t)
+        raise
     else:
         seconds = (time.perf_counter() - started) / len(batch)
         for t, image in zip(batch, images):
-            save_png_atomic(image, run.image_path(t.task_id))
-            run.append_status(t.task_id, "ok", seconds=seconds, seed=t.seed)
+            writer.submit(image, run.image_path(t.task_id), then=lambda t=t: _finish(run, t, seconds, release))
         summary.generated += len(batch)
+
+
+_STATUS_LOCK = threading.Lock()  # the writer's threads append status lines one at a time
+
+
+def _finish(run: RunDir, task: Task, seconds: float, release) -> None:
+    """After the image is in place: its `ok` line, then its claim goes."""
+    with _STATUS_LOCK:
+        run.append_status(task.task_id, "ok", seconds=seconds, seed=task.seed)
+    release(task)
 
 
 def _stored_target(run: RunDir, identity_id: str, condition_id: str):

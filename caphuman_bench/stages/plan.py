@@ -57,14 +57,41 @@ class Shard:
         return f"{self.index}-of-{self.count}"
 
 
-def parse_shard(text: str | None) -> Shard:
-    """`--shard i/n`, else RANK / WORLD_SIZE from torchrun or `accelerate launch`, else 0/1."""
+def parse_shard(text: str | None, env: dict[str, str] | None = None) -> Shard:
+    """`--shard i/n`, else the launcher's environment, else 0/1.
+
+    Processes: RANK / WORLD_SIZE (torchrun, also multi-node, and `accelerate launch`), else
+    SLURM_PROCID / SLURM_NTASKS (`srun`, one task per GPU). A Slurm job array multiplies them:
+    array task a of A (SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN, SLURM_ARRAY_TASK_COUNT) takes
+    shards a·n … a·n + n − 1 of A·n, so every job of the array and every process in it gets its own.
+    """
     if text:
         match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
         if not match or not int(match[2]) or int(match[1]) >= int(match[2]):
             raise BenchError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2")
         return Shard(int(match[1]), int(match[2]))
-    world, rank = os.environ.get("WORLD_SIZE", "1") or "1", os.environ.get("RANK", "0") or "0"
-    if not (world.isdigit() and rank.isdigit() and int(rank) < max(int(world), 1)):
-        raise BenchError(f"environment RANK={rank!r} WORLD_SIZE={world!r}: expected 0 <= RANK < WORLD_SIZE")
-    return Shard(int(rank), int(world)) if int(world) > 1 else Shard(0, 1)
+    env = os.environ if env is None else env
+
+    def number(name: str, default: int) -> int:
+        value = env.get(name) or str(default)
+        if not value.isdigit():
+            raise BenchError(f"environment {name}={value!r}: expected a non-negative whole number")
+        return int(value)
+
+    if number("WORLD_SIZE", 1) > 1:
+        index, count = number("RANK", 0), number("WORLD_SIZE", 1)
+    elif number("SLURM_NTASKS", 1) > 1:
+        index, count = number("SLURM_PROCID", 0), number("SLURM_NTASKS", 1)
+    else:
+        index, count = 0, 1
+    if env.get("SLURM_ARRAY_TASK_ID") is not None and number("SLURM_ARRAY_TASK_COUNT", 1) > 1:
+        array_index = number("SLURM_ARRAY_TASK_ID", 0) - number("SLURM_ARRAY_TASK_MIN", 0)
+        array_count = number("SLURM_ARRAY_TASK_COUNT", 1)
+        if not 0 <= array_index < array_count:
+            raise BenchError(f"SLURM_ARRAY_TASK_ID {env['SLURM_ARRAY_TASK_ID']}: outside the array "
+                             f"(SLURM_ARRAY_TASK_MIN {number('SLURM_ARRAY_TASK_MIN', 0)}, SLURM_ARRAY_TASK_COUNT {array_count}); "
+                             "use a contiguous array such as --array=0-3")
+        index, count = array_index * count + index, array_count * count
+    if not 0 <= index < count:
+        raise BenchError(f"process rank {index} is outside 0..{count - 1} (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
+    return Shard(index, count)

@@ -1,0 +1,538 @@
+"""Where the time of a HumanIPHC run goes, and what each speed lever buys, on one device.
+
+    python benchmarks/bench_run.py generation --out $OUT/gen.json            # per-lever table, MFU, tolerance
+    python benchmarks/bench_run.py scoring RUN_DIR --out $OUT/score.json     # images/s of each metric family
+    python benchmarks/bench_run.py e2e --weights DIR --runs-dir R --out $OUT/e2e.json -- <run args>
+    python benchmarks/bench_run.py scaling --one R1 --many R4 --out $OUT/scaling.json
+
+`generation`: CapHumanPipeline at the official size (SD-1.5 UNet + CapFace + VAE + CLIP text, random
+weights: the real arithmetic, meaningless images), 512², DDIM 20, guidance 7, one row per lever
+(`caphuman_bench/pipelines/acceleration.py`), and stock diffusers (`StableDiffusionControlNetPipeline`,
+the same UNet + a 9-channel `ControlNetModel`, which runs the control branch on both guidance halves)
+in the same process for the headline ratio. Each row: median seconds per batch over `--repeats`
+after one warm-up call (compilation happens there and is reported as `first_call_s`), images/s,
+peak memory, MFU (FLOPs per image from `torch.utils.flop_counter` on the eager pipeline, over the
+device's bf16 dense peak), and the difference of its images from the eager images of the same
+inputs (relative L2 and max |Δ| in 8-bit levels).
+
+`e2e`: a whole `caphuman-bench run` as a subprocess; each stderr line is time-stamped as it arrives
+and the stage times come from those lines and the run directory's own `status.jsonl`.
+`scoring`: each metric family alone over a finished run's images (fresh scores, `force`).
+`scaling`: steady-state images/s of a one-process run and of a torchrun run, from their status lines.
+Every part writes its JSON after every row, so a run stopped at its time limit still reports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+H200_BF16_DENSE_FLOPS = 989e12  # datasheet, SXM; the measured matmul ceiling is reported beside it
+PROMPT = "a photo of a person wearing a red hat"
+
+
+def environment(device: torch.device) -> dict:
+    import diffusers
+    import transformers
+
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(), "torch": torch.__version__,
+            "diffusers": diffusers.__version__, "transformers": transformers.__version__, "command": " ".join(sys.argv),
+            "host_cpus": os.cpu_count()}
+    if device.type == "cuda":
+        info.update(device=torch.cuda.get_device_name(device), cuda=torch.version.cuda, gpus=torch.cuda.device_count(),
+                    cudnn=torch.backends.cudnn.version())
+    else:
+        info["device"] = platform.processor() or "cpu"
+    return info
+
+
+class Report:
+    """A JSON file rewritten after every row."""
+
+    def __init__(self, path: Path, header: dict):
+        self.path, self.data = path, {**header, "rows": []}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.flush()
+
+    def add(self, row: dict) -> None:
+        self.data["rows"].append(row)
+        print(json.dumps(row), flush=True)
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_ceiling(device: torch.device) -> float | None:
+    """Measured bf16 dense TFLOP/s of an 8192³ product on random data (mean of 10 after 3 warm-ups)."""
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(8192, 8192, device=device, dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    _sync(device)
+    return 2 * 8192**3 * 10 / (time.perf_counter() - start) / 1e12
+
+
+# ----------------------------------------------------------------------------------------------
+# generation levers
+
+
+def build_pipelines(device: torch.device, dtype: torch.dtype, tiny: bool):
+    """(CapHumanPipeline, stock diffusers ControlNet pipeline) sharing one random UNet, VAE and text encoder."""
+    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+
+    from caphuman_bench.loaders.convert_caphuman import build_components, caphuman_configs, clip_tokenizer
+    from caphuman_bench.pipelines.pipeline_caphuman import CapHumanPipeline
+    from caphuman_bench.pipelines.tiny import TINY_HPARAMS, tiny_text_encoder, tiny_vae
+
+    configs = caphuman_configs(TINY_HPARAMS if tiny else None)
+    torch.manual_seed(0)
+    with torch.device(device):  # random initialisation on the GPU: seconds, not minutes
+        modules = build_components(configs, ("unet", "capface") if tiny else ("unet", "capface", "vae", "text_encoder"))
+        if tiny:
+            cond = configs.hparams["conditioning"]
+            modules["vae"], modules["text_encoder"] = tiny_vae(), tiny_text_encoder(cond["context_dim"], cond["num_text_tokens"])
+        stock_config = {k: v for k, v in configs.capface.items() if k not in ("id_embedding_dim", "image_token_dim", "mask_threshold")}
+        controlnet = ControlNetModel(**stock_config)
+    tokenizer = clip_tokenizer(configs.hparams["conditioning"].get("num_text_tokens", 77))
+    scheduler = DDIMScheduler(**configs.scheduler)
+    ours = CapHumanPipeline(vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=tokenizer, unet=modules["unet"],
+                            capface=modules["capface"], scheduler=scheduler).to(device, dtype)
+    stock = StableDiffusionControlNetPipeline(
+        vae=modules["vae"], text_encoder=modules["text_encoder"], tokenizer=tokenizer, unet=modules["unet"],
+        controlnet=controlnet.to(device, dtype), scheduler=DDIMScheduler(**configs.scheduler), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
+    for pipe in (ours, stock):
+        pipe.set_progress_bar_config(disable=True)
+    return ours, stock
+
+
+def pipeline_inputs(pipe, batch: int, size: int, device, dtype) -> dict:
+    generator = torch.Generator().manual_seed(1234)
+    token_dim = pipe.capface.config.image_token_dim
+    return {
+        "hint": torch.rand(batch, 9, size, size, generator=generator).to(device, dtype),
+        "tokens": torch.randn(batch, 257, token_dim, generator=generator).to(device, dtype),
+        "ident": torch.nn.functional.normalize(torch.randn(batch, 1, 512, generator=generator), dim=-1).to(device, dtype),
+    }
+
+
+def run_caphuman(pipe, inputs: dict, steps: int, levers=None) -> torch.Tensor:
+    """The final latents (random-weight images saturate at 0 and 1, so differences are read on latents)."""
+    from caphuman_bench.pipelines.acceleration import EAGER, attention_backend
+
+    batch = inputs["hint"].shape[0]
+    final = {}
+
+    def keep_latents(_pipe, step, _t, tensors):
+        final["latents"] = tensors["latents"]
+        return tensors
+
+    with attention_backend(levers or EAGER):
+        pipe([PROMPT] * batch, condition_image=inputs["hint"], image_tokens=inputs["tokens"], id_embedding=inputs["ident"],
+             num_inference_steps=steps, guidance_scale=7.0, generator=[torch.Generator().manual_seed(i) for i in range(batch)],
+             output_type="pt", callback_on_step_end=keep_latents)
+    return final["latents"]
+
+
+def run_stock(pipe, inputs: dict, steps: int) -> torch.Tensor:
+    batch = inputs["hint"].shape[0]
+    return pipe([PROMPT] * batch, image=inputs["hint"], num_inference_steps=steps, guidance_scale=7.0, eta=0.0,
+                generator=[torch.Generator().manual_seed(i) for i in range(batch)], output_type="pt").images
+
+
+def flops_per_image(pipe, device, dtype, size: int, steps: int) -> float:
+    """FLOPs of one image (batch 2, eager) counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    inputs = pipeline_inputs(pipe, 2, size, device, dtype)
+    with FlopCounterMode(display=False) as counter:
+        run_caphuman(pipe, inputs, steps)
+    return counter.get_total_flops() / 2
+
+
+def difference(latents: torch.Tensor, reference: torch.Tensor) -> dict:
+    """‖a − b‖ / ‖b‖ and max |a − b| / max |b| of the final latents, per batch."""
+    a, b = latents.float(), reference.float()
+    return {"latent_rel_l2": float((a - b).norm() / b.norm()), "latent_max_abs_rel": float((a - b).abs().max() / b.abs().max()),
+            "finite": bool(torch.isfinite(a).all())}
+
+
+def timed_calls(fn, device, repeats: int) -> tuple[float, list[float], torch.Tensor]:
+    """(first call seconds, later call seconds, last output)."""
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return first, times, out
+
+
+def lever_plan(batches: list[int], fast_batches: list[int]):
+    """(label, levers or 'stock', batch) rows, cheapest first; every compiled row is one compilation."""
+    from caphuman_bench.pipelines.acceleration import EAGER, FAST
+
+    big = batches[-1]
+    rows = [("stock", "stock diffusers (eager)", "stock", big)]
+    rows += [("eager", "eager", EAGER, b) for b in batches]
+    rows += [("single", "+ channels-last", EAGER.with_(channels_last=True), big),
+             ("single", "+ fused QKV", EAGER.with_(fuse_qkv=True), big),
+             ("single", "+ cuDNN attention", EAGER.with_(sdpa="cudnn"), big),
+             ("single", "+ flash attention", EAGER.with_(sdpa="flash"), big),
+             ("single", "channels-last + fused QKV + cuDNN attention", FAST.with_(compile="off"), big)]
+    rows += [("compile", "all + torch.compile (default)", FAST, b) for b in fast_batches]
+    rows += [("tolerance", "tolerance", "fp32", 4)]
+    rows += [("compile-nchw", "fused QKV + cuDNN attention + torch.compile, NCHW", FAST.with_(channels_last=False), fast_batches[0]),
+             ("cudagraphs", "all + torch.compile (reduce-overhead: CUDA graphs)", FAST.with_(compile="reduce-overhead"), fast_batches[0]),
+             ("tuning", "all + torch.compile + coordinate-descent tuning", FAST.with_(coordinate_descent=True), fast_batches[0]),
+             ("autotune", "all + torch.compile (max-autotune-no-cudagraphs)", FAST.with_(compile="max-autotune-no-cudagraphs"), fast_batches[0])]
+    return rows
+
+
+def part_generation(args) -> None:
+    from caphuman_bench.pipelines.acceleration import accelerate_pipeline
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    report = Report(args.out, {"part": "generation", **environment(device), "dtype": args.dtype, "size": args.size,
+                               "steps": args.steps, "guidance": 7.0, "repeats": args.repeats})
+    report.data["matmul_bf16_tflops_measured"] = matmul_ceiling(device)
+    base, stock = build_pipelines(device, dtype, args.tiny)
+    flops = flops_per_image(base, device, dtype, args.size, args.steps)
+    report.data["flops_per_image"] = flops
+    peak = H200_BF16_DENSE_FLOPS if device.type == "cuda" else None
+    report.flush()
+    deadline = time.monotonic() + args.budget_s
+    reference: dict[int, torch.Tensor] = {}  # eager images per batch size: the tolerance baseline
+    for key, label, levers, batch in lever_plan(args.batch, args.fast_batch):
+        if args.only and key not in args.only:
+            continue
+        if time.monotonic() > deadline:
+            report.add({"label": label, "batch": batch, "skipped": "time budget spent"})
+            continue
+        if levers == "fp32":
+            if args.tolerance_fp32:
+                report.data["bf16_eager_vs_fp32_eager"] = bf16_scale(base, args, device, dtype)
+                report.flush()
+            continue
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        inputs = pipeline_inputs(base, batch, args.size, device, dtype)
+        try:
+            if levers == "stock":
+                first, times, images = timed_calls(lambda: run_stock(stock, inputs, args.steps), device, args.repeats)
+            else:
+                pipe = base if levers.as_dict() == levers.__class__().as_dict() else accelerate_pipeline(copy.deepcopy(base), levers)
+                first, times, images = timed_calls(lambda: run_caphuman(pipe, inputs, args.steps, levers), device, args.repeats)
+        except Exception as exc:  # a lever that fails on this stack is a result, not the end of the table
+            report.add({"label": label, "batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+            continue
+        median = statistics.median(times)
+        row = {"label": label, "levers": levers if levers == "stock" else levers.as_dict(), "batch": batch,
+               "first_call_s": round(first, 2), "seconds_per_batch": round(median, 4), "spread_s": round(max(times) - min(times), 4),
+               "images_per_second": round(batch / median, 3),
+               "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
+        if levers != "stock":
+            row["mfu"] = round(flops * batch / median / peak, 4) if peak else None
+            if levers.as_dict() == levers.__class__().as_dict():
+                reference[batch] = images
+            elif batch in reference:
+                row["vs_eager"] = difference(images, reference[batch])
+        report.add(row)
+        del images
+    print_table(report.data)
+
+
+def bf16_scale(base, args, device, dtype) -> dict:
+    """The scale of low precision itself: eager `dtype` vs eager float32 on the same 4 inputs."""
+    torch._dynamo.reset()
+    small = pipeline_inputs(base, 4, args.size, device, torch.float32)
+    fp32 = copy.deepcopy(base).to(torch.float32)
+    reference = run_caphuman(fp32, small, args.steps)
+    del fp32
+    low = run_caphuman(base, {k: v.to(dtype) for k, v in small.items()}, args.steps)
+    return difference(low, reference)
+
+
+def print_table(data: dict) -> None:
+    print(f"\n{data.get('device')}  torch {data.get('torch')}  {data.get('dtype')}  FLOPs/image {data.get('flops_per_image', 0) / 1e12:.1f} T")
+    print(f"{'lever':52} {'batch':>5} {'img/s':>7} {'MFU':>6} {'first s':>8} {'GiB':>6} {'relL2 vs eager':>14}")
+    for r in data["rows"]:
+        if "images_per_second" not in r:
+            print(f"{r['label']:52} {r['batch']:>5}  {r.get('error') or r.get('skipped')}")
+            continue
+        diff = r.get("vs_eager", {}).get("latent_rel_l2")
+        print(f"{r['label']:52} {r['batch']:>5} {r['images_per_second']:7.2f} {r.get('mfu') or 0:6.3f} {r['first_call_s']:8.1f} "
+              f"{r['peak_memory_gib'] or 0:6.1f} {'' if diff is None else f'{diff:.2e}':>14}")
+
+
+# ----------------------------------------------------------------------------------------------
+# end to end, scoring, scaling
+
+
+def part_e2e(args, run_args: list[str]) -> None:
+    """`caphuman-bench run ...` as a subprocess; stage times from its time-stamped log and status.jsonl."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1", COLUMNS="200")
+    if args.weights:
+        env["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
+    command = [*args.launcher.split(), "-m", "caphuman_bench.cli", "run", "--runs-dir", str(args.runs_dir), *run_args]
+    report = Report(args.out, {"part": "e2e", **environment(torch.device(args.device)), "run_command": " ".join(command)})
+    start = time.time()
+    lines = []
+    with subprocess.Popen(command, env=env, stderr=subprocess.STDOUT, stdout=subprocess.PIPE, text=True, cwd=ROOT) as proc:
+        for line in proc.stdout:
+            if line.strip() and "━" not in line:
+                lines.append((round(time.time() - start, 2), line.rstrip()))
+                print(f"[{lines[-1][0]:8.2f}] {line.rstrip()}", flush=True)
+    report.data.update(returncode=proc.returncode, wall_s=round(time.time() - start, 2), log=lines[-60:])
+    runs = [p for p in Path(args.runs_dir).iterdir() if p.is_dir()] if Path(args.runs_dir).exists() else []
+    for run in runs:
+        report.add({"run": run.name, **stage_times(run, start, lines)})
+    report.flush()
+
+
+def stage_times(run: Path, start: float, lines: list[tuple[float, str]]) -> dict:
+    """Seconds from launch to the first image (load, identity tokens, head renders, compile), denoising
+    in steady state, and scoring, from the log lines' arrival and status.jsonl's per-task records."""
+    records = [json.loads(l) for l in (run / "status.jsonl").read_text().splitlines() if l.strip()] if (run / "status.jsonl").exists() else []
+    ok = [r for r in records if r["status"] == "ok"]
+    when = lambda text: next((t for t, line in lines if text in line), None)  # noqa: E731
+    generated_at = when("generated ")
+    out = {"images_ok": len(ok), "images_failed": sum(r["status"] == "failed" for r in records),
+           "planned_s": when("run "), "generate_done_s": generated_at, "run_done_s": lines[-1][0] if lines else None}
+    if ok:
+        per_batch = {}  # a batch shares one `seconds` value and one status second
+        for r in ok:
+            per_batch.setdefault((r.get("seconds"), r["time"]), []).append(r)
+        batches = [(sec, len(rs)) for (sec, _), rs in per_batch.items()]
+        first_batch_s = batches[0][0] * batches[0][1]
+        steady = batches[1:] or batches
+        steady_s = sum(s * n for s, n in steady)
+        out.update(batches=len(batches), first_batch_s=round(first_batch_s, 2),
+                   steady_images_per_second=round(sum(n for _, n in steady) / steady_s, 3) if steady_s else None,
+                   denoise_total_s=round(sum(s * n for s, n in batches), 2))
+        if generated_at is not None:
+            out["load_and_prepare_s"] = round(generated_at - out["denoise_total_s"], 2)
+    if generated_at is not None and lines:
+        out["score_and_report_s"] = round(lines[-1][0] - generated_at, 2)
+    return out
+
+
+def part_scoring(args) -> None:
+    """images/s of each metric family alone over the run's images (and of all of them together)."""
+    from caphuman_bench.rundir import RunDir
+    from caphuman_bench.stages.score import score, select_metrics
+
+    device = torch.device(args.device)
+    report = Report(args.out, {"part": "scoring", **environment(device), "run": str(args.run), "batch_size": args.score_batch})
+    if args.weights:
+        os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
+    run = RunDir(Path(args.run))
+    if args.perturb:
+        perturb_images(run)
+    ready, skipped = select_metrics(args.metrics or None, {})
+    report.data["skipped"] = skipped
+    n = len(run.finished_ids())
+    passes = [("all", None, "cold"), ("all", None, "warm")] + [(name, [name], "warm") for name in ready]
+    for label, names, attempt in passes:  # cold: models load and reference features are computed
+        _sync(device)
+        start = time.perf_counter()
+        try:
+            summary = score(run, metrics=names or list(ready), device=str(device), force=True, batch_size=args.score_batch)
+        except Exception as exc:
+            report.add({"metrics": label, "attempt": attempt, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
+            continue
+        _sync(device)
+        seconds = time.perf_counter() - start
+        report.add({"metrics": label, "attempt": attempt, "images": n, "scored": summary.scored, "seconds": round(seconds, 2),
+                    "images_per_second": round(n / seconds, 2)})
+    warm = [r for r in report.data["rows"] if r.get("metrics") == "all" and r.get("attempt") == "warm" and "seconds" in r]
+    if warm:
+        report.data["all_families_images_per_second"] = warm[0]["images_per_second"]
+        report.flush()
+    print(json.dumps({k: v for k, v in report.data.items() if k != "rows"}, indent=1, default=str))
+
+
+def steady_throughput(root: Path, ranks: int) -> dict:
+    """Steady-state images/s of one run directory written by `ranks` concurrent processes.
+
+    A batch's images share one status `seconds` value and second; the `ranks` slowest batches (each
+    process's first, which holds compilation) are left out. GPU-time estimate: ranks × images /
+    summed batch seconds; wall-clock cross-check: images finished after the last first batch, over
+    the time from it to the last image (status times have one-second resolution)."""
+    (run,) = [p for p in root.iterdir() if p.is_dir()]
+    records = [json.loads(l) for l in (run / "status.jsonl").read_text().splitlines() if l.strip()]
+    batches: dict = {}
+    for r in records:
+        if r["status"] == "ok":
+            batches.setdefault((r["seconds"], r["time"]), []).append(r)
+    ordered = sorted(batches.items(), key=lambda kv: kv[0][0] * len(kv[1]), reverse=True)
+    first, steady = ordered[:ranks], ordered[ranks:]
+    stamp = lambda t: time.mktime(time.strptime(t, "%Y-%m-%dT%H:%M:%S"))  # noqa: E731
+    warm_from = max(stamp(t) for (_, t), _ in first)
+    late = [r for r in records if r["status"] == "ok" and stamp(r["time"]) > warm_from]
+    span = max((stamp(r["time"]) for r in late), default=warm_from) - warm_from
+    gpu_seconds = sum(sec * len(rs) for (sec, _), rs in steady)
+    return {"images": sum(len(rs) for rs in batches.values()), "ranks": ranks,
+            "images_per_second": round(ranks * sum(len(rs) for _, rs in steady) / gpu_seconds, 3) if gpu_seconds else None,
+            "wall_images_per_second": round(len(late) / span, 3) if span else None,
+            "first_batch_s": [round(sec * len(rs), 1) for (sec, _), rs in first]}
+
+
+def perturb_images(run) -> None:
+    """Make every image of a `reference` run distinct (shift, zoom, noise; seeded per task) so the
+    per-pixel detection memo cannot make scoring look faster than it is on generated images."""
+    import numpy as np
+    from PIL import Image
+
+    from caphuman_bench.images import save_png_atomic
+
+    for index, task_id in enumerate(sorted(run.finished_ids())):
+        path = run.image_path(task_id)
+        rng = np.random.default_rng(index)
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        zoom = rng.uniform(0.92, 1.08)
+        dx, dy = rng.uniform(-0.04, 0.04, 2) * (w, h)
+        image = image.transform((w, h), Image.AFFINE, (1 / zoom, 0, dx, 0, 1 / zoom, dy), resample=Image.BILINEAR)
+        pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 3, (h, w, 3))
+        save_png_atomic(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), path)
+
+
+def part_scaling(args) -> None:
+    one, many = steady_throughput(Path(args.one), 1), steady_throughput(Path(args.many), args.gpus)
+    data = {"part": "scaling", "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "one": one, "many": many, "gpus": args.gpus,
+            "efficiency": round(many["images_per_second"] / (args.gpus * one["images_per_second"]), 3),
+            "wall_efficiency": round(many["wall_images_per_second"] / (args.gpus * one["wall_images_per_second"]), 3)
+            if many["wall_images_per_second"] and one["wall_images_per_second"] else None}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(data, indent=1) + "\n")
+    print(json.dumps(data))
+
+
+def part_throughput(args) -> None:
+    """One process per GPU (torchrun): the fast pipeline's images/s on each, timed between barriers.
+
+    Rank r generates its own batches on cuda:LOCAL_RANK; every rank starts timing together after
+    its compilation, so the sum over ranks is what the node delivers at once. With one process it
+    is the one-GPU reference of the scaling table."""
+    import torch.distributed as dist
+
+    from caphuman_bench.pipelines.acceleration import FAST, accelerate_pipeline
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device, dtype = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu"), getattr(torch, args.dtype)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") and world > 1:  # one inductor cache per rank: no write races
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] += f"_{local}"
+    if world > 1:
+        dist.init_process_group("gloo")
+    pipe, _ = build_pipelines(device, dtype, args.tiny)
+    pipe = accelerate_pipeline(pipe, FAST if device.type == "cuda" else FAST.with_(compile="off"))
+    inputs = pipeline_inputs(pipe, args.batch, args.size, device, dtype)
+    started = time.perf_counter()
+    run_caphuman(pipe, inputs, args.steps, pipe.levers)
+    _sync(device)
+    first = time.perf_counter() - started
+    if world > 1:
+        dist.barrier()
+    started = time.perf_counter()
+    for _ in range(args.batches):
+        run_caphuman(pipe, inputs, args.steps, pipe.levers)
+    _sync(device)
+    seconds = time.perf_counter() - started
+    mine = {"rank": rank, "device": str(device), "first_call_s": round(first, 1), "seconds": round(seconds, 3),
+            "images": args.batches * args.batch, "images_per_second": round(args.batches * args.batch / seconds, 3)}
+    rows = [mine]
+    if world > 1:
+        rows = [None] * world
+        dist.all_gather_object(rows, mine)
+        dist.destroy_process_group()
+    if rank == 0:
+        data = {"part": "throughput", **environment(device), "gpus": world, "batch": args.batch, "steps": args.steps,
+                "levers": pipe.levers.as_dict(), "ranks": rows,
+                "node_images_per_second": round(sum(r["images"] for r in rows) / max(r["seconds"] for r in rows), 3)}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(json.dumps(data), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="part", required=True)
+    gen = sub.add_parser("generation")
+    gen.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
+    gen.add_argument("--fast-batch", type=int, nargs="+", default=[32])
+    gen.add_argument("--dtype", default="bfloat16")
+    gen.add_argument("--steps", type=int, default=20)
+    gen.add_argument("--size", type=int, default=512)
+    gen.add_argument("--repeats", type=int, default=2)
+    gen.add_argument("--budget-s", type=float, default=480, help="no new row starts after this many seconds")
+    gen.add_argument("--tiny", action="store_true", help="the tiny CapHuman (CPU dry run)")
+    gen.add_argument("--tolerance-fp32", action="store_true")
+    gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nchw cudagraphs tuning autotune")
+    e2e = sub.add_parser("e2e")
+    e2e.add_argument("--weights", type=Path)
+    e2e.add_argument("--runs-dir", type=Path, required=True)
+    e2e.add_argument("--launcher", default=sys.executable)
+    sc = sub.add_parser("scoring")
+    sc.add_argument("run", type=Path)
+    sc.add_argument("--weights", type=Path)
+    sc.add_argument("--metrics", nargs="*")
+    sc.add_argument("--score-batch", type=int, default=64)
+    sc.add_argument("--perturb", action="store_true", help="make the images distinct first (see perturb_images)")
+    scale = sub.add_parser("scaling")
+    scale.add_argument("--one", type=Path, required=True)
+    scale.add_argument("--many", type=Path, required=True)
+    scale.add_argument("--gpus", type=int, required=True)
+    thr = sub.add_parser("throughput")
+    thr.add_argument("--batch", type=int, default=32)
+    thr.add_argument("--batches", type=int, default=4)
+    thr.add_argument("--dtype", default="bfloat16")
+    thr.add_argument("--steps", type=int, default=20)
+    thr.add_argument("--size", type=int, default=512)
+    thr.add_argument("--tiny", action="store_true")
+    for p in (gen, e2e, sc, scale, thr):
+        p.add_argument("--out", type=Path, required=True)
+        p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    argv = sys.argv[1:]
+    run_args = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    {"generation": part_generation, "scoring": part_scoring, "scaling": part_scaling, "throughput": part_throughput}.get(args.part, lambda a: part_e2e(a, run_args))(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""The CUDA fast path changes kernels, not the model: with the levers that run on a CPU (fused QKV,
+channels-last) the conformance vectors still pass in float32; the writer thread writes before it
+reports ok and re-raises a failed write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import caphuman_bench.conformance as conformance
+from caphuman_bench.pipelines.acceleration import EAGER, FAST, accelerate_pipeline, attention_backend, default_levers
+from caphuman_bench.stages.writer import ImageWriter
+
+REFERENCE = Path(__file__).parent / "data" / "caphuman_tiny"
+
+
+def test_levers_default_to_the_fast_path_on_cuda_only(monkeypatch):
+    monkeypatch.delenv("CAPHUMAN_BENCH_EAGER", raising=False)
+    assert default_levers("cpu") == EAGER
+    assert default_levers("cuda:1") == FAST and FAST.compile == "default" and FAST.fuse_qkv and FAST.channels_last
+    monkeypatch.setenv("CAPHUMAN_BENCH_EAGER", "1")
+    assert default_levers("cuda") == EAGER
+    with pytest.raises(ValueError, match="compile mode"):
+        EAGER.with_(compile="fastest")
+
+
+def test_conformance_passes_with_fused_qkv_and_channels_last(monkeypatch):
+    build = conformance.build_reference_pipeline
+    fused = {}
+
+    def accelerated(reference_dir, device="cpu"):
+        pipe = build(reference_dir, device)
+        accelerate_pipeline(pipe, FAST.with_(compile="off", sdpa="math"))
+        fused["qkv"] = sum(hasattr(m, "to_qkv") for m in pipe.unet.modules())
+        return pipe
+
+    monkeypatch.setattr(conformance, "build_reference_pipeline", accelerated)
+    with attention_backend(FAST.with_(sdpa="math")):
+        report = conformance.run_conformance(REFERENCE)
+    assert fused["qkv"] > 0  # the self-attention projections really were fused
+    assert report.passed, [(r.case, r.output, r.max_abs) for r in report.failures()]
+
+
+def test_writer_reports_ok_only_after_the_file_exists(tmp_path):
+    seen = []
+    with ImageWriter(workers=2) as writer:
+        for i in range(5):
+            path = tmp_path / f"{i}.png"
+            writer.submit(Image.new("RGB", (8, 8), (i, 0, 0)), path, then=lambda p=path: seen.append(p.exists()))
+    assert seen == [True] * 5
+    assert Image.open(tmp_path / "3.png").getpixel((0, 0)) == (3, 0, 0)
+
+
+def test_writer_reraises_a_failed_write(tmp_path):
+    (tmp_path / "not-a-folder").write_text("")
+    writer = ImageWriter(workers=1)
+    writer.submit(Image.new("RGB", (8, 8)), tmp_path / "not-a-folder" / "x.png")
+    with pytest.raises(OSError):
+        writer.close()
