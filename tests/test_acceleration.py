@@ -10,7 +10,14 @@ import pytest
 from PIL import Image
 
 import caphuman_bench.conformance as conformance
-from caphuman_bench.pipelines.acceleration import EAGER, FAST, accelerate_pipeline, attention_backend, default_levers
+from caphuman_bench.errors import BenchError
+from caphuman_bench.pipelines.acceleration import (
+    EAGER,
+    FAST,
+    accelerate_pipeline,
+    attention_backend,
+    default_levers,
+)
 from caphuman_bench.stages.writer import ImageWriter
 
 REFERENCE = Path(__file__).parent / "data" / "caphuman_tiny"
@@ -57,5 +64,5 @@ def test_writer_reraises_a_failed_write(tmp_path):
     (tmp_path / "not-a-folder").write_text("")
     writer = ImageWriter(workers=1)
     writer.submit(Image.new("RGB", (8, 8)), tmp_path / "not-a-folder" / "x.png")
-    with pytest.raises(OSError):
+    with pytest.raises(BenchError, match=r"not-a-folder/x.png: .*check the path and the disk"):  # one line, as inline writes
         writer.close()

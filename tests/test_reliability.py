@@ -600,11 +600,15 @@ def test_a_damaged_head_target_is_an_error_for_score_and_rebuilt_by_generate(tmp
     assert _stored_target(run, "someone", "frontal") is None  # generate: a miss, made again
 
 
-@pytest.mark.parametrize("world, rank", [("two", "0"), ("2", "5"), ("2", "-1")])
-def test_a_bad_torchrun_environment_is_one_line(world, rank, monkeypatch):
+@pytest.mark.parametrize("world, rank, message", [
+    ("two", "0", "environment WORLD_SIZE='two': expected a non-negative whole number"),
+    ("2", "5", r"process rank 5 is outside 0\.\.1 \(RANK/WORLD_SIZE"),
+    ("2", "-1", "environment RANK='-1': expected a non-negative whole number"),
+])
+def test_a_bad_torchrun_environment_is_one_line(world, rank, message, monkeypatch):
     from caphuman_bench.stages.plan import parse_shard
 
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("RANK", rank)
-    with pytest.raises(BenchError, match="expected 0 <= RANK < WORLD_SIZE"):
+    with pytest.raises(BenchError, match=message):
         parse_shard(None)
