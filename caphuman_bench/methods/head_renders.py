@@ -100,7 +100,7 @@ class HeadRenderMixin:
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
-        cls.param_types = {**cls.param_types, **HEAD_PARAM_TYPES}
+        cls.param_types = {**getattr(cls, "param_types", {}), **HEAD_PARAM_TYPES}
 
     @classmethod
     def check_params(cls, params: dict, where: str) -> None:
