@@ -259,7 +259,8 @@ def report(
     from caphuman_bench.stages.report import to_markdown
 
     out.print(to_markdown(wide), markup=False, highlight=False, soft_wrap=True)
-    console.print(f"leaderboard of {len(found)} run(s) → {out_dir}/leaderboard.{{md,csv,json}}, breakdowns.csv, recognisers.csv")
+    console.print(f"leaderboard of {len(found)} run(s) → {out_dir}/leaderboard.{{md,csv,json}}, breakdowns.csv, recognisers.csv",
+                  soft_wrap=True)
 
 
 @app.command()

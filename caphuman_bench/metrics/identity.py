@@ -82,8 +82,7 @@ class IdentitySimilarity(BenchMetric):
         return f"{self.metric_name}_mean_ref"
 
     def no_face_values(self) -> dict[str, float]:
-        """A generated image without a face; `<metric>_mean_ref` is NaN here and on every single-reference identity."""
-        return {name: (0.0 if self.no_face == "zero" and name != self.mean_ref_name else math.nan) for name in self.value_names}
+        return {name: (0.0 if self.no_face == "zero" else math.nan) for name in self.value_names}
 
     # -- the loop -------------------------------------------------------------------------------
     def detect(self, images: list[Image.Image]) -> list[FaceDetection | None]:
@@ -115,7 +114,10 @@ class IdentitySimilarity(BenchMetric):
             if reference is None:
                 rows.append(ItemScore(dict(nan), "error", f"no face detected in the reference photo of identity {item.identity_id!r}"))
             elif detection is None or embedding is None:
-                rows.append(ItemScore(self.no_face_values(), "no_face", f"no face detected (no_face={self.no_face})", {"n_faces": 0}))
+                values = self.no_face_values()
+                if len(item.references) <= 1:  # `<metric>_mean_ref` exists only for identities with several photos
+                    values.pop(self.mean_ref_name, None)
+                rows.append(ItemScore(values, "no_face", f"no face detected (no_face={self.no_face})", {"n_faces": 0}))
             else:
                 extra = {"n_faces": detection.n_faces, "face_prob": round(detection.prob, 6), "protocol": self.protocol.name}
                 values = self.compare(reference, embedding)
