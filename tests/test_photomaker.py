@@ -278,9 +278,10 @@ def test_v2_uses_the_arcface_embedding(v2, bench):
         v2.faces._faces["nasa-astronaut#0"] = (detection, embedding)
 
 
-def test_run_end_to_end_on_the_demo_split(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("name", ["photomaker", "photomaker_v2"])
+def test_run_end_to_end_on_the_demo_split(name, tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
-    code, _, err = cli(capsys, monkeypatch, "run", "--method", "photomaker_v2", "--preset", "smoke", "--runs-dir", runs,
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", name, "--preset", "smoke", "--runs-dir", runs,
                        "--metrics", "face_detection")
     assert code == 0, err
     run = only_run(runs)
