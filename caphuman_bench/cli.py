@@ -414,8 +414,9 @@ def finetune(
 
 
 @app.command()
-def methods():
-    """List the method cards, their adapters, and whether their weights are present.
+def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
+    """List the method cards: the task inputs each uses, how the head condition reaches it, and whether its
+    weights are present.
 
     Example: caphuman-bench methods
     """
@@ -423,13 +424,24 @@ def methods():
     from caphuman_bench.cards import all_cards
     from caphuman_bench.registry import get_method
 
-    table = Table("method", "adapter", "weights", "description")
+    rows = []
     for name, card in all_cards().items():
         get_method(card.adapter)
-        missing = [w for w in card.weights if weights.locate(w) is None]
-        state = "[green]present[/]" if not missing else f"[yellow]missing: {', '.join(missing)}[/]"
-        table.add_row(name, card.adapter, state if card.weights else "none needed", card.description)
+        rows.append({"method": name, "adapter": card.adapter, "inputs": list(card.inputs), "head_input": card.head_input,
+                     "weights": {w: weights.locate(w) is not None for w in card.weights},
+                     "smoke": "smoke" in card.presets, "description": card.description})
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    table = Table("method", "inputs", "head input", "weights", "description")
+    for row in rows:
+        missing = [w for w, present in row["weights"].items() if not present]
+        state = ("none needed" if not row["weights"] else "[green]present[/]" if not missing else
+                 f"[yellow]missing {len(missing)} of {len(row['weights'])}[/]: {', '.join(missing)}")
+        table.add_row(row["method"], ", ".join(row["inputs"]), row["head_input"], state, row["description"])
     out.print(table)
+    out.print("weights: `caphuman-bench weights status` says where each file comes from; every method also has a "
+              "`smoke` preset that needs none", soft_wrap=True)
 
 
 @app.command()

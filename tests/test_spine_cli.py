@@ -192,3 +192,21 @@ def test_compare_fails_when_a_metric_disappears_or_stops_being_a_number(tmp_path
     assert code == 1 and "REGRESSION (no value)" in out
     code, _, err = cli(capsys, monkeypatch, "compare", old, unrelated)
     assert code == 2 and "nothing to compare" in err
+
+
+def test_methods_lists_every_card_with_its_inputs_head_input_and_weights_status(capsys, monkeypatch):
+    from caphuman_bench.cards import all_cards
+
+    code, out, _ = cli(capsys, monkeypatch, "methods", "--json")
+    assert code == 0
+    rows = {r["method"]: r for r in json.loads(out)}
+    assert set(rows) == set(all_cards()) and len(rows) >= 22
+    assert {"sd15", "controlnet_head", "controlnet_landmarks", "textual_inversion", "dreambooth", "lora", "fastcomposer",
+            "ip_adapter_faceid", "ip_adapter_faceid_plusv2", "photomaker", "photomaker_v2", "instantid", "arc2face",
+            "arc2face_controlnet"} <= set(rows)
+    assert rows["caphuman"]["head_input"] == "CapFace" and rows["sd15"]["head_input"] == "none"
+    assert rows["instantid"]["head_input"] == "landmarks" and "head" in rows["instantid"]["inputs"]
+    assert all(r["smoke"] for r in rows.values())
+    assert rows["sd15"]["weights"] == {"stable_diffusion_v1_5": False}  # no weights here: reported, not an error
+    code, table, _ = cli(capsys, monkeypatch, "methods")
+    assert code == 0 and "sd15" in table and "missing" in table  # the same, as a table for a person
