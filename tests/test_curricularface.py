@@ -106,3 +106,18 @@ def test_recogniser_rank_agreement_is_kendalls_tau_over_the_methods_both_scored(
     swapped = recogniser_agreement({"id_sim_facenet": means["id_sim_facenet"],
                                     "id_sim_arcface": {"a": 0.8, "b": 0.2, "c": 0.6, "d": 0.0}})
     assert swapped[0]["kendall_tau"] == pytest.approx(4 / 6)
+
+
+def test_the_metric_runs_in_a_smoke_run_through_the_cli(tiny_weights, tmp_path, capsys, monkeypatch):
+    """`run --preset smoke` with the recogniser's file given by --weights (IR-101's layout at toy width)."""
+    import json
+
+    from tests.cli_helpers import cli, only_run
+
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--runs-dir", runs,
+                       "--metrics", "id_sim_curricularface", "--weights", f"curricularface_ir101={tiny_weights}")
+    assert code == 0, err
+    results = json.loads((only_run(runs) / "results.json").read_text())
+    assert results["metrics"]["id_sim_curricularface"]["n"] == 12
+    assert results["metrics"]["id_sim_curricularface"]["mean"] > 0.9  # the reference photo against itself, resized
