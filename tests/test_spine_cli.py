@@ -210,3 +210,19 @@ def test_methods_lists_every_card_with_its_inputs_head_input_and_weights_status(
     assert rows["sd15"]["weights"] == {"stable_diffusion_v1_5": False}  # no weights here: reported, not an error
     code, table, _ = cli(capsys, monkeypatch, "methods")
     assert code == 0 and "sd15" in table and "missing" in table  # the same, as a table for a person
+
+
+def test_a_shard_scores_its_part_of_the_plan_while_other_shards_are_still_generating(tmp_path, capsys, monkeypatch):
+    """Scoring cuts the planned tasks into shards, not the finished ones: rank 0 scoring before rank 1 has
+    generated anything still scores exactly its own six tasks (the torchrun race that lost a row)."""
+    import pandas as pd
+
+    runs = tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--runs-dir", runs,
+                       "--shard", "0/2", "--no-score")
+    assert code == 0, err
+    run = only_run(runs)
+    assert len(list((run / "images").glob("*.png"))) == 6
+    code, _, err = cli(capsys, monkeypatch, "score", run, "--shard", "0/2", "--metrics", "face_detection")
+    assert code == 0, err
+    assert len(pd.read_parquet(run / "scores.parquet")) == 6

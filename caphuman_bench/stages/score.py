@@ -97,8 +97,9 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
     ready, skipped = select_metrics(metrics, options)
     summary = ScoreSummary(skipped=skipped)
     finished = run.finished_ids()
-    all_finished = [t for t in run.tasks() if t.task_id in finished]
-    tasks = shard.select(all_finished)
+    planned = run.tasks()
+    all_finished = [t for t in planned if t.task_id in finished]
+    tasks = [t for t in shard.select(planned) if t.task_id in finished]  # shards cut the plan, never what is done so far
     groups: dict[tuple[str, str], list[Task]] = {}
     for t in all_finished:  # (identity, prompt) groups across shards: what group metrics compare within
         groups.setdefault((t.identity_id, t.prompt_id), []).append(t)
