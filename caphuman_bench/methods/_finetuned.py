@@ -25,7 +25,7 @@ from PIL import Image
 from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore
 from caphuman_bench.finetune.training import SAVE_DTYPES, TRAIN_DTYPES
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.methods.ip_adapter_controlnet import HEAD_WEIGHTS
 from caphuman_bench.weights import sha256_of
@@ -73,11 +73,7 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
         for name in ("train_steps", "train_batch_size", "train_gradient_accumulation_steps", "train_num_vectors", "train_rank"):
             if name in params and int(params[name]) < 1:
                 raise BenchError(f"{where}: parameter {name!r} must be at least 1, got {params[name]}")
-        for name in ("height", "width", "train_resolution"):
-            if int(params.get(name, 512)) % 8 or int(params.get(name, 512)) < 8:
-                raise BenchError(f"{where}: parameter {name!r} must be a positive multiple of 8 (SD latents), got {params[name]}")
-        if params.get("controlnet_head") and int(params.get("height", 512)) != int(params.get("width", 512)):
-            raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
+        check_latent_size(params, where, square=bool(params.get("controlnet_head")), names=("height", "width", "train_resolution"))
 
     @classmethod
     def training_weights(cls, params: dict[str, Any]) -> list[str]:

@@ -49,7 +49,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size
 from caphuman_bench.methods.head_renders import HeadRenderMixin
 from caphuman_bench.registry import register_method
 
@@ -167,9 +167,7 @@ class Arc2FaceMethod(MethodAdapter):
         super().check_params(params, where)
         if str(params.get("arcface", "arc2face")) not in ARCFACE_WEIGHTS:
             raise BenchError(f"{where}: parameter 'arcface' must be one of {', '.join(ARCFACE_WEIGHTS)}, got {params['arcface']!r}")
-        for side in ("height", "width"):
-            if int(params.get(side, 512)) % 8:
-                raise BenchError(f"{where}: parameter {side!r} must be a multiple of 8 (SD latents), got {params[side]}")
+        check_latent_size(params, where, square=cls.uses_controlnet)
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
@@ -268,9 +266,7 @@ class Arc2FaceControlNetMethod(HeadRenderMixin, Arc2FaceMethod):
     def check_params(cls, params: dict[str, Any], where: str) -> None:
         from caphuman_bench.render.head_condition import parse_mode
 
-        super().check_params(params, where)
-        if int(params.get("height", 512)) != int(params.get("width", 512)):
-            raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
+        super().check_params(params, where)  # square: `uses_controlnet`
         try:
             parse_mode(str(params.get("mixing", "position,pose,expression")))
         except BenchError as exc:

@@ -40,6 +40,18 @@ class GenerationRequest:
             self.references = [self.reference]
 
 
+def check_latent_size(params: dict[str, Any], where: str, *, square: bool = False, latents: str = "SD",
+                      names: tuple[str, ...] = ("height", "width"), default: int = 512) -> None:
+    """Image sides a latent diffusion model can make: positive multiples of 8 (its VAE's downscale), and
+    equal when the head condition is rendered (square) for the method."""
+    if square and int(params.get("height", default)) != int(params.get("width", default)):
+        raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
+    for name in names:
+        value = int(params.get(name, default))
+        if value <= 0 or value % 8:
+            raise BenchError(f"{where}: parameter {name!r} must be a positive multiple of 8 ({latents} latents), got {value}")
+
+
 def consecutive_batches(requests: list[GenerationRequest], batch_size: int, key=lambda r: r.identity_id):
     """Runs of at most `batch_size` consecutive requests with one `key` (by default one identity): what an
     adapter whose pipeline call holds one identity (one image embedding, one fine-tuned model) can batch."""

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, with_trigger_word
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, with_trigger_word
 from caphuman_bench.registry import register_method
 
 def build_tiny_fastcomposer_pipeline(seed: int = 0):
@@ -75,9 +75,7 @@ class FastComposerMethod(MethodAdapter):
             raise BenchError(f"{where}: parameter 'alpha' must lie in [0, 1] (share of steps with the subject), got {params['alpha']}")
         if float(params.get("guidance_scale", 5.0)) <= 1.0:
             raise BenchError(f"{where}: parameter 'guidance_scale' must be > 1 (FastComposer always uses guidance)")
-        for side in ("height", "width"):
-            if int(params.get(side, 512)) % 8:
-                raise BenchError(f"{where}: parameter {side!r} must be a multiple of 8 (SD latents), got {params[side]}")
+        check_latent_size(params, where)
 
     def load(self) -> None:
         self.device = torch.device(self.context.device)

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin
 from caphuman_bench.methods.photomaker import SDXL_FOLDER, sdxl_folder
 from caphuman_bench.methods.reference_faces import ReferenceFaces, require_onnxruntime
@@ -67,10 +67,7 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
         super().check_params(params, where)
-        if int(params.get("height", 1024)) != int(params.get("width", 1024)):
-            raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
-        if int(params.get("height", 1024)) % 8:
-            raise BenchError(f"{where}: parameter 'height' must be a multiple of 8 (SDXL latents), got {params['height']}")
+        check_latent_size(params, where, square=True, latents="SDXL", default=1024)
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.methods.sd15 import HEAD_WEIGHTS, SD15_DDIM, build_tiny_sd15_pipeline, weights_folder
 from caphuman_bench.registry import register_method
@@ -102,10 +102,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
     @classmethod
     def check_params(cls, params: dict[str, Any], where: str) -> None:
         super().check_params(params, where)
-        if int(params.get("height", 512)) != int(params.get("width", 512)):
-            raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
-        if int(params.get("height", 512)) % 8:
-            raise BenchError(f"{where}: parameter 'height' must be a multiple of 8 (SD latents), got {params['height']}")
+        check_latent_size(params, where, square=True)
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches, with_trigger_word
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches, with_trigger_word
 from caphuman_bench.methods.reference_faces import ReferenceFaces, require_onnxruntime
 from caphuman_bench.registry import register_method
 
@@ -111,9 +111,7 @@ class PhotoMakerMethod(MethodAdapter):
         super().check_params(params, where)
         if str(params.get("version", "v1")) not in CHECKPOINTS:
             raise BenchError(f"{where}: parameter 'version' must be one of {', '.join(CHECKPOINTS)}, got {params['version']!r}")
-        for key in ("height", "width"):
-            if int(params.get(key, 1024)) % 8:
-                raise BenchError(f"{where}: parameter {key!r} must be a multiple of 8 (SDXL latents), got {params[key]}")
+        check_latent_size(params, where, latents="SDXL", default=1024)
         if not 0 <= float(params.get("style_strength_ratio", 20)) <= 100:
             raise BenchError(f"{where}: parameter 'style_strength_ratio' is a percentage, got {params['style_strength_ratio']}")
         if not re.fullmatch(r"\w+", str(params.get("trigger_word", "img"))):

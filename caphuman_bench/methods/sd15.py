@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, consecutive_batches
+from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
 from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
 from caphuman_bench.registry import register_method
 
@@ -118,11 +118,7 @@ class StableDiffusion15Method(HeadRenderMixin, MethodAdapter):
         controlnet = str(params.get("controlnet", "none"))
         if controlnet not in CONTROLNET_WEIGHTS:
             raise BenchError(f"{where}: parameter 'controlnet' must be one of {', '.join(CONTROLNET_WEIGHTS)}, got {controlnet!r}")
-        height, width = int(params.get("height", 512)), int(params.get("width", 512))
-        if controlnet != "none" and height != width:
-            raise BenchError(f"{where}: the head condition is rendered square; parameters 'height' and 'width' must be equal")
-        if height % 8 or width % 8:
-            raise BenchError(f"{where}: parameters 'height' and 'width' must be multiples of 8 (SD latents), got {height}×{width}")
+        check_latent_size(params, where, square=controlnet != "none")
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:

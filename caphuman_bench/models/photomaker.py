@@ -30,6 +30,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.models.fastcomposer import FastComposerMLP  # PhotoMaker's fuse MLP is FastComposer's
 
 # photomaker/model.py VISION_CONFIG_DICT (CLIP ViT-L/14, 224 px).
 PHOTOMAKER_VISION_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
@@ -40,27 +41,11 @@ ARCFACE_DIM = 512
 PERCEIVER_DIM_HEAD = 128  # model_v2.py: FacePerceiverResampler(dim_head=128, heads=2048 // 128)
 
 
-class FuseMLP(nn.Module):
-    """LayerNorm → Linear → GELU → Linear, optionally with a residual (the authors' `MLP`)."""
-
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, use_residual: bool) -> None:
-        super().__init__()
-        self.layernorm = nn.LayerNorm(in_dim)
-        self.fc1 = nn.Linear(in_dim, hidden_dim)
-        self.fc2 = nn.Linear(hidden_dim, out_dim)
-        self.act_fn = nn.GELU()
-        self.use_residual = use_residual
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.fc2(self.act_fn(self.fc1(self.layernorm(x))))
-        return out + x if self.use_residual else out
-
-
 class FuseModule(nn.Module):
     def __init__(self, embed_dim: int) -> None:
         super().__init__()
-        self.mlp1 = FuseMLP(embed_dim * 2, embed_dim, embed_dim, use_residual=False)
-        self.mlp2 = FuseMLP(embed_dim, embed_dim, embed_dim, use_residual=True)
+        self.mlp1 = FastComposerMLP(embed_dim * 2, embed_dim, embed_dim, use_residual=False)
+        self.mlp2 = FastComposerMLP(embed_dim, embed_dim, embed_dim, use_residual=True)
         self.layer_norm = nn.LayerNorm(embed_dim)
 
     def forward(self, prompt_embeds: torch.Tensor, id_embeds: torch.Tensor, class_tokens_mask: torch.Tensor) -> torch.Tensor:
