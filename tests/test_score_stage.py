@@ -44,3 +44,54 @@ def test_rows_follow_the_image_and_the_scoring_options(tmp_path, capsys, monkeyp
     assert "fastcomposer" in results["conventions"]["id_sim_dlib"]["protocol"]
     code, _, err = cli(capsys, monkeypatch, "score", run, "--protocol", "paper")
     assert code != 0 and "--protocol 'paper'" in err
+
+
+def test_merges_wait_for_enough_items_and_stay_a_tenth_of_the_pass(monkeypatch):
+    from caphuman_bench.stages import score as stage
+
+    clock = [100.0]
+    monkeypatch.setattr(stage.time, "monotonic", lambda: clock[0])
+    flushes = stage._Flushes()
+    flushes.items = stage.FLUSH_EVERY - 1
+    assert not flushes.due()  # too few items, however long ago
+    flushes.items = stage.FLUSH_EVERY
+    assert flushes.due()  # nothing merged yet: a merge costs nothing known
+    flushes.merge_seconds, flushes.last = 2.0, clock[0]  # the last merge took 2 s
+    clock[0] += 17.9
+    assert not flushes.due()  # 2 s of merging per 18 s of scoring: 10 %
+    clock[0] += 0.1
+    assert flushes.due()
+
+
+def test_read_ahead_keeps_the_order_and_reads_one_chunk_ahead():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from caphuman_bench.stages.score import _read_ahead
+
+    read = []
+    chunks = [[1, 2], [3, 4], [5]]
+    with ThreadPoolExecutor(2) as pool:
+        for index, (chunk, items) in enumerate(_read_ahead(chunks, lambda t: read.append(t) or t * 10, pool)):
+            assert chunk == chunks[index] and items == [t * 10 for t in chunk]
+            ahead = sum(len(c) for c in chunks[: index + 2])
+            assert len(read) <= ahead  # never more than one chunk beyond the current one
+    assert sorted(read) == [1, 2, 3, 4, 5]
+
+
+def test_image_digest_follows_the_pixels_and_is_computed_once_per_image(monkeypatch):
+    import hashlib
+
+    from caphuman_bench.faces import memo
+
+    a, b = Image.new("RGB", (8, 8), (1, 2, 3)), Image.new("RGB", (8, 8), (1, 2, 3))
+    assert memo.image_digest(a) == memo.image_digest(b)
+    assert memo.image_digest(Image.new("RGB", (8, 8), (1, 2, 4))) != memo.image_digest(a)
+    assert memo.image_digest(Image.new("L", (8, 8), 1)) != memo.image_digest(Image.new("L", (4, 16), 1))
+    calls, sha256 = [], hashlib.sha256
+    monkeypatch.setattr(memo.hashlib, "sha256", lambda *a: calls.append(1) or sha256(*a))
+    c = Image.new("RGB", (8, 8), (9, 9, 9))
+    first = memo.image_digest(c)
+    assert memo.image_digest(c) == first and len(calls) == 1
+    key = id(c)
+    del c
+    assert key not in memo._DIGESTS  # forgotten with its image
