@@ -198,7 +198,7 @@ def timed_calls(fn, device, repeats: int) -> tuple[float, list[float], torch.Ten
     return first, times, out
 
 
-def lever_plan(batches: list[int], fast_batches: list[int]):
+def lever_plan(batches: list[int], fast_batches: list[int], large_batches: list[int] = ()):
     """(label, levers or 'stock', batch) rows, cheapest first; every compiled row is one compilation."""
     from caphuman_bench.pipelines.acceleration import EAGER, FAST
 
@@ -215,7 +215,15 @@ def lever_plan(batches: list[int], fast_batches: list[int]):
     rows += [("compile-nchw", "fused QKV + cuDNN attention + torch.compile, NCHW", FAST.with_(channels_last=False), fast_batches[0]),
              ("cudagraphs", "all + torch.compile (reduce-overhead: CUDA graphs)", FAST.with_(compile="reduce-overhead"), fast_batches[0]),
              ("tuning", "all + torch.compile + coordinate-descent tuning", FAST.with_(coordinate_descent=True), fast_batches[0]),
-             ("autotune", "all + torch.compile (max-autotune-no-cudagraphs)", FAST.with_(compile="max-autotune-no-cudagraphs"), fast_batches[0])]
+             ("autotune", "all + torch.compile (max-autotune-no-cudagraphs)", FAST.with_(compile="max-autotune-no-cudagraphs"), fast_batches[0]),
+             ("benchmark", "all + cuDNN autotuner (cudnn.benchmark)", FAST.with_(cudnn_benchmark=True), fast_batches[0]),
+             ("freeze", "all + inductor freezing", FAST.with_(freeze=True), fast_batches[0]),
+             ("freeze-benchmark", "all + inductor freezing + cuDNN autotuner", FAST.with_(freeze=True, cudnn_benchmark=True), fast_batches[0]),
+             *[("large-batch", "all + inductor freezing + cuDNN autotuner", FAST.with_(freeze=True, cudnn_benchmark=True), b)
+               for b in large_batches],
+             ("gemm-autotune", "all + torch.compile (max-autotune-no-cudagraphs, GEMMs only)",
+              FAST.with_(compile="max-autotune-no-cudagraphs", autotune_convolutions=False), fast_batches[0])]
+
     return rows
 
 
@@ -233,7 +241,7 @@ def part_generation(args) -> None:
     report.flush()
     deadline = time.monotonic() + args.budget_s
     reference: dict[int, torch.Tensor] = {}  # eager images per batch size: the tolerance baseline
-    for key, label, levers, batch in lever_plan(args.batch, args.fast_batch):
+    for key, label, levers, batch in lever_plan(args.batch, args.fast_batch, args.large_batch):
         if args.only and key not in args.only:
             continue
         if time.monotonic() > deadline:
@@ -246,6 +254,7 @@ def part_generation(args) -> None:
             continue
         torch._dynamo.reset()
         if device.type == "cuda":
+            torch.backends.cudnn.benchmark = False  # process-wide: only the rows that ask for it
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
         inputs = pipeline_inputs(base, batch, args.size, device, dtype)
@@ -350,33 +359,42 @@ def stage_times(run: Path, start: float, lines: list[tuple[float, str]]) -> dict
 
 
 def part_scoring(args) -> None:
-    """images/s of each metric family alone over the run's images (and of all of them together)."""
+    """images/s of all metric families together and of each alone over a finished run's images.
+
+    The first pass loads the models and computes the identities' reference features (reported as
+    `cold`); every later pass starts with the per-image memos emptied, so detections and CLIP
+    embeddings are computed again, as they are for a run's new images."""
+    from caphuman_bench.faces.memo import forget_all
     from caphuman_bench.rundir import RunDir
-    from caphuman_bench.stages.score import score, select_metrics
+    from caphuman_bench.stages.score import READ_THREADS, score, select_metrics
 
     device = torch.device(args.device)
-    report = Report(args.out, {"part": "scoring", **environment(device), "run": str(args.run), "batch_size": args.score_batch})
+    options = {"protocol": args.protocol} if args.protocol else {}
+    report = Report(args.out, {"part": "scoring", **environment(device), "run": str(args.run), "batch_size": args.score_batch,
+                               "options": options, "read_threads": READ_THREADS})
     if args.weights:
         os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
     run = RunDir(Path(args.run))
     if args.perturb:
         perturb_images(run)
-    ready, skipped = select_metrics(args.metrics or None, {})
-    report.data["skipped"] = skipped
+    ready, skipped = select_metrics(args.metrics or None, options)
+    report.data["families"], report.data["skipped"] = sorted(ready), skipped
     n = len(run.finished_ids())
     passes = [("all", None, "cold"), ("all", None, "warm")] + [(name, [name], "warm") for name in ready]
-    for label, names, attempt in passes:  # cold: models load and reference features are computed
+    for label, names, attempt in passes:
+        forget_all()
         _sync(device)
         start = time.perf_counter()
         try:
-            summary = score(run, metrics=names or list(ready), device=str(device), force=True, batch_size=args.score_batch)
+            summary = score(run, metrics=names or list(ready), device=str(device), options=options, force=True,
+                            batch_size=args.score_batch)
         except Exception as exc:
             report.add({"metrics": label, "attempt": attempt, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
         _sync(device)
         seconds = time.perf_counter() - start
-        report.add({"metrics": label, "attempt": attempt, "images": n, "scored": summary.scored, "seconds": round(seconds, 2),
-                    "images_per_second": round(n / seconds, 2)})
+        report.add({"metrics": label, "attempt": attempt, "images": n, "scored": summary.scored, "errors": summary.errors,
+                    "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
     warm = [r for r in report.data["rows"] if r.get("metrics") == "all" and r.get("attempt") == "warm" and "seconds" in r]
     if warm:
         report.data["all_families_images_per_second"] = warm[0]["images_per_second"]
@@ -413,12 +431,14 @@ def steady_throughput(root: Path, ranks: int) -> dict:
 def perturb_images(run) -> None:
     """Make every image of a `reference` run distinct (shift, zoom, noise; seeded per task) so the
     per-pixel detection memo cannot make scoring look faster than it is on generated images."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import numpy as np
     from PIL import Image
 
     from caphuman_bench.images import save_png_atomic
 
-    for index, task_id in enumerate(sorted(run.finished_ids())):
+    def perturb(index: int, task_id: str) -> None:
         path = run.image_path(task_id)
         rng = np.random.default_rng(index)
         image = Image.open(path).convert("RGB")
@@ -428,6 +448,9 @@ def perturb_images(run) -> None:
         image = image.transform((w, h), Image.AFFINE, (1 / zoom, 0, dx, 0, 1 / zoom, dy), resample=Image.BILINEAR)
         pixels = np.asarray(image, dtype=np.float32) + rng.normal(0, 3, (h, w, 3))
         save_png_atomic(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)), path)
+
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(perturb, *zip(*enumerate(sorted(run.finished_ids())))))
 
 
 def part_scaling(args) -> None:
@@ -496,6 +519,7 @@ def main() -> None:
     gen = sub.add_parser("generation")
     gen.add_argument("--batch", type=int, nargs="+", default=[8, 16, 32])
     gen.add_argument("--fast-batch", type=int, nargs="+", default=[32])
+    gen.add_argument("--large-batch", type=int, nargs="*", default=[], help="batch sizes of the large-batch rows")
     gen.add_argument("--dtype", default="bfloat16")
     gen.add_argument("--steps", type=int, default=20)
     gen.add_argument("--size", type=int, default=512)
@@ -503,7 +527,8 @@ def main() -> None:
     gen.add_argument("--budget-s", type=float, default=480, help="no new row starts after this many seconds")
     gen.add_argument("--tiny", action="store_true", help="the tiny CapHuman (CPU dry run)")
     gen.add_argument("--tolerance-fp32", action="store_true")
-    gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nchw cudagraphs tuning autotune")
+    gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nchw cudagraphs tuning autotune benchmark freeze "
+                                                    "freeze-benchmark large-batch gemm-autotune")
     e2e = sub.add_parser("e2e")
     e2e.add_argument("--weights", type=Path)
     e2e.add_argument("--runs-dir", type=Path, required=True)
@@ -514,6 +539,7 @@ def main() -> None:
     sc.add_argument("--metrics", nargs="*")
     sc.add_argument("--score-batch", type=int, default=64)
     sc.add_argument("--perturb", action="store_true", help="make the images distinct first (see perturb_images)")
+    sc.add_argument("--protocol", help="scoring protocol (default: the run's default, fastcomposer)")
     scale = sub.add_parser("scaling")
     scale.add_argument("--one", type=Path, required=True)
     scale.add_argument("--many", type=Path, required=True)

@@ -16,6 +16,13 @@ from typing import Any, Hashable
 from PIL import Image
 
 _DIGESTS: dict[int, tuple[weakref.ref, str]] = {}  # id(image) -> (the image, its digest)
+_MEMOS: "weakref.WeakSet[BoundedMemo]" = weakref.WeakSet()
+
+
+def forget_all() -> None:
+    """Empty every per-image memo of the process, so that a timed pass computes everything again."""
+    for memo in list(_MEMOS):
+        memo.clear()
 
 
 def image_digest(image: Image.Image) -> str:
@@ -41,6 +48,7 @@ class BoundedMemo:
     def __init__(self, capacity: int = 512) -> None:
         self.capacity = capacity
         self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        _MEMOS.add(self)
 
     def get(self, key: Hashable, default: Any = None) -> Any:
         if key not in self._data:

@@ -11,7 +11,13 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
 * `compile`: `torch.compile` of UNet, CapFace and the VAE decoder (`default`, `max-autotune-no-cudagraphs`,
   `reduce-overhead` = CUDA graphs) with inductor's `conv_1x1_as_mm` and no epilogue fusion, as
   diffusers' speed guide for SD recommends; `coordinate_descent` (its tuning of launch parameters)
-  is a lever of its own because it lengthens compilation.
+  is a lever of its own because it lengthens compilation; `autotune_convolutions=False` keeps the
+  max-autotune modes to GEMMs (Triton convolution templates are what made max-autotune compile for
+  more than 8 minutes).
+* `cudnn_benchmark`: cuDNN times its convolution algorithms on the first call of each shape instead of
+  taking its heuristic's choice (`torch.backends.cudnn.benchmark`, a process-wide setting).
+* `freeze`: inductor's freezing — weights become constants of the compiled graph, so it folds them
+  and lays them out for its kernels once (inference only; `torch._inductor.config.freezing`).
 
 None of them changes the arithmetic beyond floating-point reordering: on CPU in float32 the
 conformance vectors pass with every lever that runs there, and the bf16 difference from the eager
@@ -42,6 +48,9 @@ class Levers:
     compile: str = "off"
     compile_vae: bool = True
     coordinate_descent: bool = False  # inductor's coordinate-descent tuning of kernel launch parameters
+    autotune_convolutions: bool = True  # max-autotune modes: also Triton convolution templates
+    cudnn_benchmark: bool = False
+    freeze: bool = False
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
@@ -88,6 +97,8 @@ def _inductor_knobs(levers: Levers) -> None:
     inductor.epilogue_fusion = False
     inductor.coordinate_descent_tuning = levers.coordinate_descent
     inductor.coordinate_descent_check_all_directions = levers.coordinate_descent
+    inductor.max_autotune_conv_backends = "ATEN,TRITON" if levers.autotune_convolutions else "ATEN"
+    inductor.freezing = levers.freeze
 
 
 def accelerate_pipeline(pipe, levers: Levers):
@@ -96,6 +107,8 @@ def accelerate_pipeline(pipe, levers: Levers):
     if levers.fuse_qkv:
         fused = sum(fuse_attention_projections(net) for net in networks)
         log.info("fused the projections of %d attention modules", fused)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = levers.cudnn_benchmark
     if levers.channels_last:
         for net in networks:
             net.to(memory_format=torch.channels_last)
