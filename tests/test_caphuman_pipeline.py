@@ -93,3 +93,31 @@ def test_capface_round_trips_through_save_pretrained(pipe, tmp_path):
     assert loaded.config.image_token_dim == 64 and loaded.config.mask_threshold == 0.5
     for (name, a), (_, b) in zip(pipe.capface.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_hint_is_encoded_once_per_call_and_its_features_act_as_the_hint(pipe):
+    hint, tokens, ids = _inputs(3)
+    capface = pipe.capface
+    features = capface.encode_hint(hint)
+    assert features.shape[1] == capface.config.block_out_channels[0] and features.shape[-1] == SIZE // 8
+    latents, t = torch.randn(1, 4, SIZE // 8, SIZE // 8), torch.tensor([501])
+    context = capface.identity_context(tokens, ids, t)
+    from_hint = capface(latents, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
+    from_features = capface(latents, t, encoder_hidden_states=context, controlnet_cond=features, return_dict=False)
+    for a, b in zip([*from_hint[0], from_hint[1]], [*from_features[0], from_features[1]]):
+        assert torch.equal(a, b)
+    assert torch.equal(capface.predict_mask(hint), capface.predict_mask(features))
+
+    runs = []
+    handle = capface.controlnet_cond_embedding.conv_in.register_forward_hook(lambda *_: runs.append(1))
+    try:
+        _generate(pipe, inputs=(hint, tokens, ids))
+    finally:
+        handle.remove()
+    assert len(runs) == 1  # once, not once per step (STEPS = 4)
+
+
+def test_capface_refuses_a_hint_as_wide_as_its_features():
+    with pytest.raises(ValueError, match="conditioning_channels"):
+        CapFaceModel(conditioning_channels=32, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     norm_num_groups=8, cross_attention_dim=32, conditioning_embedding_out_channels=(8, 16))

@@ -203,10 +203,11 @@ class CapHumanPipeline(DiffusionPipeline):
         if do_guidance:
             text_context = torch.cat([negative_prompt_embeds.to(device=device, dtype=dtype), text_context])
 
-        # 2. conditions: the soft mask depends on the hint only, so it is predicted once
+        # 2. conditions: the hint's features and the soft mask depend on the hint only: computed once
         hint = condition_image.to(device=device, dtype=self.capface.dtype)
         image_tokens = image_tokens.to(device=device, dtype=self.capface.dtype)
         id_embedding = id_embedding.to(device=device, dtype=self.capface.dtype)
+        hint = self.capface.encode_hint(hint)
         mask = self.capface.predict_mask(hint)
 
         # 3. timesteps and latents
