@@ -32,6 +32,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.images import to_rgb
 
 LANDMARK_SOURCES = ("fan", "dlib")
 FAN_INPUT = 256  # face_alignment `crop(..., resolution=256.0)`
@@ -115,21 +116,15 @@ def _fan_point(point, centre, scale, resolution, invert, as_torch_int: bool) -> 
 
 
 def fan_input(image: Image.Image, centre: np.ndarray, scale: float) -> torch.Tensor:
-    """face_alignment `crop`: the integer-cornered square, zero-padded, resized to 256² (bilinear), /255."""
-    pixels = np.asarray(image.convert("RGB"))
-    ul = _fan_point([1, 1], centre, scale, FAN_INPUT, True, True)
-    br = _fan_point([FAN_INPUT, FAN_INPUT], centre, scale, FAN_INPUT, True, True)
-    canvas = np.zeros((br[1] - ul[1], br[0] - ul[0], 3), dtype=np.uint8)
-    ht, wd = pixels.shape[:2]
-    new_x = (max(1, -ul[0] + 1), min(br[0], wd) - ul[0])
-    new_y = (max(1, -ul[1] + 1), min(br[1], ht) - ul[1])
-    old_x = (max(1, ul[0] + 1), min(br[0], wd))
-    old_y = (max(1, ul[1] + 1), min(br[1], ht))
-    canvas[new_y[0] - 1 : new_y[1], new_x[0] - 1 : new_x[1]] = pixels[old_y[0] - 1 : old_y[1], old_x[0] - 1 : old_x[1]]
+    """face_alignment `crop`: the integer-cornered square [ul, br) of the photo, zero outside it (PIL's crop pads
+    with zeros as their canvas does), resized to 256² (cv2 bilinear), channels first, /255."""
     import cv2
 
+    ul = _fan_point([1, 1], centre, scale, FAN_INPUT, True, True)
+    br = _fan_point([FAN_INPUT, FAN_INPUT], centre, scale, FAN_INPUT, True, True)
+    canvas = np.asarray(to_rgb(image).crop((int(ul[0]), int(ul[1]), int(br[0]), int(br[1]))))
     resized = cv2.resize(canvas, dsize=(FAN_INPUT, FAN_INPUT), interpolation=cv2.INTER_LINEAR)
-    return torch.from_numpy(resized.transpose(2, 0, 1).copy()).float().div(255.0)
+    return torch.from_numpy(resized).permute(2, 0, 1).float().div(255.0)
 
 
 def heatmap_points(heatmaps: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
@@ -213,7 +208,7 @@ def dlib_landmarks(images: list[Image.Image], device: str = "cpu", threads: int 
     from caphuman_bench.faces.detection import detect_faces
 
     predictor = _dlib_predictor()
-    pixels = [np.ascontiguousarray(np.asarray(image.convert("RGB"))) for image in images]
+    pixels = [np.ascontiguousarray(np.asarray(to_rgb(image))) for image in images]
     with ThreadPoolExecutor(max(1, threads)) as pool:
         rects = list(pool.map(_hog_face, pixels))
         missing = [i for i, rect in enumerate(rects) if rect is None]
