@@ -13,7 +13,9 @@ from PIL import Image
 
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.faces import landmarks
-from caphuman_bench.faces.landmarks import LandmarkDetector, default_landmark_threads, dlib_landmarks, fan_crop_frame, load_fan
+from caphuman_bench.faces.landmarks import (
+    LandmarkDetector, default_landmark_threads, dlib_landmarks, fan_crop_frame, load_fan,
+)
 from caphuman_bench.models.fan import FAN
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -24,7 +26,8 @@ import make_random_weights as mrw  # noqa: E402
 def photos() -> list[Image.Image]:
     """The two demo photos and a blank image (no face)."""
     bench = Benchmark.load()
-    return [bench.reference_image("nasa-astronaut"), bench.reference_image("grace-hopper"), Image.new("RGB", (200, 160), "white")]
+    blank = Image.new("RGB", (200, 160), "white")
+    return [bench.reference_image("nasa-astronaut"), bench.reference_image("grace-hopper"), blank]
 
 
 @pytest.fixture(scope="module")
