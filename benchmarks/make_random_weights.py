@@ -11,6 +11,7 @@ random values: a full-size run anywhere, with no download and no licence. Never 
 | 79999_iter.pth (face_parser_bisenet) | face-parsing.PyTorch BiSeNet state dict | `face_parser.FaceParser.from_file` |
 | open_clip_vit_l14_openai.bin (clip_vit_l14_openai) | open_clip `ViT-L-14` state dict | `metrics/_clip.load_clip` |
 | deca_model.tar (deca_model) | `{"E_flame": ResnetEncoder(outsize=236) state dict}` (`tests/data/deca_encoder_layout.tsv`); the real file's `E_detail` / `D_detail` are not read by anything here and not written | `deca_encoder.load_deca_encoder` |
+| 2DFAN4-cd938726ad.zip (fan_2dfan4) | TorchScript archive of face_alignment's 2DFAN-4 (`models/fan.py`: 4 stacks, 23.8 M parameters, ≈ 92 MiB), traced: [B, 3, 256, 256] → [B, 68, 64, 64] | `faces.landmarks.load_fan` |
 | generic_model.pkl, FLAME_texture.npz, head_template.obj (flame_*) | the FLAME-format synthetic head (`render/synthetic.py`) at FLAME's size: ≈5k vertices, ≈10k triangles, 512² texture | `render.flame_io` loaders |
 
 Not written: the optional `realistic_vision_v3` / `vae_ft_mse` overlays and `clip_vit_b32_openai`,
@@ -19,8 +20,11 @@ MTCNN, dlib and MediaPipe ship inside their packages.
 
 Values: norm scales 1, biases 0, batch-norm running variances 1, other tensors N(0, 1/fan_in) (so
 activations stay O(1) through the deep networks and half precision does not overflow); the DDPM
-schedule buffers are the real ones (the loader checks them). `--layout tiny` writes caphuman.ckpt
-in the layout of the conformance vectors' tiny model (`tests/data/caphuman_tiny`) for CPU tests.
+schedule buffers are the real ones (the loader checks them). The exception is FAN: its unnormalised residual
+sums over 4 stacked hourglasses grow the heatmaps to ~1e4 (max ~4e4 on a uniform-noise input), fine in the
+float32 the archive holds and runs in, but not O(1). `--layout tiny` writes caphuman.ckpt
+in the layout of the conformance vectors' tiny model (`tests/data/caphuman_tiny`) and a FAN of width 16,
+one stack (`FAN_TINY`) for CPU tests.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ FULL_LAYOUT = DATA / "caphuman_full_layout.tsv"
 TINY_DIR = DATA / "caphuman_tiny"
 DECA_LAYOUT = DATA / "deca_encoder_layout.tsv"
 FLAME_SIZE = {"n_lat": 71, "n_lon": 72, "texture_side": 512}  # ≈ FLAME 2020: 5023 vertices, 9976 triangles
+FAN_TINY = {"stacks": 1, "depth": 4, "width": 16}
 
 
 def _tsv_layout(path: Path) -> dict[str, tuple[list[int], torch.dtype]]:
@@ -155,6 +160,16 @@ def deca_state_dict(seed: int = 4, device: str = "cpu") -> dict[str, torch.Tenso
     return random_state_dict(_tsv_layout(DECA_LAYOUT), seed, device)
 
 
+def write_fan(path: Path, layout: str = "full", seed: int = 6, device: str = "cpu") -> None:
+    """2DFAN-4 with random values (by role, as every file here) as the TorchScript archive face_alignment ships."""
+    from caphuman_bench.models.fan import FAN, fan_archive
+
+    build = (lambda: FAN(**FAN_TINY)) if layout == "tiny" else FAN
+    net = build()
+    net.load_state_dict(_module_state(build, seed, device), strict=True)
+    fan_archive(net, path)
+
+
 def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype = torch.float32, only: list[str] | None = None,
               device: str = "cpu") -> dict[str, Path]:
     """Write the files (by manifest id) into `out`; returns {weights id: path}."""
@@ -173,6 +188,7 @@ def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype
         "face_parser_bisenet": lambda: torch.save(bisenet_state_dict(seed + 2, device), path("face_parser_bisenet")),
         "clip_vit_l14_openai": lambda: torch.save(open_clip_state_dict("ViT-L-14", seed + 3, device), path("clip_vit_l14_openai")),
         "deca_model": lambda: torch.save({"E_flame": deca_state_dict(seed + 4, device)}, path("deca_model")),
+        "fan_2dfan4": lambda: write_fan(path("fan_2dfan4"), layout, seed + 6, device),
         "flame_model": lambda: write_synthetic_flame(out, seed=seed + 5, **(FLAME_SIZE if layout == "full" else {})),
     }
     written = {}

@@ -98,7 +98,7 @@ def test_fastcomposer_protocol_crops_decas_default_kpt68(encoder):
     (row,) = metric.last_rows
     assert row.status == "ok" and row.extra["crop"] == "kpt68" and row.extra["landmarks"] == "dlib"
     with torch.no_grad():
-        crop = deca_crop_square(photo, landmark_square(dlib_landmarks(photo)))
+        crop = deca_crop_square(photo, landmark_square(dlib_landmarks([photo])[0]))
         code = {k: v[0].numpy() for k, v in decompose(encoder(crop[None])).items()}
     expected = np.sqrt(np.sum((code["pose"] - goal["pose"]) ** 2) / 6)
     assert row.values["rmse_pose"] == pytest.approx(expected, rel=1e-5)

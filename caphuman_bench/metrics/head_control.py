@@ -120,11 +120,8 @@ class HeadControl(BenchMetric):
                 fan = self.context.weights.get(FAN_WEIGHTS) or locate(FAN_WEIGHTS)
                 self._landmarks = LandmarkDetector.create(fan, self.device_name)
             how = {"detector": f"{self._landmarks.source} 68 landmarks", "crop": "kpt68", "landmarks": self._landmarks.source}
-            out = []
-            for image in images:
-                points = self._landmarks(image)
-                out.append((None if points is None else landmark_square(points), dict(how)))
-            return out
+            return [(None if points is None else landmark_square(points), dict(how))
+                    for points in self._landmarks.landmarks(images)]
         detections = self.protocol.detect(images, self.device_name, mtcnn_weights_dir(self.context.weights))
         return [(None, {"detector": "mtcnn", "crop": "bbox"}) if d is None else
                 (bbox2point(d.box[0], d.box[2], d.box[1], d.box[3], "bbox"),
