@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The headline measurements of reports/perf on one H200 (device tool), in one call of ten minutes:
-# generation (stock diffusers vs the default fast path, same process), a full-size `run` timed per stage,
-# and scoring speed of every metric family whose weights exist there. With four GPUs, also the
-# scaling of the fast path under torchrun. Results go to $OUT; wheels come from .whl (carry it).
+# The headline measurements of reports/perf on one H200 (device tool), each part within one call of
+# ten minutes: PARTS="scoring generation" (default), "e2e" (a full-size `run` timed per stage), and with
+# four GPUs "scaling" (the fast path under torchrun). Results go to $OUT; wheels come from .whl (carry it).
+#   scoring:    every metric family whose weights exist there, over 1,400 distinct face images
+#   generation: stock diffusers, our eager path and the default fast path, batch 64, one process
 set -u
+PARTS=${PARTS:-scoring generation}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor  # the run below reuses the graphs the generation rows compiled
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor
 S=/tmp/bench; mkdir -p $S
 B=benchmarks/bench_run.py
 quiet() { grep -v -e "should be kept in float32" -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"/tmp/site" -e "is_torch_version"; }
+has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=index,name,clocks.sm,temperature.gpu --format=csv,noheader
 cp -r benchmark_data/humaniphc $S/spec && cat >> $S/spec/splits.yaml <<'YAML'
   speed:
@@ -26,17 +29,23 @@ cp -r benchmark_data/humaniphc $S/spec && cat >> $S/spec/splits.yaml <<'YAML'
     samples: 2
 YAML
 python3 benchmarks/make_random_weights.py --out $S/w --dtype float16 --device cuda > $OUT/weights.log 2>&1
-python3 $B generation --batch 32 --fast-batch 32 --repeats 3 --only stock compile --budget-s 200 --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log
-python3 $B e2e --weights $S/w --runs-dir $S/runs --out $OUT/e2e_run.json -- --method caphuman --spec $S/spec --split speed \
-   --param batch_size=32 --param dtype=bfloat16 --score-batch-size 64 --device cuda 2>&1 | quiet > $OUT/e2e.log
-for i in 0 1 2 3 4 5 6 7; do  # the images to score: reference photos, 8 CPU processes
-  python3 -m caphuman_bench.cli run --method reference --spec $S/spec --split speed-score --runs-dir $S/ref --no-score --shard $i/8 > /dev/null 2>&1 &
-done; wait
-python3 $B scoring $S/ref/reference-* --perturb --weights $S/w --score-batch 64 --out $OUT/scoring.json 2>&1 | quiet > $OUT/score.log
-GPUS=$(nvidia-smi -L | wc -l)
-if [ "$GPUS" -ge 4 ]; then  # scaling: the fast path alone on one GPU, then on four under torchrun
-  CUDA_VISIBLE_DEVICES=0 python3 $B throughput --batch 32 --batches 4 --out $OUT/throughput_1gpu.json 2>&1 | quiet > $OUT/thr.log
-  timeout 170 torchrun --standalone --nproc_per_node 4 $B throughput --batch 32 --batches 4 \
+if has scoring; then
+  for i in 0 1 2 3 4 5 6 7; do  # the images to score: the reference photos, 8 CPU processes
+    python3 -m caphuman_bench.cli run --method reference --spec $S/spec --split speed-score --runs-dir $S/ref --no-score --shard $i/8 > /dev/null 2>&1 &
+  done; wait
+  timeout 210 python3 $B scoring $S/ref/reference-* --perturb --weights $S/w --score-batch 64 --out $OUT/scoring.json 2>&1 | quiet > $OUT/score.log
+fi
+if has generation; then
+  timeout 320 python3 $B generation --batch 64 --fast-batch 64 --repeats 3 --only stock eager compile --budget-s 200 \
+    --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log
+fi
+if has e2e; then
+  python3 $B e2e --weights $S/w --runs-dir $S/runs --out $OUT/e2e_run.json -- --method caphuman --spec $S/spec --split speed \
+    --param batch_size=64 --param dtype=bfloat16 --score-batch-size 64 --device cuda 2>&1 | quiet > $OUT/e2e.log
+fi
+if has scaling && [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then  # the fast path alone on one GPU, then on four under torchrun
+  CUDA_VISIBLE_DEVICES=0 python3 $B throughput --batch 64 --batches 4 --out $OUT/throughput_1gpu.json 2>&1 | quiet > $OUT/thr.log
+  timeout 200 torchrun --standalone --nproc_per_node 4 $B throughput --batch 64 --batches 4 \
     --out $OUT/throughput_4gpu.json 2>&1 | quiet >> $OUT/thr.log
 fi
-tail -n 6 $OUT/gen.log; tail -n 12 $OUT/e2e.log; tail -n 20 $OUT/score.log; tail -n 6 $OUT/thr.log 2>/dev/null
+for f in score gen e2e thr; do [ -f $OUT/$f.log ] && tail -n 14 $OUT/$f.log; done
