@@ -297,3 +297,15 @@ def data_astronaut():
     from skimage import data
 
     return data.astronaut()
+
+
+def test_half_precision_clip_takes_half_pixels(shared_clip):
+    """The fastcomposer protocol's fp16 CLIP (open_clip's `convert_weights_to_lp`, as OpenAI's `clip.load`
+    on a GPU) keeps some parameters in float32; images must enter in the convolutions' dtype."""
+    _, _, checkpoint = shared_clip
+    clip = load_clip(TINY, checkpoint, precision="fp16")
+    assert next(clip.model.parameters()).dtype == torch.float32  # what the old rule read
+    assert clip.dtype == torch.float16
+    for preprocessing in ("tensor", "pil"):
+        vectors = clip.image_embeddings(_images()[:2], preprocessing)
+        assert vectors.shape == (2, EMBED) and torch.isfinite(vectors).all()

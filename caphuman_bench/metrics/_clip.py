@@ -51,7 +51,9 @@ class ClipModel:
 
     @property
     def dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype
+        """The dtype images enter in: that of the vision tower's first convolution. Not the first
+        parameter's: `convert_weights_to_lp` (fp16) leaves embeddings and `logit_scale` in float32."""
+        return next(m.weight.dtype for m in self.model.visual.modules() if isinstance(m, torch.nn.Conv2d))
 
     def image_embeddings(self, images: list[Image.Image], preprocessing: str = "pil") -> torch.Tensor:
         """L2-normalised image embeddings (n, d), float32 on the CPU; `preprocessing` "pil" (open_clip's
