@@ -13,6 +13,13 @@ Conventions (recorded by the metrics that use this module):
 - `max_side` (default `DETECT_MAX_SIDE`): larger images are detected on a copy downscaled to that size
   and the boxes mapped back (× the scale factor), which bounds memory but moves boxes by a few pixels;
   `max_side=None` detects every image at full size (FastComposer's protocol).
+
+The three MTCNN stages run through `mtcnn_detect`, this module's orchestration of facenet-pytorch's
+networks and helpers: facenet-pytorch's own `detect_face` crops every candidate box of the second and
+third stages with a separate resize call (about 160 per 512² image), which on a GPU costs more in
+kernel launches than the networks cost. Here the crops of equal size go through one resize call; the
+networks see the same tensors in the same order, so boxes, probabilities and landmarks equal
+facenet-pytorch's bit for bit (tested).
 """
 
 from __future__ import annotations
@@ -134,12 +141,96 @@ def detect_faces(
     for group in by_size.values():
         for start in range(0, len(group), DETECT_BATCH):
             chunk = group[start : start + DETECT_BATCH]
-            boxes, probs, points = detector.detect([work for _, work, _, _ in chunk], landmarks=True)
-            for (index, _, scale, key), b, p, pts in zip(chunk, boxes, probs, points):
+            found = mtcnn_detect(detector, [work for _, work, _, _ in chunk])
+            for (index, _, scale, key), (b, p, pts) in zip(chunk, found):
                 detection = _as_detection(b, p, pts, scale)
                 _DETECTIONS.put(key, detection)
                 results[index] = detection
     return results
+
+
+@torch.no_grad()
+def mtcnn_detect(detector: torch.nn.Module, images: list[Image.Image]) -> list[tuple]:
+    """(boxes (n, 4), probs (n,), landmarks (n, 5, 2)) per image, (None, None, None) without a face: what
+    `detector.detect(images, landmarks=True)` returns (with `select_largest=False`), computed as its
+    `detect_face` does but with the second and third stages' crops resized by size group."""
+    from facenet_pytorch.models.utils.detect_face import (
+        batched_nms, batched_nms_numpy, bbreg, fixed_batch_process, generateBoundingBox, imresample, pad, rerec)
+
+    pnet, rnet, onet = detector.pnet, detector.rnet, detector.onet
+    thresholds, device = detector.thresholds, next(pnet.parameters()).device
+    pixels = torch.as_tensor(np.stack([np.uint8(image) for image in images]), device=device)
+    imgs = pixels.permute(0, 3, 1, 2).type(next(pnet.parameters()).dtype)
+    h, w = imgs.shape[2:4]
+
+    # stage 1: P-net over the scale pyramid, NMS per scale and image, then per image
+    scale, smallest = 12.0 / detector.min_face_size, min(h, w) * 12.0 / detector.min_face_size
+    boxes, image_inds, picks, offset = [], [], [], 0
+    while smallest >= 12:
+        scaled = (imresample(imgs, (int(h * scale + 1), int(w * scale + 1))) - 127.5) * 0.0078125
+        reg, probs = pnet(scaled)
+        scale_boxes, scale_inds = generateBoundingBox(reg, probs[:, 1], scale, thresholds[0])
+        boxes.append(scale_boxes)
+        image_inds.append(scale_inds)
+        picks.append(batched_nms(scale_boxes[:, :4], scale_boxes[:, 4], scale_inds, 0.5) + offset)
+        offset += scale_boxes.shape[0]
+        scale, smallest = scale * detector.factor, smallest * detector.factor
+    picks = torch.cat(picks)
+    boxes, image_inds = torch.cat(boxes)[picks], torch.cat(image_inds)[picks]
+    pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+    boxes, image_inds = boxes[pick], image_inds[pick]
+    width, height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    boxes = rerec(torch.stack([boxes[:, 0] + boxes[:, 5] * width, boxes[:, 1] + boxes[:, 6] * height,
+                               boxes[:, 2] + boxes[:, 7] * width, boxes[:, 3] + boxes[:, 8] * height, boxes[:, 4]], dim=1))
+
+    # stage 2: R-net on 24² crops
+    if len(boxes) > 0:
+        out = fixed_batch_process(_box_crops(imgs, image_inds, pad(boxes, w, h), 24), rnet)
+        score = out[1][:, 1]
+        keep = score > thresholds[1]
+        boxes, image_inds = torch.cat((boxes[keep, :4], score[keep].unsqueeze(1)), dim=1), image_inds[keep]
+        moves = out[0][keep]
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+        boxes = rerec(bbreg(boxes[pick], moves[pick]))
+        image_inds = image_inds[pick]
+
+    # stage 3: O-net on 48² crops, landmarks, NMS by the "Min" rule
+    points = torch.zeros(0, 5, 2, device=device)
+    if len(boxes) > 0:
+        out = fixed_batch_process(_box_crops(imgs, image_inds, pad(boxes, w, h), 48), onet)
+        score = out[2][:, 1]
+        keep = score > thresholds[2]
+        marks, moves = out[1][keep], out[0][keep]
+        boxes, image_inds = torch.cat((boxes[keep, :4], score[keep].unsqueeze(1)), dim=1), image_inds[keep]
+        box_w, box_h = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+        points = torch.stack((box_w[:, None] * marks[:, :5] + boxes[:, 0:1] - 1,
+                              box_h[:, None] * marks[:, 5:10] + boxes[:, 1:2] - 1), dim=2)
+        boxes = bbreg(boxes, moves)
+        pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
+        boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
+
+    boxes, points, image_inds = boxes.cpu().numpy(), points.cpu().numpy(), image_inds.cpu().numpy()
+    found = []
+    for index in range(len(images)):
+        mine = np.where(image_inds == index)
+        found.append((boxes[mine][:, :4], boxes[mine][:, 4], points[mine]) if len(mine[0]) else (None, None, None))
+    return found
+
+
+def _box_crops(imgs: torch.Tensor, image_inds: torch.Tensor, padded: tuple, size: int) -> torch.Tensor:
+    """facenet-pytorch's crops `imgs[i, :, y-1:ey, x-1:ex]` resized (area) to size², normalised, in box
+    order; boxes with no pixels are left out as it leaves them out. One resize per crop size."""
+    y, ey, x, ex = padded
+    inds = image_inds.tolist()
+    kept = [k for k in range(len(y)) if ey[k] > y[k] - 1 and ex[k] > x[k] - 1]
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for position, k in enumerate(kept):
+        by_size[(int(ey[k] - y[k] + 1), int(ex[k] - x[k] + 1))].append(position)
+    crops = imgs.new_empty((len(kept), imgs.shape[1], size, size))
+    for positions in by_size.values():
+        views = [imgs[inds[kept[p]], :, y[kept[p]] - 1 : ey[kept[p]], x[kept[p]] - 1 : ex[kept[p]]] for p in positions]
+        crops[positions] = torch.nn.functional.interpolate(torch.stack(views), size=(size, size), mode="area")
+    return (crops - 127.5) * 0.0078125
 
 
 def aligned_crops_160(images: list[Image.Image], detections: list[FaceDetection | None]) -> list[torch.Tensor | None]:
