@@ -89,16 +89,15 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
                 self.pipe.to(dtype=self.dtype)
             self.renderer = HeadConditionRenderer.synthetic(device=self.device)
             self.landmarks = HeadLandmarks.synthetic(self.renderer)
-            self.deca = self.mtcnn = None
-            self.faces = ReferenceFaces("instantid", str(self.device), None)
+            self.deca = None
+            self.faces = ReferenceFaces("instantid")
         else:
             self._load_full()
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
 
     def _load_full(self) -> None:
-        from facenet_pytorch import MTCNN
-
+        from caphuman_bench.faces.arcface import load_arcface
         from caphuman_bench.models.deca_encoder import load_deca_encoder
         from caphuman_bench.render.head_condition import HeadConditionRenderer
         from caphuman_bench.render.landmarks import HeadLandmarks, LandmarkEmbedding
@@ -109,8 +108,7 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
             paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
         self.landmarks = HeadLandmarks(self.renderer, LandmarkEmbedding.from_file(paths["flame_landmark_embedding"]))
         self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
-        self.mtcnn = MTCNN(device=self.device)  # DECA's face box; packaged weights
-        self.faces = ReferenceFaces("instantid", str(self.device), paths["arcface_antelopev2"])
+        self.faces = ReferenceFaces("instantid", load_arcface(paths["arcface_antelopev2"], str(self.device)))
 
     def _load_pipeline(self, paths: dict[str, Path]):
         """SDXL + IdentityNet + InstantID's IP-Adapter from the resolved files."""

@@ -25,7 +25,6 @@ ONNX session; MTCNN (packaged weights) still finds the reference's face.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +36,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest
+from caphuman_bench.methods.reference_faces import ReferenceFaces, require_onnxruntime
 from caphuman_bench.methods.sd15 import StableDiffusion15Method, build_tiny_sd15_pipeline, weights_folder
 from caphuman_bench.registry import register_method
 
@@ -141,9 +141,7 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
                              "pip install 'caphuman-bench' (it pins peft)")
         if params.get("tiny"):
             return []
-        if importlib.util.find_spec("onnxruntime") is None:
-            raise BenchError(f"{card.name}: the ArcFace embedding needs onnxruntime, which is not installed: "
-                             "pip install 'caphuman-bench[arcface]'")
+        require_onnxruntime(card.name)
         variant = str(params.get("variant", "faceid"))
         extra = [VARIANT_WEIGHTS[variant], str(params.get("arcface_weights", ARCFACE_WEIGHTS[0]))]
         if variant == "plusv2":
@@ -164,7 +162,7 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         clip_dim = pipe.image_encoder.config.hidden_size if pipe.image_encoder is not None else 32
         state_dict = tiny_faceid_state_dict(pipe.unet, self.variant, torch.Generator().manual_seed(1), clip_dim)
         pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None, low_cpu_mem_usage=False)
-        self.arcface = TinyArcFaceSession()
+        self.reference_faces = ReferenceFaces("IP-Adapter-FaceID", TinyArcFaceSession(), detect_device=str(self.device))
         return pipe
 
     def build_pipeline(self, image_encoder=None):
@@ -185,7 +183,8 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
             raise BenchError(f"{paths[weights_id]}: not an IP-Adapter checkpoint (needs 'image_proj' and 'ip_adapter')")
         # image_encoder_folder=None: Plus' CLIP encoder is registered above from its own manifest entry.
         pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
-        self.arcface = load_arcface(paths[str(self.params.get("arcface_weights", ARCFACE_WEIGHTS[0]))], str(self.device))
+        session = load_arcface(paths[str(self.params.get("arcface_weights", ARCFACE_WEIGHTS[0]))], str(self.device))
+        self.reference_faces = ReferenceFaces("IP-Adapter-FaceID", session, detect_device=str(self.device))
         return pipe
 
     @torch.no_grad()
@@ -193,15 +192,11 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         """(normalised ArcFace embedding [1, 1, 512], Plus' (CLIP hidden states, unconditional ones) or None),
         once per identity. Several photos (a `references` split): the mean of their raw ArcFace embeddings,
         normalised, and the mean of their face crops' CLIP hidden states."""
-        from caphuman_bench.faces.arcface import arcface_align, arcface_embeddings
-        from caphuman_bench.faces.detection import detect_faces
+        from caphuman_bench.faces.arcface import arcface_align
 
         if identity_id not in self._identities:
-            detections = detect_faces(photos, str(self.device))
-            if any(d is None for d in detections):
-                raise BenchError(f"identity {identity_id!r}: no face detected in a reference photo, "
-                                 "so no ArcFace embedding for IP-Adapter-FaceID")
-            raw = np.mean(arcface_embeddings(self.arcface, photos, [d.landmarks for d in detections]), axis=0)
+            detections, embeddings = zip(*self.reference_faces.faces(identity_id, photos))
+            raw = np.mean(embeddings, axis=0)
             normed = torch.tensor(raw / np.linalg.norm(raw), dtype=self.dtype, device=self.device).view(1, 1, -1)
             clip = None
             if self.variant == "plusv2":

@@ -144,7 +144,12 @@ class PhotoMakerMethod(MethodAdapter):
             arcface_path = self.context.weights.get(ARCFACE_WEIGHTS)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.faces = ReferenceFaces("photomaker", str(self.device), arcface_path) if self.version == "v2" else None
+        if self.version == "v2":
+            from caphuman_bench.faces.arcface import load_arcface
+
+            self.faces = ReferenceFaces("photomaker", load_arcface(arcface_path, str(self.device)) if arcface_path else None)
+        else:
+            self.faces = None
 
     def _load_full(self):
         from diffusers import EulerDiscreteScheduler

@@ -1,4 +1,5 @@
-"""The reference photo's face for methods conditioned on an ArcFace embedding (PhotoMaker v2, InstantID).
+"""The reference photos' faces for methods conditioned on an ArcFace embedding (PhotoMaker v2, InstantID,
+IP-Adapter-FaceID).
 
 The authors run insightface's `FaceAnalysis` (SCRFD detector + ArcFace) and take the raw, un-normalised
 `face.embedding`. Here the face is found by the project's MTCNN (`faces.detection`, the most confident
@@ -7,20 +8,20 @@ alignment and input scaling) on the ONNX file the method's authors use. The dete
 SCRFD, so the 5 landmarks (and with them the aligned crop) can differ by a pixel or two.
 
 In the tiny setting (smoke preset) there is no ONNX file: the aligned 112 × 112 crop goes through a
-fixed random linear map to 512 numbers instead, so detection and alignment still run.
+fixed random linear map to 512 numbers instead (or through the adapter's own stand-in session), so
+detection and alignment still run.
 """
 
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.faces.arcface import ARCFACE_SIZE, arcface_align, arcface_embeddings, load_arcface
+from caphuman_bench.faces.arcface import ARCFACE_SIZE, arcface_align, arcface_embeddings
 from caphuman_bench.faces.detection import FaceDetection, detect_faces
 
 TINY_EMBED_SIDE = 16
@@ -34,29 +35,45 @@ def require_onnxruntime(method: str) -> None:
 
 
 class ReferenceFaces:
-    """Per identity, once: the reference's MTCNN face and its raw 512-d ArcFace embedding."""
+    """Per reference photo, once: its MTCNN face and raw 512-d ArcFace embedding, kept under the caller's
+    key (an identity, or `<identity>#<n>` for its n-th photo).
 
-    def __init__(self, method: str, device: str, arcface_path: Path | None) -> None:
+    `session`: an onnxruntime ArcFace session (`faces.arcface.load_arcface`) or anything with its
+    `get_inputs` / `run` interface; None embeds with `tiny_arcface_embedding`. Faces are found on
+    `detect_device` (the CPU unless the adapter says otherwise)."""
+
+    def __init__(self, method: str, session=None, detect_device: str = "cpu") -> None:
         self.method = method
-        self.device = device
-        self.session = load_arcface(arcface_path, device) if arcface_path is not None else None
+        self.session = session
+        self.detect_device = detect_device
         self._faces: dict[str, tuple[FaceDetection, np.ndarray]] = {}
 
-    def face(self, identity_id: str, reference: Image.Image) -> tuple[FaceDetection, np.ndarray]:
-        if identity_id not in self._faces:
-            (detection,) = detect_faces([reference], device="cpu")
-            if detection is None:
-                raise BenchError(f"identity {identity_id!r}: MTCNN finds no face in the reference photo; "
+    def face(self, key: str, reference: Image.Image) -> tuple[FaceDetection, np.ndarray]:
+        (found,) = self._known([key], [reference], key)
+        return found
+
+    def faces(self, identity_id: str, photos: list[Image.Image]) -> list[tuple[FaceDetection, np.ndarray]]:
+        """(face, raw embedding) of each of an identity's photos, those not seen before detected and embedded together."""
+        return self._known([f"{identity_id}#{n}" for n in range(len(photos))], photos, identity_id)
+
+    def embedding(self, key: str, reference: Image.Image) -> torch.Tensor:
+        return torch.from_numpy(self.face(key, reference)[1])
+
+    def _known(self, keys: list[str], photos: list[Image.Image], identity_id: str) -> list[tuple[FaceDetection, np.ndarray]]:
+        new = {key: photo for key, photo in zip(keys, photos) if key not in self._faces}
+        if new:
+            detections = detect_faces(list(new.values()), device=self.detect_device)
+            if any(d is None for d in detections):
+                which = "the reference photo" if len(photos) == 1 else "a reference photo"
+                raise BenchError(f"identity {identity_id!r}: MTCNN finds no face in {which}; "
                                  f"{self.method} needs one for its ArcFace embedding")
             if self.session is None:
-                embedding = tiny_arcface_embedding(arcface_align(reference, detection.landmarks))
+                embeddings = [tiny_arcface_embedding(arcface_align(p, d.landmarks)) for p, d in zip(new.values(), detections)]
             else:
-                (embedding,) = arcface_embeddings(self.session, [reference], [detection.landmarks])
-            self._faces[identity_id] = (detection, np.asarray(embedding, dtype=np.float32))
-        return self._faces[identity_id]
-
-    def embedding(self, identity_id: str, reference: Image.Image) -> torch.Tensor:
-        return torch.from_numpy(self.face(identity_id, reference)[1])
+                embeddings = arcface_embeddings(self.session, list(new.values()), [d.landmarks for d in detections])
+            for key, detection, embedding in zip(new, detections, embeddings):
+                self._faces[key] = (detection, np.asarray(embedding, dtype=np.float32))
+        return [self._faces[key] for key in keys]
 
 
 def tiny_arcface_embedding(crop: np.ndarray) -> np.ndarray:
