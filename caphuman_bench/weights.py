@@ -152,6 +152,23 @@ def load_torch_file(path: str | os.PathLike, what: str):
         raise BenchError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
 
 
+_LOADED: dict[tuple, object] = {}
+
+
+def load_once(kind: str, path: str | os.PathLike, device, build):
+    """`build()`'s model, built once per process for this file as it is now (path, size, modification
+    time) and device: a `run` generates and scores in one process, and both stages want DECA, FAN, …
+    A load that fails is not kept."""
+    path = Path(path)
+    if not path.is_file():
+        return build()  # the loader names the missing file
+    stat = path.stat()
+    key = (kind, str(path.resolve()), stat.st_size, stat.st_mtime_ns, str(device))
+    if key not in _LOADED:
+        _LOADED[key] = build()
+    return _LOADED[key]
+
+
 def fetch(weights_id: str) -> Path:
     """Download a Hugging Face-hosted file into the HF cache (the only code path that downloads)."""
     e = entry(weights_id)

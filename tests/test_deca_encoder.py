@@ -180,3 +180,14 @@ def test_crop_equals_decas_full_image_warp(box):
     tform = estimate_transform("similarity", src, np.array([[0, 0], [0, 223], [223, 0]]))
     expected = warp(pixels / 255.0, tform.inverse, output_shape=(224, 224)).transpose(2, 0, 1)
     np.testing.assert_allclose(deca_crop(Image.fromarray(pixels), box).numpy(), expected, atol=1e-6)
+
+
+def test_an_encoder_is_loaded_once_per_file_and_device(checkpoint, tmp_path):
+    path, state = checkpoint
+    assert load_deca_encoder(path) is load_deca_encoder(path)  # a run's method and metric share it
+    copy = tmp_path / "copy.tar"
+    copy.write_bytes(path.read_bytes())
+    assert load_deca_encoder(copy) is not load_deca_encoder(path)
+    torch.save({"E_detail": {}}, copy)  # the file changed: read again, and refused
+    with pytest.raises(BenchError, match="no entry 'E_flame'"):
+        load_deca_encoder(copy)

@@ -81,13 +81,18 @@ def load_fan(path: str | os.PathLike, device: str = "cpu") -> torch.jit.ScriptMo
     """face_alignment's 2DFAN-4 TorchScript archive (what `FaceAlignment` loads with `torch.jit.load`).
 
     A TorchScript archive holds a restricted graph program, not pickled Python objects, so loading it runs
-    no Python from the file."""
+    no Python from the file. Loaded once per process and device (`weights.load_once`)."""
+    from caphuman_bench.weights import load_once
+
     path = Path(path)
-    try:
-        net = torch.jit.load(str(path), map_location=device)
-    except (RuntimeError, ValueError) as exc:
-        raise BenchError(f"{path}: not a TorchScript FAN archive ({str(exc).splitlines()[0]})") from None
-    return net.eval()
+
+    def build() -> torch.jit.ScriptModule:
+        try:
+            return torch.jit.load(str(path), map_location=device).eval()
+        except (RuntimeError, ValueError) as exc:
+            raise BenchError(f"{path}: not a TorchScript FAN archive ({str(exc).splitlines()[0]})") from None
+
+    return load_once("fan", path, device, build)
 
 
 def fan_crop_frame(box) -> tuple[np.ndarray, float]:

@@ -279,17 +279,14 @@ class Arc2FaceControlNetMethod(HeadRenderMixin, Arc2FaceMethod):
         super().load()
         if self.params.get("tiny"):
             self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-            self.deca = self.mtcnn = None
+            self.deca = None
         else:
-            from facenet_pytorch import MTCNN
-
             from caphuman_bench.models.deca_encoder import load_deca_encoder
 
             paths = self.context.weights
             self.renderer = HeadConditionRenderer.from_files(
                 paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
             self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
-            self.mtcnn = MTCNN(device=self.device)  # DECA's face box; packaged weights
 
     def _load_pipeline(self, controlnet=None):
         from diffusers import ControlNetModel

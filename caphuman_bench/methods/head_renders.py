@@ -19,9 +19,8 @@ at the reference's own DECA camera, with the condition's rotation, expression an
 `pose_image` is the official run with a pose photo: that photo goes through the same steps and its code
 (and, with `position`, its camera and crop frame) is mixed in.
 
-A subclass sets `self.renderer` (a `HeadConditionRenderer`), `self.deca` (DECA encoder or None),
-`self.mtcnn` (unused; the shared detector of `faces.detection` gives the box) and `self._codes = {}` in
-its `load`; one steered by landmarks also sets `self.landmarks` (a `render.landmarks.HeadLandmarks`).
+A subclass sets `self.renderer` (a `HeadConditionRenderer`), `self.deca` (DECA encoder or None) and
+`self._codes = {}` in its `load`; one steered by landmarks also sets `self.landmarks` (a `render.landmarks.HeadLandmarks`).
 
 Normal map convention: ControlNet 1.1's normalbae annotator (controlnet_aux `NormalBaeDetector`) writes
 the BAE network's camera-space normal n as RGB = (n + 1) / 2 · 255; BAE predicts ScanNet-protocol
@@ -234,21 +233,18 @@ class HeadRenderMixin:
         return dict(self.head_render(identity_id, reference, condition, size).target)
 
     def load_head_models(self, device, *, tiny: bool) -> None:
-        """What the mixin needs: the synthetic FLAME head without DECA (tiny), or FLAME + DECA + MTCNN from
+        """What the mixin needs: the synthetic FLAME head without DECA (tiny), or FLAME + DECA from
         the run's weights (`flame_model`, `flame_texture`, `flame_head_template`, `deca_model`)."""
         from caphuman_bench.render.head_condition import HeadConditionRenderer
 
         self._codes = {}
         if tiny:
             self.renderer = HeadConditionRenderer.synthetic(device=device)
-            self.deca = self.mtcnn = None
+            self.deca = None
             return
-        from facenet_pytorch import MTCNN
-
         from caphuman_bench.models.deca_encoder import load_deca_encoder
 
         paths = self.context.weights
         self.renderer = HeadConditionRenderer.from_files(
             paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=device)
         self.deca = load_deca_encoder(paths["deca_model"], device=device)
-        self.mtcnn = MTCNN(device=device)  # DECA's face box; packaged weights

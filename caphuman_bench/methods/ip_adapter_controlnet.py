@@ -120,7 +120,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
             if self.dtype != torch.float32:
                 self.pipe.to(dtype=self.dtype)
             self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-            self.deca = self.mtcnn = None
+            self.deca = None
         else:
             self._load_full()
         self.pipe.to(self.device)
@@ -128,7 +128,6 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
 
     def _load_full(self) -> None:
         from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
-        from facenet_pytorch import MTCNN
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
 
         from caphuman_bench.models.deca_encoder import load_deca_encoder
@@ -154,7 +153,6 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         self.renderer = HeadConditionRenderer.from_files(
             paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
         self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
-        self.mtcnn = MTCNN(device=self.device)  # DECA's face box; packaged weights
 
     def control_image(self, request: GenerationRequest) -> Image.Image:
         render = self.head_render(request.identity_id, request.reference, request.condition, request.height)

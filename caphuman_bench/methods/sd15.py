@@ -176,21 +176,19 @@ class StableDiffusion15Method(HeadRenderMixin, MethodAdapter):
 
     def _load_head(self, tiny: bool) -> None:
         """The head renderer (and landmark embedding) the ControlNet's condition image is drawn from."""
-        from caphuman_bench.faces.detection import face_detector
         from caphuman_bench.render.head_condition import HeadConditionRenderer
         from caphuman_bench.render.landmarks import HeadLandmarks, LandmarkEmbedding
 
         paths = self.context.weights
         if tiny:
             self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-            self.deca = self.mtcnn = None
+            self.deca = None
         else:
             from caphuman_bench.models.deca_encoder import load_deca_encoder
 
             self.renderer = HeadConditionRenderer.from_files(
                 paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
             self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
-            self.mtcnn = face_detector(self.device)  # DECA's face box; packaged weights
         if self.controlnet == "landmarks":
             embedding = LandmarkEmbedding.synthetic() if tiny else LandmarkEmbedding.from_file(paths["flame_landmark_embedding"])
             self.landmarks = HeadLandmarks(self.renderer, embedding)

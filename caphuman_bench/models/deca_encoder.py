@@ -26,7 +26,7 @@ from PIL import Image
 from skimage.transform import estimate_transform, resize, warp
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.weights import load_torch_file
+from caphuman_bench.weights import load_once, load_torch_file
 
 CODE_SIZE = 236
 CROP_SIZE = 224
@@ -114,15 +114,19 @@ def load_deca_encoder(path: str | os.PathLike, device: str | torch.device = "cpu
     """DECA's `E_flame` from the user's `deca_model.tar`, in eval mode on `device`.
 
     The file is a torch-saved dict of state dicts (`E_flame`, `E_detail`, `D_detail`); it is read
-    with `weights_only=True`, so nothing but tensors and containers is unpickled.
+    with `weights_only=True`, so nothing but tensors and containers is unpickled. Loaded once per
+    process and device (`weights.load_once`): the encoder is shared, never changed by its users.
     """
     path = Path(path)
-    checkpoint = load_torch_file(path, "DECA checkpoint")
-    if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
-        entries = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise BenchError(f"{path}: no entry 'E_flame' (found: {entries})")
-    encoder = encoder_from_state_dict(dict(checkpoint["E_flame"]), f"{path} [E_flame]")
-    return encoder.eval().to(device)
+
+    def build() -> DecaEncoder:
+        checkpoint = load_torch_file(path, "DECA checkpoint")
+        if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
+            entries = ", ".join(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            raise BenchError(f"{path}: no entry 'E_flame' (found: {entries})")
+        return encoder_from_state_dict(dict(checkpoint["E_flame"]), f"{path} [E_flame]").eval().to(device)
+
+    return load_once("deca_encoder", path, device, build)
 
 
 @dataclass(frozen=True)
