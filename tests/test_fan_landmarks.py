@@ -1,5 +1,5 @@
 """68 landmarks for lists of images (faces/landmarks.py) and the random-weight 2DFAN-4 archive (models/fan.py,
-benchmarks/make_random_weights.py): batched results equal one-image calls, for FAN and for dlib's threads."""
+benchmarks/make_random_weights.py): batched results equal one-image calls, for FAN and for dlib on the host pool."""
 
 from __future__ import annotations
 
@@ -14,9 +14,10 @@ from PIL import Image
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.faces import landmarks
 from caphuman_bench.faces.landmarks import (
-    LandmarkDetector, default_landmark_threads, dlib_landmarks, fan_crop_frame, load_fan,
+    LandmarkDetector, dlib_landmarks, fan_crop_frame, load_fan,
 )
 from caphuman_bench.models.fan import FAN
+from caphuman_bench.parallel import THREADS_ENV
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import make_random_weights as mrw  # noqa: E402
@@ -81,15 +82,15 @@ def test_fan_batches_equal_one_image_calls(tiny_fan_file, photos, monkeypatch):
     assert np.all(np.abs(batch[0] - centre) <= 100 * scale + 1)
 
 
-def test_dlib_threads_equal_serial(photos):
-    serial = dlib_landmarks(photos, threads=1)
-    threaded = dlib_landmarks(photos, threads=2)
+def test_dlib_on_the_host_pool_equals_serial(photos, monkeypatch):
+    threaded = dlib_landmarks(photos)
+    monkeypatch.setenv(THREADS_ENV, "1")
+    serial = dlib_landmarks(photos)
     assert serial[2] is None and threaded[2] is None
     for points, reference in zip(threaded[:2], serial[:2]):
         assert points.shape == (68, 2)
         np.testing.assert_array_equal(points, reference)
-    detector = LandmarkDetector.create(None)
-    assert detector.source == "dlib" and detector.threads == default_landmark_threads() >= 1
+    assert LandmarkDetector.create(None).source == "dlib"
 
 
 def test_head_control_crops_with_fan_landmarks(tiny_fan_file, photos):

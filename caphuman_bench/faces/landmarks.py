@@ -15,16 +15,15 @@ and crops from the box of its first face's 68 points. Two sources here, same poi
 
 Both give (68, 2) pixel coordinates (x, y), or None when no face is found, for a list of images at once
 (`LandmarkDetector.landmarks`): FAN stacks the faces of up to `FAN_BATCH` images into one forward pass after
-one batched MTCNN call; dlib runs on `default_landmark_threads()` threads (dlib releases the GIL). Batched
-results equal one-image calls.
+one batched MTCNN call; dlib and the crops run on the host pool (`parallel.thread_map`: dlib, OpenCV and
+numpy release the GIL). Batched results equal one-image calls.
 """
 
 from __future__ import annotations
 
 import os
 import queue
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,19 +31,15 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.faces.detection import DETECT_MAX_SIDE, detect_faces
 from caphuman_bench.images import to_rgb
+from caphuman_bench.parallel import thread_map
 
 LANDMARK_SOURCES = ("fan", "dlib")
 FAN_INPUT = 256  # face_alignment `crop(..., resolution=256.0)`
 FAN_REFERENCE_SCALE = 195.0  # face_alignment's S3FD/dlib `reference_scale`
 FAN_BOX_SHIFT = 0.12  # face_alignment: the box centre moves up 12 % of the box height
 FAN_BATCH = 64  # faces per FAN forward pass
-
-
-def default_landmark_threads() -> int:
-    """dlib threads: one per core this process may use, at most 16."""
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(16, usable))
 
 
 @dataclass
@@ -54,23 +49,27 @@ class LandmarkDetector:
     source: str
     device: str = "cpu"
     fan: torch.jit.ScriptModule | None = None
-    threads: int = field(default_factory=default_landmark_threads)
+    mtcnn_dir: Path | None = None  # MTCNN's weights folder (None: facenet-pytorch's packaged files)
+    detect_max_side: int | None = DETECT_MAX_SIDE  # None: full size (FastComposer's)
 
     @classmethod
-    def create(cls, fan_path: str | os.PathLike | None = None, device: str = "cpu") -> "LandmarkDetector":
-        """FAN when its TorchScript file is given, otherwise the dlib stand-in."""
-        if fan_path is None:
-            return cls("dlib", device)
-        return cls("fan", device, load_fan(fan_path, device))
+    def create(cls, fan_path: str | os.PathLike | None = None, device: str = "cpu", mtcnn_dir: Path | None = None,
+               detect_max_side: int | None = DETECT_MAX_SIDE) -> "LandmarkDetector":
+        """FAN when its TorchScript file is given, otherwise the dlib stand-in; face boxes from the MTCNN
+        the scoring pass uses (same weights and size rule), so its detections are shared, not repeated."""
+        fan = None if fan_path is None else load_fan(fan_path, device)
+        return cls("dlib" if fan is None else "fan", device, fan, mtcnn_dir, detect_max_side)
 
     def landmarks(self, images: list[Image.Image]) -> list[np.ndarray | None]:
         """(68, 2) points per image, None where no face is found."""
         if self.source == "fan":
-            from caphuman_bench.faces.detection import detect_faces
-
-            boxes = [None if d is None else d.box for d in detect_faces(images, self.device)]
+            boxes = [None if d is None else d.box for d in self.detect(images)]
             return fan_landmarks(self.fan, images, boxes)
-        return dlib_landmarks(images, self.device, self.threads)
+        return dlib_landmarks(images, self.detect)
+
+    def detect(self, images: list[Image.Image]) -> list:
+        """MTCNN's faces, most confident first (`faces.detection.detect_faces`)."""
+        return detect_faces(images, self.device, self.mtcnn_dir, max_side=self.detect_max_side)
 
     def __call__(self, image: Image.Image) -> np.ndarray | None:
         (points,) = self.landmarks([image])
@@ -164,11 +163,12 @@ def fan_landmarks(net: torch.nn.Module, images: list[Image.Image], boxes: list) 
     points: list[np.ndarray | None] = [None] * len(images)
     for start in range(0, len(faces), FAN_BATCH):
         chunk = faces[start : start + FAN_BATCH]
-        out = net(torch.stack([fan_input(images[i], *frames[i]) for i in chunk]).to(device))
+        out = net(torch.stack(thread_map(lambda i: fan_input(images[i], *frames[i]), chunk)).to(device))
         if isinstance(out, (list, tuple)):  # older FAN exports return every hourglass stack's output
             out = out[-1]
-        for i, heatmaps in zip(chunk, out.float().cpu().numpy()):
-            points[i] = heatmap_points(heatmaps, *frames[i])
+        found = thread_map(lambda pair: heatmap_points(pair[1], *frames[pair[0]]), zip(chunk, out.float().cpu().numpy()))
+        for i, face_points in zip(chunk, found):
+            points[i] = face_points
     return points
 
 
@@ -205,20 +205,19 @@ def _hog_face(pixels: np.ndarray):
     return boxes[int(np.argmax(scores))] if boxes else None
 
 
-def dlib_landmarks(images: list[Image.Image], device: str = "cpu", threads: int = 1) -> list[np.ndarray | None]:
-    """dlib's 68 points on its HOG detector's most confident face (MTCNN's box when HOG finds none), per image,
-    on `threads` threads (dlib releases the GIL while it works)."""
+def dlib_landmarks(images: list[Image.Image], detect=None) -> list[np.ndarray | None]:
+    """dlib's 68 points on its HOG detector's most confident face (the box of `detect`, MTCNN's
+    `detect_faces` on the CPU by default, when HOG finds none), per image, on the host pool (dlib
+    releases the GIL while it works)."""
     import dlib
 
-    from caphuman_bench.faces.detection import detect_faces
-
+    detect = detect or detect_faces
     predictor = _dlib_predictor()
     pixels = [np.ascontiguousarray(np.asarray(to_rgb(image))) for image in images]
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        rects = list(pool.map(_hog_face, pixels))
-        missing = [i for i, rect in enumerate(rects) if rect is None]
-        for i, detection in zip(missing, detect_faces([images[i] for i in missing], device) if missing else []):
-            if detection is not None:
-                rects[i] = dlib.rectangle(*(int(round(v)) for v in detection.box[:4]))
-        shapes = list(pool.map(lambda p, r: None if r is None else predictor(p, r), pixels, rects))
+    rects = thread_map(_hog_face, pixels)
+    missing = [i for i, rect in enumerate(rects) if rect is None]
+    for i, detection in zip(missing, detect([images[i] for i in missing]) if missing else []):
+        if detection is not None:
+            rects[i] = dlib.rectangle(*(int(round(v)) for v in detection.box[:4]))
+    shapes = thread_map(lambda pair: None if pair[1] is None else predictor(*pair), zip(pixels, rects))
     return [None if shape is None else np.array([[p.x, p.y] for p in shape.parts()], dtype=np.float64) for shape in shapes]

@@ -37,6 +37,7 @@ from caphuman_bench.models.deca_encoder import (
     landmark_square,
     load_deca_encoder,
 )
+from caphuman_bench.parallel import thread_map
 from caphuman_bench.registry import register_metric
 
 VALUE_NAMES = ("rmse_shape", "rmse_pose", "rmse_exp", "rmse_light",
@@ -100,7 +101,7 @@ class HeadControl(BenchMetric):
             else:
                 found.append((index, square, how))
         if found:
-            crops = torch.stack([deca_crop_square(items[i].image, square) for i, square, _ in found])
+            crops = torch.stack(thread_map(lambda entry: deca_crop_square(items[entry[0]].image, entry[1]), found))
             for (index, _, how), code in zip(found, encode_crops(self.encoder, crops)):
                 try:
                     rows[index] = self._compare(code, items[index].target, how)
@@ -118,7 +119,8 @@ class HeadControl(BenchMetric):
                 from caphuman_bench.weights import locate
 
                 fan = self.context.weights.get(FAN_WEIGHTS) or locate(FAN_WEIGHTS)
-                self._landmarks = LandmarkDetector.create(fan, self.device_name)
+                self._landmarks = LandmarkDetector.create(fan, self.device_name, mtcnn_weights_dir(self.context.weights),
+                                                          self.protocol.detect_max_side)
             how = {"detector": f"{self._landmarks.source} 68 landmarks", "crop": "kpt68", "landmarks": self._landmarks.source}
             return [(None if points is None else landmark_square(points), dict(how))
                     for points in self._landmarks.landmarks(images)]

@@ -1,0 +1,66 @@
+"""Per-image host work of a batch (crops, resizes, warps, hashes) spread over the machine's cores.
+
+A scoring batch runs its metrics one after another on the main thread, which also feeds the GPU;
+the per-image preparation between network calls (DECA's skimage warp, FAN's and FaceNet's crops,
+CLIP's resize, pixel digests) is what kept a GPU pass near 55 images/s. PIL, OpenCV, skimage's warp,
+hashlib and numpy release the GIL while they work, so a thread pool runs them on every core with no
+pickling and no change to the arithmetic: `thread_map(fn, items)` returns exactly `[fn(x) for x in
+items]`. The standard library's `ThreadPoolExecutor`: a process pool would pickle every image.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Iterable, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+THREADS_ENV = "CAPHUMAN_BENCH_HOST_THREADS"  # threads for per-image host work (default: the CPU count, at most 32)
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_inside = threading.local()
+
+
+def host_threads() -> int:
+    """Threads of the pool: $CAPHUMAN_BENCH_HOST_THREADS, else the usable CPUs (at most 32)."""
+    value = os.environ.get(THREADS_ENV, "")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise ValueError(f"${THREADS_ENV}={value!r}: expected a whole number of threads") from None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(32, usable))
+
+
+def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+    """`[fn(x) for x in items]`, computed on the process's host pool; the first exception is raised.
+
+    Runs inline for fewer than two items, with one thread, and when called from a pool thread
+    (nesting would wait on the pool from inside it)."""
+    items = list(items)
+    if len(items) < 2 or getattr(_inside, "active", False) or host_threads() == 1:
+        return [fn(item) for item in items]
+    return list(_shared_pool().map(_marked(fn), items))
+
+
+def _marked(fn: Callable[[T], R]) -> Callable[[T], R]:
+    def run(item: T) -> R:
+        _inside.active = True
+        try:
+            return fn(item)
+        finally:
+            _inside.active = False
+
+    return run
+
+
+def _shared_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(host_threads(), thread_name_prefix="host")
+        return _pool
