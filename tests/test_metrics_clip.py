@@ -201,11 +201,14 @@ def test_clip_score_equals_torchmetrics(shared_clip, dtype, tolerance):
 
 
 def test_prompt_accuracy_against_direct_ranking(shared_clip):
+    """Ranks from the default protocol's (fastcomposer) CLIP input: FastComposer's tensor preprocessing."""
+    from caphuman_bench.metrics._clip import fastcomposer_pixels
+
     _, _, checkpoint = shared_clip
     images = _images()
     clip = load_clip(TINY, checkpoint)
     with torch.no_grad():
-        pixels = torch.stack([clip.preprocess(im) for im in images])
+        pixels = fastcomposer_pixels(images)
         img = torch.nn.functional.normalize(clip.model.encode_image(pixels), dim=-1).numpy()
         txt = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(PROMPTS)), dim=-1).numpy()
     similarity = img @ txt.T
@@ -225,6 +228,23 @@ def test_prompt_accuracy_against_direct_ranking(shared_clip):
     result = metric.compute()
     assert result["prompt_acc_top1"]["mean"] == pytest.approx(1 / 3)
     assert result["prompt_acc_top5"]["mean"] == pytest.approx(2 / 3)
+
+
+@pytest.mark.parametrize("protocol", ["fastcomposer", "caphuman-bench"])
+def test_prompt_accuracy_reuses_clip_scores_image_embeddings(shared_clip, protocol, monkeypatch):
+    """One CLIP per protocol: after clip_score, prompt_accuracy encodes no image again."""
+    _, _, checkpoint = shared_clip
+    clip = load_clip(TINY, checkpoint)
+    clip._images.clear()
+    encoded = []
+    original = clip.model.encode_image
+    monkeypatch.setattr(clip.model, "encode_image", lambda pixels, **kw: encoded.append(len(pixels)) or original(pixels, **kw))
+    context = ScoreContext(options={"clip_model": TINY, "clip_checkpoint": str(checkpoint), "protocol": protocol}, prompts=PROMPTS)
+    items = [_item(image, PROMPTS[i], f"t{i}") for i, image in enumerate(_images())]
+    ClipScore(context).update(items)
+    PromptAccuracy(context).update(items)
+    assert encoded == [len(items)]
+    clip._images.clear()
 
 
 def test_prompt_accuracy_undefined_cases(shared_clip):
@@ -271,7 +291,7 @@ def test_protocols_pick_clip_text_and_preprocessing(shared_clip):
             image = torch.nn.functional.normalize(clip.model.encode_image(pixels[None]), dim=-1)
             words = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer([text])), dim=-1)
             return float((image * words).sum())
-        assert values["fastcomposer"] == pytest.approx(cos(fastcomposer_pixels(photo), "a man wearing a red hat"), abs=1e-6)
+        assert values["fastcomposer"] == pytest.approx(cos(fastcomposer_pixels([photo])[0], "a man wearing a red hat"), abs=1e-6)
         assert values["caphuman-bench"] == pytest.approx(cos(clip.preprocess(photo), "a person wearing a red hat"), abs=1e-6)
     assert values["fastcomposer"] != values["caphuman-bench"]
 
@@ -288,7 +308,11 @@ def test_fastcomposer_pixels_are_clip_evals_tensor_transform():
     reference = T.Compose([T.Normalize([-1.0] * 3, [2.0] * 3), T.Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=False),
                            T.CenterCrop(224), T.Normalize((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))])
     expected = reference(T.ToTensor()(photo) * 2.0 - 1.0)
-    assert torch.equal(fastcomposer_pixels(photo), expected)
+    assert torch.equal(fastcomposer_pixels([photo])[0], expected)
+    small = photo.resize((300, 260))  # a batch of two sizes: each image as on its own, in input order
+    batch = fastcomposer_pixels([small, photo, small])
+    assert torch.equal(batch[1], expected) and torch.equal(batch[0], batch[2])
+    assert torch.equal(batch[0], reference(T.ToTensor()(small) * 2.0 - 1.0))
     plain, smooth = (T.Resize(224, interpolation=InterpolationMode.BICUBIC, antialias=a)(T.ToTensor()(photo)) for a in (False, True))
     assert (plain - smooth).abs().max() > 0.01  # the antialias choice is visible on a 512 → 224 downscale
 

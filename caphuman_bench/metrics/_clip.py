@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -20,6 +21,7 @@ from caphuman_bench import weights
 from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.memo import BoundedMemo, image_digest
 from caphuman_bench.metrics.base import ScoreContext
+from caphuman_bench.parallel import thread_map
 
 DEFAULT_CLIP_MODEL = "ViT-L-14"
 CLIP_CHECKPOINTS = {"ViT-L-14": "clip_vit_l14_openai", "ViT-B-32": "clip_vit_b32_openai"}
@@ -58,15 +60,19 @@ class ClipModel:
     def image_embeddings(self, images: list[Image.Image], preprocessing: str = "pil") -> torch.Tensor:
         """L2-normalised image embeddings (n, d), float32 on the CPU; `preprocessing` "pil" (open_clip's
         transform) or "tensor" (FastComposer's, `fastcomposer_pixels`)."""
-        prepare = fastcomposer_pixels if preprocessing == "tensor" else self.preprocess
-        keys = [(preprocessing, image_digest(image)) for image in images]
+        keys = [(preprocessing, digest) for digest in thread_map(image_digest, images)]
         todo = [i for i, key in enumerate(keys) if key not in self._images]
         for start in range(0, len(todo), ENCODE_BATCH):
-            chunk = todo[start : start + ENCODE_BATCH]
-            pixels = torch.stack([prepare(images[i]) for i in chunk]).to(self.device, self.dtype)
+            positions = todo[start : start + ENCODE_BATCH]
+            batch = [images[i] for i in positions]
+            if preprocessing == "tensor":  # float arithmetic on the model's device, as FastComposer's runs
+                pixels = fastcomposer_pixels(batch, device=self.device)
+            else:  # PIL resizes on the host pool
+                pixels = torch.stack(thread_map(self.preprocess, batch))
+            pixels = pixels.to(self.device, self.dtype)
             with torch.inference_mode():
                 vectors = F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
-            for i, vector in zip(chunk, vectors):
+            for i, vector in zip(positions, vectors):
                 self._images.put(keys[i], vector)
         return _stack([self._images.get(key) for key in keys])
 
@@ -83,21 +89,33 @@ class ClipModel:
         return _stack([self._texts.get(text) for text in texts])
 
 
-def fastcomposer_pixels(image: Image.Image, size: int = 224) -> torch.Tensor:
+def fastcomposer_pixels(images: list[Image.Image], size: int = 224, device: str | torch.device = "cpu") -> torch.Tensor:
     """FastComposer's CLIP input (evaluation/clip_eval.py `CLIPEvaluator.preprocess` on
-    `ToTensor()(image) * 2 - 1`): un-normalised back to [0, 1], then OpenAI CLIP's transforms minus the PIL
-    steps — torchvision `Resize(224, bicubic)` of the shorter side on the float tensor (torchvision 0.14,
-    FastComposer's cog.yaml, does not antialias tensors; values may overshoot [0, 1], nothing clamps them),
-    `CenterCrop(224)`, `Normalize` with OpenAI's mean / std."""
+    `ToTensor()(image) * 2 - 1`), (n, 3, size, size): un-normalised back to [0, 1], then OpenAI CLIP's
+    transforms minus the PIL steps — torchvision `Resize(224, bicubic)` of the shorter side on the float
+    tensor (torchvision 0.14, FastComposer's cog.yaml, does not antialias tensors; values may overshoot
+    [0, 1], nothing clamps them), `CenterCrop(224)`, `Normalize` with OpenAI's mean / std.
+
+    Images of one size go through together, and only their bytes move to `device` (`to_tensor` is exactly
+    `pil_to_tensor(·).float() / 255`): on a GPU one copy and a few kernels per batch, not per image."""
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    pixels = TF.to_tensor(image.convert("RGB")) * 2.0 - 1.0
-    pixels = (pixels + 1.0) / 2.0
-    pixels = TF.resize(pixels, size, interpolation=InterpolationMode.BICUBIC, antialias=False)
-    pixels = TF.center_crop(pixels, size)
-    return TF.normalize(pixels, OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    arrays = thread_map(lambda image: np.asarray(image.convert("RGB")), images)
+    out: list[torch.Tensor | None] = [None] * len(images)
+    by_size: dict[tuple, list[int]] = {}
+    for i, array in enumerate(arrays):
+        by_size.setdefault(array.shape, []).append(i)
+    for positions in by_size.values():
+        pixels = torch.as_tensor(np.stack([arrays[i] for i in positions])).to(device).permute(0, 3, 1, 2)
+        pixels = pixels.float().div(255) * 2.0 - 1.0
+        pixels = (pixels + 1.0) / 2.0
+        pixels = TF.resize(pixels, size, interpolation=InterpolationMode.BICUBIC, antialias=False)
+        pixels = TF.normalize(TF.center_crop(pixels, size), OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+        for i, one in zip(positions, pixels):
+            out[i] = one
+    return torch.stack(out) if out else torch.zeros(0, 3, size, size)
 
 
 def _stack(vectors: list[torch.Tensor]) -> torch.Tensor:

@@ -13,6 +13,7 @@ from typing import ClassVar
 
 from caphuman_bench.metrics._clip import CLIP_CONVENTION, clip_for, clip_weights
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
+from caphuman_bench.metrics.protocol import scoring_protocol
 from caphuman_bench.registry import register_metric
 
 TOP_K = {"prompt_acc_top1": 1, "prompt_acc_top5": 5}
@@ -26,6 +27,7 @@ class PromptAccuracy(BenchMetric):
         "value": "1 if fewer than k prompts of the benchmark's prompt set are strictly more CLIP-similar to "
         "the image than its own prompt, else 0; the mean is top-k accuracy; NaN when k >= number of prompts",
         "candidates": "all distinct prompts of the benchmark (ScoreContext.prompts), placeholder filled by 'a person'",
+        "clip": "the scoring protocol's CLIP model, precision and image preprocessing, as clip_score's (one CLIP per protocol)",
         "unreadable": "unreadable images are not scored (NaN, status unreadable)",
         **CLIP_CONVENTION,
     }
@@ -40,9 +42,11 @@ class PromptAccuracy(BenchMetric):
         nan = {name: math.nan for name in TOP_K}
         scorable = [i for i, item in enumerate(items) if item.image is not None and item.prompt in index]
         ranks = {}
-        if scorable:
-            clip = clip_for(self.context)
-            similarity = clip.image_embeddings([items[i].image for i in scorable]) @ clip.text_embeddings(candidates).T
+        if scorable:  # the protocol's CLIP, as clip_score's: the two share the model and the image embeddings
+            protocol = scoring_protocol(self.context.options)
+            clip = clip_for(self.context, fp16_on_cuda=protocol.clip_fp16_on_cuda)
+            images = clip.image_embeddings([items[i].image for i in scorable], protocol.clip_image)
+            similarity = images @ clip.text_embeddings(candidates).T
             for row, i in zip(similarity, scorable):
                 own = row[index[items[i].prompt]]
                 ranks[i] = int((row > own).sum())  # 0 = its own prompt is the most similar
