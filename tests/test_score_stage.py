@@ -95,3 +95,25 @@ def test_image_digest_follows_the_pixels_and_is_computed_once_per_image(monkeypa
     key = id(c)
     del c
     assert key not in memo._DIGESTS  # forgotten with its image
+
+
+def test_a_pass_hands_the_gil_over_every_millisecond_and_restores_the_interval():
+    import sys
+
+    import pytest
+
+    from caphuman_bench.stages.score import SWITCH_INTERVAL_S, prompt_gil_handover
+
+    before = sys.getswitchinterval()
+    with prompt_gil_handover():
+        assert sys.getswitchinterval() == pytest.approx(min(before, SWITCH_INTERVAL_S), abs=2e-6)
+    assert sys.getswitchinterval() == before
+    with pytest.raises(RuntimeError), prompt_gil_handover():
+        raise RuntimeError("a metric fails")
+    assert sys.getswitchinterval() == before
+    sys.setswitchinterval(0.0002)
+    try:
+        with prompt_gil_handover():  # a shorter interval set by the caller is kept
+            assert sys.getswitchinterval() == pytest.approx(0.0002, abs=2e-6)  # kept in whole microseconds
+    finally:
+        sys.setswitchinterval(before)
