@@ -17,7 +17,8 @@ inputs (relative L2 and max |Δ| in 8-bit levels).
 
 `e2e`: a whole `caphuman-bench run` as a subprocess; each stderr line is time-stamped as it arrives
 and the stage times come from those lines and the run directory's own `status.jsonl`.
-`scoring`: each metric family alone over a finished run's images (fresh scores, `force`).
+`scoring`: all metric families together, then each alone, over a finished run's images (fresh scores,
+`force`); `--profile` adds untimed profiled passes and writes where the host time goes.
 `scaling`: steady-state images/s of a one-process run and of a torchrun run, from their status lines.
 Every part writes its JSON after every row, so a run stopped at its time limit still reports.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
 import json
 import os
 import platform
@@ -366,12 +368,12 @@ def part_scoring(args) -> None:
     embeddings are computed again, as they are for a run's new images."""
     from caphuman_bench.faces.memo import forget_all
     from caphuman_bench.rundir import RunDir
-    from caphuman_bench.stages.score import READ_THREADS, score, select_metrics
+    from caphuman_bench.stages.score import READ_THREADS, SWITCH_INTERVAL_S, score, select_metrics
 
     device = torch.device(args.device)
     options = {"protocol": args.protocol} if args.protocol else {}
     report = Report(args.out, {"part": "scoring", **environment(device), "run": str(args.run), "batch_size": args.score_batch,
-                               "options": options, "read_threads": READ_THREADS})
+                               "options": options, "read_threads": READ_THREADS, "switch_interval_s": SWITCH_INTERVAL_S})
     if args.weights:
         os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
     run = RunDir(Path(args.run))
@@ -380,26 +382,59 @@ def part_scoring(args) -> None:
     ready, skipped = select_metrics(args.metrics or None, options)
     report.data["families"], report.data["skipped"] = sorted(ready), skipped
     n = len(run.finished_ids())
-    passes = [("all", None, "cold"), ("all", None, "warm")] + [(name, [name], "warm") for name in ready]
+    passes = [("all", None, "cold"), ("all", None, "warm")] + [(name, [name], "warm") for name in ready if not args.together_only]
+    passes += [("all", None, f"warm, switch interval {v} s") for v in args.switch_interval]
+    passes += [("all", None, f"warm, {v} reading threads") for v in args.read_threads]
+    passes += [(label, names, "profiled") for label, names in [("all", None), *[(n, [n]) for n in args.profile or []]]
+               if args.profile is not None]
+    import caphuman_bench.stages.score as score_stage
+
+    default_interval, default_readers = score_stage.SWITCH_INTERVAL_S, score_stage.READ_THREADS
     for label, names, attempt in passes:
         forget_all()
         _sync(device)
+        score_stage.SWITCH_INTERVAL_S = float(attempt.split()[-2]) if "switch interval" in attempt else default_interval
+        score_stage.READ_THREADS = int(attempt.split()[1]) if "reading threads" in attempt else default_readers
+        profiler = cProfile.Profile() if attempt == "profiled" else None
         start = time.perf_counter()
         try:
+            if profiler:
+                profiler.enable()
             summary = score(run, metrics=names or list(ready), device=str(device), options=options, force=True,
                             batch_size=args.score_batch)
         except Exception as exc:
             report.add({"metrics": label, "attempt": attempt, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
+        finally:
+            if profiler:
+                profiler.disable()
         _sync(device)
         seconds = time.perf_counter() - start
+        if profiler:  # a pass of its own: profiling slows the interpreter, so its time is not a result
+            write_profile(profiler, args.out.with_name(f"{args.out.stem}.{label}.profile.txt"), f"{label}, {n} images, {seconds:.1f} s profiled")
+            continue
         report.add({"metrics": label, "attempt": attempt, "images": n, "scored": summary.scored, "errors": summary.errors,
                     "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
+    score_stage.SWITCH_INTERVAL_S, score_stage.READ_THREADS = default_interval, default_readers
     warm = [r for r in report.data["rows"] if r.get("metrics") == "all" and r.get("attempt") == "warm" and "seconds" in r]
     if warm:
         report.data["all_families_images_per_second"] = warm[0]["images_per_second"]
         report.flush()
     print(json.dumps({k: v for k, v in report.data.items() if k != "rows"}, indent=1, default=str))
+
+
+def write_profile(profiler, path: Path, title: str) -> None:
+    """The main thread's profile of a pass, top functions by own time and by cumulative time: where the
+    host spends the pass (time waiting on the GPU shows in the call that synchronises, e.g. `.cpu()`)."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(profiler, stream=text)
+    for order in ("tottime", "cumulative"):
+        text.write(f"=== {title}: by {order} ===\n")
+        stats.sort_stats(order).print_stats(45)
+    path.write_text(text.getvalue())
 
 
 def steady_throughput(root: Path, ranks: int) -> dict:
@@ -540,6 +575,12 @@ def main() -> None:
     sc.add_argument("--score-batch", type=int, default=64)
     sc.add_argument("--perturb", action="store_true", help="make the images distinct first (see perturb_images)")
     sc.add_argument("--protocol", help="scoring protocol (default: the run's default, fastcomposer)")
+    sc.add_argument("--profile", nargs="*", metavar="FAMILY",
+                    help="after the timed passes, profile one more all-families pass and one per FAMILY given (<out>.<label>.profile.txt)")
+    sc.add_argument("--switch-interval", type=float, nargs="*", default=[],
+                    help="extra all-families passes with the scoring stage's GIL switch interval set to each value (s)")
+    sc.add_argument("--read-threads", type=int, nargs="*", default=[], help="extra all-families passes with this many reading threads")
+    sc.add_argument("--together-only", action="store_true", help="only the all-families passes, not each family alone")
     scale = sub.add_parser("scaling")
     scale.add_argument("--one", type=Path, required=True)
     scale.add_argument("--many", type=Path, required=True)

@@ -33,7 +33,8 @@ if has scoring; then
   for i in 0 1 2 3 4 5 6 7; do  # the images to score: the reference photos, 8 CPU processes
     python3 -m caphuman_bench.cli run --method reference --spec $S/spec --split speed-score --runs-dir $S/ref --no-score --shard $i/8 > /dev/null 2>&1 &
   done; wait
-  timeout 210 python3 $B scoring $S/ref/reference-* --perturb --weights $S/w --score-batch 64 --out $OUT/scoring.json 2>&1 | quiet > $OUT/score.log
+  timeout ${SCORE_LIMIT_S:-300} python3 $B scoring $S/ref/reference-* --perturb --weights $S/w --score-batch 64 ${SCORE_EXTRA---profile head_control} \
+    --out $OUT/scoring.json 2>&1 | quiet > $OUT/score.log
 fi
 if has generation; then
   timeout 320 python3 $B generation --batch 64 --fast-batch 64 --repeats 3 --only stock eager compile --budget-s 200 \
