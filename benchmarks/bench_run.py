@@ -382,19 +382,21 @@ def part_scoring(args) -> None:
     ready, skipped = select_metrics(args.metrics or None, options)
     report.data["families"], report.data["skipped"] = sorted(ready), skipped
     n = len(run.finished_ids())
-    passes = [("all", None, "cold"), ("all", None, "warm")] + [(name, [name], "warm") for name in ready if not args.together_only]
-    passes += [("all", None, f"warm, switch interval {v} s") for v in args.switch_interval]
-    passes += [("all", None, f"warm, {v} reading threads") for v in args.read_threads]
-    passes += [(label, names, "profiled") for label, names in [("all", None), *[(n, [n]) for n in args.profile or []]]
+    # (label, families, attempt, the scoring stage's settings for the pass)
+    passes = [("all", None, "cold", {}), ("all", None, "warm", {})]
+    passes += [(name, [name], "warm", {}) for name in ready if not args.together_only]
+    passes += [("all", None, f"warm, switch interval {v} s", {"SWITCH_INTERVAL_S": v}) for v in args.switch_interval]
+    passes += [("all", None, f"warm, {v} reading threads", {"READ_THREADS": v}) for v in args.read_threads]
+    passes += [(label, names, "profiled", {}) for label, names in [("all", None), *[(n, [n]) for n in args.profile or []]]
                if args.profile is not None]
     import caphuman_bench.stages.score as score_stage
 
-    default_interval, default_readers = score_stage.SWITCH_INTERVAL_S, score_stage.READ_THREADS
-    for label, names, attempt in passes:
+    defaults = {"SWITCH_INTERVAL_S": score_stage.SWITCH_INTERVAL_S, "READ_THREADS": score_stage.READ_THREADS}
+    for label, names, attempt, settings in passes:
         forget_all()
         _sync(device)
-        score_stage.SWITCH_INTERVAL_S = float(attempt.split()[-2]) if "switch interval" in attempt else default_interval
-        score_stage.READ_THREADS = int(attempt.split()[1]) if "reading threads" in attempt else default_readers
+        for name, value in {**defaults, **settings}.items():
+            setattr(score_stage, name, value)
         profiler = cProfile.Profile() if attempt == "profiled" else None
         start = time.perf_counter()
         try:
@@ -415,7 +417,8 @@ def part_scoring(args) -> None:
             continue
         report.add({"metrics": label, "attempt": attempt, "images": n, "scored": summary.scored, "errors": summary.errors,
                     "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
-    score_stage.SWITCH_INTERVAL_S, score_stage.READ_THREADS = default_interval, default_readers
+    for name, value in defaults.items():
+        setattr(score_stage, name, value)
     warm = [r for r in report.data["rows"] if r.get("metrics") == "all" and r.get("attempt") == "warm" and "seconds" in r]
     if warm:
         report.data["all_families_images_per_second"] = warm[0]["images_per_second"]

@@ -130,7 +130,7 @@ def detect_faces(
     prefix = (str(device), str(_weights_dir(weights_dir)))  # + the size MTCNN sees, whatever max_side gave it
     results: list[FaceDetection | None] = [None] * len(images)
     by_size: dict[tuple[int, int], list[tuple[int, Image.Image, float, tuple]]] = defaultdict(list)
-    images = thread_map(to_rgb, images)
+    images = [to_rgb(image) for image in images]  # a no-op for the RGB images scoring reads
     for index, (image, digest) in enumerate(zip(images, thread_map(image_digest, images))):
         work, scale = _detection_input(image, max_side)
         key = (prefix, digest, work.size)

@@ -104,14 +104,14 @@ def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu",
 
 
 @contextlib.contextmanager
-def prompt_gil_handover(interval: float | None = None):
-    """The GIL switch interval at most `interval` (default SWITCH_INTERVAL_S) inside the block, restored after it.
+def prompt_gil_handover():
+    """The GIL switch interval at most SWITCH_INTERVAL_S inside the block, restored after it.
 
     The main thread launches GPU work between the reading and host-pool threads' Python steps; at
     Python's default 5 ms it waits up to 5 ms for the GIL at each hand-over. On an H200 the
     all-families pass went from 48 to 73 images/s at 1 ms (reports/perf/h200_2026-11-29_s2)."""
     previous = sys.getswitchinterval()
-    sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S if interval is None else interval))
+    sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
     try:
         yield
     finally:
