@@ -2,7 +2,8 @@
 # The headline measurements of reports/perf on one H200 (device tool), each part within one call of
 # ten minutes: PARTS="scoring generation" (default), "e2e" (a full-size `run` timed per stage), and with
 # four GPUs "scaling" (the fast path under torchrun). Results go to $OUT; wheels come from .whl (carry it).
-#   scoring:    every metric family whose weights exist there, over 1,400 distinct face images
+#   scoring:    every metric family whose weights exist there, over 1,400 distinct face images; with
+#               SCORE_PROCS="4 8" also that many scoring processes sharing the GPU (torchrun)
 #   generation: stock diffusers, our eager path and the default fast path, batch 64, one process
 set -u
 PARTS=${PARTS:-scoring generation}
@@ -35,6 +36,11 @@ if has scoring; then
   done; wait
   timeout ${SCORE_LIMIT_S:-300} python3 $B scoring $S/ref/reference-* --perturb --weights $S/w --score-batch 64 ${SCORE_EXTRA---profile head_control} \
     --out $OUT/scoring.json 2>&1 | quiet > $OUT/score.log
+  for n in ${SCORE_PROCS-}; do  # n scoring processes sharing the GPU(s), each with its share of the host threads
+    cores=$(nproc); OMP_NUM_THREADS=$(( (cores + n - 1) / n )) CAPHUMAN_BENCH_HOST_THREADS=$(( 2 * cores / n > 1 ? 2 * cores / n : 2 )) \
+      timeout ${SCORE_PROCS_LIMIT_S:-150} torchrun --standalone --nproc_per_node $n $B scoring $S/ref/reference-* --weights $S/w --score-batch 64 \
+      --warm-repeats 2 --out $OUT/scoring_${n}procs.json 2>&1 | quiet >> $OUT/score.log
+  done
 fi
 if has generation; then
   timeout 320 python3 $B generation --batch 64 --fast-batch 64 --repeats 3 --only stock eager compile --budget-s 200 \

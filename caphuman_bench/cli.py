@@ -109,7 +109,7 @@ def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shar
     images that could not be scored)."""
     from caphuman_bench.runner import pick_device, plan_run
     from caphuman_bench.stages.generate import generate
-    from caphuman_bench.stages.report import aggregate_run, write_run_results
+    from caphuman_bench.stages.report import write_run_results
     from caphuman_bench.stages.score import score
 
     device = pick_device(device)
@@ -129,8 +129,7 @@ def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shar
         summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
                         batch_size=batch_size, progress=progress)
     _print_scores(summary, planned.run.path)
-    results = aggregate_run(planned.run)
-    write_run_results(planned.run, results)
+    results = write_run_results(planned.run)
     return planned, gen, results, sum(summary.errors.values())
 
 
@@ -215,7 +214,7 @@ def score(
     from caphuman_bench.rundir import RunDir
     from caphuman_bench.runner import pick_device
     from caphuman_bench.stages.plan import parse_shard
-    from caphuman_bench.stages.report import aggregate_run, write_run_results
+    from caphuman_bench.stages.report import write_run_results
     from caphuman_bench.stages.score import score as score_stage
 
     run_ = RunDir(run_dir).require()
@@ -224,8 +223,7 @@ def score(
                               options=_score_options(no_face, clip_model, weights_path, protocol), shard=parse_shard(shard),
                               force=force, batch_size=batch_size, progress=progress)
     _print_scores(summary, run_.path)
-    results = aggregate_run(run_)
-    write_run_results(run_, results)
+    results = write_run_results(run_)
     _print_results([results])
     if summary.errors:
         raise typer.Exit(1)

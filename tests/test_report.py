@@ -159,3 +159,29 @@ def test_a_scoring_protocol_in_the_conventions_is_shown(tmp_path):
     assert rows["face_detection"]["protocol"] == "caphuman-bench"
     page = write_html([results], [run], tmp_path / "out", grid_tasks=2).read_text()
     assert "FastComposer&#x27;s, no face scores 0" in page
+
+
+def test_results_are_aggregated_and_written_under_the_scores_lock(tmp_path, monkeypatch):
+    """Shards scoring one run each write results.json: aggregating while holding the lock that
+    merges into scores.parquet take means the last writer saw every merged row."""
+    import fcntl
+
+    import caphuman_bench.stages.report as report_stage
+
+    run = make_run(tmp_path, "m (smoke)", samples=1)
+    held = []
+
+    def aggregate_checking_the_lock(r):
+        with open(r.path / ".scores.lock", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            except BlockingIOError:
+                held.append(True)
+        return aggregate_run(r)
+
+    monkeypatch.setattr(report_stage, "aggregate_run", aggregate_checking_the_lock)
+    results = report_stage.write_run_results(run)
+    assert held == [True]
+    assert json.loads(run.results_file.read_text())["metrics"] == json.loads(json.dumps(results["metrics"]))

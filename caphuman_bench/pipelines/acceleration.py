@@ -10,7 +10,8 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
 * `sdpa`: the scaled-dot-product-attention backend order (`cudnn` first on Hopper, else flash).
 * `compile`: `torch.compile` of UNet, CapFace and the VAE decoder (`default`, `max-autotune-no-cudagraphs`,
   `reduce-overhead` = CUDA graphs) with inductor's `conv_1x1_as_mm` and no epilogue fusion, as
-  diffusers' speed guide for SD recommends; `coordinate_descent` (its tuning of launch parameters)
+  diffusers' speed guide for SD recommends (`epilogue_fusion` turns inductor's own default back on:
+  the guide pairs it off with coordinate-descent tuning); `coordinate_descent` (its tuning of launch parameters)
   is a lever of its own because it lengthens compilation; `autotune_convolutions=False` keeps the
   max-autotune modes to GEMMs (Triton convolution templates are what made max-autotune compile for
   more than 8 minutes).
@@ -51,6 +52,7 @@ class Levers:
     autotune_convolutions: bool = True  # max-autotune modes: also Triton convolution templates
     cudnn_benchmark: bool = False
     freeze: bool = False
+    epilogue_fusion: bool = False  # inductor fuses pointwise epilogues into its GEMM templates
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
@@ -94,7 +96,7 @@ def _inductor_knobs(levers: Levers) -> None:
     import torch._inductor.config as inductor
 
     inductor.conv_1x1_as_mm = True
-    inductor.epilogue_fusion = False
+    inductor.epilogue_fusion = levers.epilogue_fusion
     inductor.coordinate_descent_tuning = levers.coordinate_descent
     inductor.coordinate_descent_check_all_directions = levers.coordinate_descent
     inductor.max_autotune_conv_backends = "ATEN,TRITON" if levers.autotune_convolutions else "ATEN"

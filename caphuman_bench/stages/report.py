@@ -97,10 +97,15 @@ def aggregate_run(run: RunDir) -> dict:
     return results
 
 
-def write_run_results(run: RunDir, results: dict) -> None:
-    """`<run>/results.json` and the run's own leaderboard (by the stages that write the run)."""
-    write_json_atomic(run.results_file, results)
-    write_leaderboard([results], run.path)
+def write_run_results(run: RunDir) -> dict:
+    """Aggregate the run and write `<run>/results.json` and its own leaderboard (after `run` or
+    `score`); returns the results. Under the lock that scores.parquet's merges take, so with several
+    processes scoring one run the last to finish writes last and its results hold every row."""
+    with run.lock("scores"):
+        results = aggregate_run(run)
+        write_json_atomic(run.results_file, results)
+        write_leaderboard([results], run.path)
+    return results
 
 
 def find_runs(paths: list[Path]) -> list[RunDir]:
