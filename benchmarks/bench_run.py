@@ -26,11 +26,13 @@ Every part writes its JSON after every row, so a run stopped at its time limit s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import cProfile
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -76,6 +78,37 @@ class Report:
 
     def flush(self) -> None:
         self.path.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+
+
+class Load:
+    """Mean busy host cores (/proc/stat) and GPU utilisation (nvidia-smi every 100 ms) over a block: which
+    side a scoring pass waits on. `result` is empty where neither can be read."""
+
+    def __enter__(self):
+        self.result: dict = {}
+        self.cpu = _cpu_jiffies()
+        self.smi = subprocess.Popen(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) if shutil.which("nvidia-smi") else None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        end = _cpu_jiffies()
+        if self.cpu and end and end[1] > self.cpu[1]:
+            self.result["host_cores_busy"] = round((end[0] - self.cpu[0]) / (end[1] - self.cpu[1]) * (os.cpu_count() or 1), 1)
+        if self.smi is not None:
+            self.smi.terminate()
+            samples = [float(v) for v in self.smi.communicate()[0].split() if v.isdigit()]
+            if samples:
+                self.result["gpu_busy_percent"] = round(statistics.mean(samples), 1)
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) host CPU time since boot from /proc/stat's first line (Linux only)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    return sum(fields) - fields[3] - fields[4], sum(fields)
 
 
 def _sync(device: torch.device) -> None:
@@ -308,7 +341,8 @@ def print_table(data: dict) -> None:
             print(f"{r['label']:52} {r['batch']:>5}  {r.get('error') or r.get('skipped')}")
             continue
         diff = r.get("vs_eager", {}).get("latent_rel_l2")
-        print(f"{r['label']:52} {r['batch']:>5} {r['images_per_second']:7.2f} {r.get('mfu') or 0:6.3f} {r['first_call_s']:8.1f} "
+        mfu = "—" if r.get("mfu") is None else f"{r['mfu']:.3f}"  # stock diffusers: FLOPs are counted on our pipeline only
+        print(f"{r['label']:52} {r['batch']:>5} {r['images_per_second']:7.2f} {mfu:>6} {r['first_call_s']:8.1f} "
               f"{r['peak_memory_gib'] or 0:6.1f} {'' if diff is None else f'{diff:.2e}':>14}")
 
 
@@ -404,23 +438,25 @@ def part_scoring(args) -> None:
         profiler = cProfile.Profile() if attempt == "profiled" else None
         start = time.perf_counter()
         try:
-            if profiler:
-                profiler.enable()
-            summary = score(run, metrics=names or list(ready), device=str(device), options=options, force=True,
-                            batch_size=args.score_batch)
+            with Load() as load:
+                if profiler:
+                    profiler.enable()
+                try:
+                    summary = score(run, metrics=names or list(ready), device=str(device), options=options, force=True,
+                                    batch_size=args.score_batch)
+                finally:
+                    if profiler:
+                        profiler.disable()
+                _sync(device)
         except Exception as exc:
             report.add({"metrics": label, "attempt": attempt, "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
-        finally:
-            if profiler:
-                profiler.disable()
-        _sync(device)
         seconds = time.perf_counter() - start
         if profiler:  # a pass of its own: profiling slows the interpreter, so its time is not a result
             write_profile(profiler, args.out.with_name(f"{args.out.stem}.{label}.profile.txt"), f"{label}, {n} images, {seconds:.1f} s profiled")
             continue
         report.add({"metrics": label, "attempt": attempt, "images": n, "scored": summary.scored, "errors": summary.errors,
-                    "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2)})
+                    "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2), **load.result})
     for name, value in defaults.items():
         setattr(score_stage, name, value)
     warm = [r["images_per_second"] for r in report.data["rows"] if r.get("metrics") == "all" and r.get("attempt") == "warm" and "seconds" in r]
@@ -465,12 +501,13 @@ def part_scoring_processes(args) -> None:
         _sync(device)
         dist.barrier()
         start = time.perf_counter()
-        score(run, metrics=list(ready), device=str(device), options=options, force=True, batch_size=args.score_batch, shard=shard)
-        _sync(device)
-        dist.barrier()
+        with Load() if rank == 0 else contextlib.nullcontext() as load:  # the whole machine, seen from rank 0
+            score(run, metrics=list(ready), device=str(device), options=options, force=True, batch_size=args.score_batch, shard=shard)
+            _sync(device)
+            dist.barrier()
         seconds = time.perf_counter() - start
         rows.append({"attempt": attempt, "processes": world, "images": n, "seconds": round(seconds, 2),
-                     "images_per_second": round(n / seconds, 2)})
+                     "images_per_second": round(n / seconds, 2), **(load.result if load else {})})
         if rank == 0:
             print(json.dumps(rows[-1]), flush=True)
     if rank == 0:
@@ -478,13 +515,16 @@ def part_scoring_processes(args) -> None:
         values = [c for c in after.columns if c not in KEY_COLUMNS]
         joined = after.merge(before, on=["task_id", "metric"], suffixes=("", "_one"))
         same_status = bool((joined["status"] == joined["status_one"]).all())
-        gaps = [np.nanmax(np.abs(joined[c].to_numpy(float) - joined[f"{c}_one"].to_numpy(float)), initial=0.0) for c in values]
+        gaps = {c: np.nan_to_num(np.abs(joined[c].to_numpy(float) - joined[f"{c}_one"].to_numpy(float))) for c in values}
         data = {"part": "scoring-processes", **environment(device), "run": str(args.run), "families": sorted(ready),
                 "batch_size": args.score_batch, "processes": world, "gpus": torch.cuda.device_count() if device.type == "cuda" else 0,
                 "host_threads_env": os.environ.get("CAPHUMAN_BENCH_HOST_THREADS"), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
                 "rows": rows, "all_families_images_per_second": max(r["images_per_second"] for r in rows if r["attempt"] == "warm"),
                 "vs_one_process": {"rows_compared": len(joined), "rows_one_process": len(before), "same_status": same_status,
-                                   "max_abs_value_difference": float(max(gaps, default=0.0))}}
+                                   "max_abs_value_difference": float(max((g.max(initial=0.0) for g in gaps.values()), default=0.0)),
+                                   # per value column: the largest difference and how many rows differ by more than 1e-3
+                                   "by_value": {c: {"max_abs": float(g.max()), "rows_over_1e-3": int((g > 1e-3).sum())}
+                                                for c, g in gaps.items() if len(g) and g.max() > 0}}}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(data, indent=1, default=str) + "\n")
         print(json.dumps({k: v for k, v in data.items() if k != "rows"}, default=str), flush=True)

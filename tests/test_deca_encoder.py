@@ -14,6 +14,7 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.models.deca_encoder import (
     CODE_SIZE,
     DecaEncoder,
+    bbox2point,
     deca_crop,
     decompose,
     encode_images,
@@ -165,12 +166,10 @@ def test_mtcnn_box_detector_gives_the_most_confident_face():
     assert detector(Image.new("RGB", (200, 200), (255, 255, 255))) is None
 
 
-@pytest.mark.parametrize("box", [(150, 80, 230, 180), (-30, -20, 60, 70), (350, 240, 420, 330), (0, 0, 400, 300)])
-def test_crop_equals_decas_full_image_warp(box):
-    """DECA's own steps on the whole photo (estimate_transform + warp of image / 255), box anywhere."""
+def _decas_own_crop(pixels: np.ndarray, box) -> np.ndarray:
+    """DECA's TestData steps on the whole photo: bbox2point, estimate_transform, warp of image / 255."""
     from skimage.transform import estimate_transform, warp
 
-    pixels = np.random.default_rng(3).integers(0, 256, size=(300, 400, 3), dtype=np.uint8)
     left, top, right, bottom = box
     old_size = (right - left + bottom - top) / 2
     centre = np.array([right - (right - left) / 2.0, bottom - (bottom - top) / 2.0 + old_size * 0.12])
@@ -178,8 +177,35 @@ def test_crop_equals_decas_full_image_warp(box):
     src = np.array([[centre[0] - size / 2, centre[1] - size / 2], [centre[0] - size / 2, centre[1] + size / 2],
                     [centre[0] + size / 2, centre[1] - size / 2]])
     tform = estimate_transform("similarity", src, np.array([[0, 0], [0, 223], [223, 0]]))
-    expected = warp(pixels / 255.0, tform.inverse, output_shape=(224, 224)).transpose(2, 0, 1)
-    np.testing.assert_allclose(deca_crop(Image.fromarray(pixels), box).numpy(), expected, atol=1e-6)
+    return warp(pixels / 255.0, tform.inverse, output_shape=(224, 224)).transpose(2, 0, 1)
+
+
+BOXES = [(150, 80, 230, 180), (-30, -20, 60, 70), (350, 240, 420, 330), (0, 0, 400, 300), (600, 500, 700, 600)]
+
+
+@pytest.mark.parametrize("darkest", [0, 60])  # 60: skimage clips partly outside samples up to the photo's minimum
+@pytest.mark.parametrize("box", BOXES)
+def test_crop_equals_decas_full_image_warp(box, darkest):
+    """The host crop (skimage on the square's region) equals DECA's warp of the whole photo, box anywhere."""
+    pixels = np.random.default_rng(3).integers(darkest, 256, size=(300, 400, 3), dtype=np.uint8)
+    np.testing.assert_allclose(deca_crop(Image.fromarray(pixels), box).numpy(), _decas_own_crop(pixels, box), atol=1e-6, rtol=0)
+
+
+def test_the_batched_gpu_crop_is_skimages_arithmetic_to_the_bit():
+    """`_bilinear_warp` (what `deca_crops` runs on a GPU; here its operations on the CPU) equals skimage's
+    whole-photo warp exactly in float64: photos of two sizes, dark floors that make the clip matter,
+    boxes overhanging every edge or wholly outside."""
+    from caphuman_bench.models.deca_encoder import _bilinear_warp, _square_transform
+
+    rng = np.random.default_rng(4)
+    photos = [rng.integers(darkest, 256, size=shape, dtype=np.uint8) for darkest, shape in
+              [(0, (300, 400, 3)), (60, (300, 400, 3)), (1, (200, 200, 3))]]
+    for photo in photos:
+        squares = [bbox2point(l, r, t, b, "bbox") for l, t, r, b in BOXES]
+        inverse = torch.from_numpy(np.stack([_square_transform(sq).inverse.params for sq in squares]))
+        got = _bilinear_warp(torch.from_numpy(np.stack([photo] * len(squares))), inverse).numpy()
+        for crop, box in zip(got, BOXES):
+            assert np.array_equal(crop, _decas_own_crop(photo, box)), box
 
 
 def test_an_encoder_is_loaded_once_per_file_and_device(checkpoint, tmp_path):
@@ -191,3 +217,16 @@ def test_an_encoder_is_loaded_once_per_file_and_device(checkpoint, tmp_path):
     torch.save({"E_detail": {}}, copy)  # the file changed: read again, and refused
     with pytest.raises(BenchError, match="no entry 'E_flame'"):
         load_deca_encoder(copy)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_crops_on_a_gpu_equal_skimages_to_the_bit():
+    from caphuman_bench.models.deca_encoder import deca_crops
+
+    rng = np.random.default_rng(5)
+    photos = [rng.integers(darkest, 256, size=(300, 400, 3), dtype=np.uint8) for darkest in (0, 60)]
+    pairs = [(photo, box) for photo in photos for box in BOXES]
+    squares = [bbox2point(l, r, t, b, "bbox") for _, (l, t, r, b) in pairs]
+    got = deca_crops([Image.fromarray(photo) for photo, _ in pairs], squares, "cuda").numpy()
+    for crop, (photo, box) in zip(got, pairs):
+        assert np.array_equal(crop, _decas_own_crop(photo, box).astype(np.float32)), box

@@ -23,7 +23,6 @@ import math
 from typing import ClassVar
 
 import numpy as np
-import torch
 
 from caphuman_bench.faces.detection import DETECTOR_CONVENTION
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
@@ -33,11 +32,11 @@ from caphuman_bench.models.deca_encoder import (
     DecaEncoder,
     bbox2point,
     deca_crop_square,
+    deca_crops,
     encode_crops,
     landmark_square,
     load_deca_encoder,
 )
-from caphuman_bench.parallel import thread_map
 from caphuman_bench.registry import register_metric
 
 VALUE_NAMES = ("rmse_shape", "rmse_pose", "rmse_exp", "rmse_light",
@@ -101,7 +100,7 @@ class HeadControl(BenchMetric):
             else:
                 found.append((index, square, how))
         if found:
-            crops = torch.stack(thread_map(lambda entry: deca_crop_square(items[entry[0]].image, entry[1]), found))
+            crops = deca_crops([items[index].image for index, _, _ in found], [square for _, square, _ in found], self.device_name)
             for (index, _, how), code in zip(found, encode_crops(self.encoder, crops)):
                 try:
                     rows[index] = self._compare(code, items[index].target, how)

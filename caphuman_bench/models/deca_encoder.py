@@ -26,6 +26,7 @@ from PIL import Image
 from skimage.transform import estimate_transform, resize, warp
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.parallel import thread_map
 from caphuman_bench.weights import load_once, load_torch_file
 
 CODE_SIZE = 236
@@ -34,6 +35,7 @@ CROP_SCALE = 1.25  # DECA TestData(scale=1.25)
 BBOX_CENTRE_SHIFT = 0.12  # DECA bbox2point(type='bbox'): the centre moves down 12 % of the box size
 KPT68_SIZE_FACTOR = 1.1  # DECA bbox2point(type='kpt68'): the landmark box's mean side grows by 10 %
 SQUARE_KINDS = ("bbox", "kpt68")
+_CROP_CORNERS = np.array([[0, 0], [0, CROP_SIZE - 1], [CROP_SIZE - 1, 0]])  # where a square's corners land
 
 # decalib/deca.py `param_dict` order: name -> (start, stop).
 CODE_SLICES: dict[str, tuple[int, int]] = {
@@ -174,11 +176,10 @@ def no_face_square(width: int, height: int, kind: str) -> DecaSquare:
     return bbox2point(0, height - 1, 0, width - 1, kind)
 
 
-def _square_transform(square: DecaSquare, offset: tuple[float, float] = (0.0, 0.0)):
+def _square_transform(square: DecaSquare):
     (cx, cy), half = square.centre, square.side / 2
-    src_pts = np.array([[cx - half, cy - half], [cx - half, cy + half], [cx + half, cy - half]]) - offset
-    dst_pts = np.array([[0, 0], [0, CROP_SIZE - 1], [CROP_SIZE - 1, 0]])
-    return estimate_transform("similarity", src_pts, dst_pts)
+    corners = np.array([[cx - half, cy - half], [cx - half, cy + half], [cx + half, cy - half]])
+    return estimate_transform("similarity", corners, _CROP_CORNERS)
 
 
 def deca_crop(image: Image.Image, box: Sequence[float]) -> torch.Tensor:
@@ -188,23 +189,95 @@ def deca_crop(image: Image.Image, box: Sequence[float]) -> torch.Tensor:
 
 
 def deca_crop_square(image: Image.Image, square: DecaSquare) -> torch.Tensor:
-    """DECA's test-time crop: tensor [3, 224, 224], RGB in [0, 1].
+    """DECA's test-time crop of one photo: tensor [3, 224, 224], RGB in [0, 1] (see `deca_crops`)."""
+    return deca_crops([image], [square])[0]
 
-    As `decalib/datasets/datasets.py` `TestData`: the square mapped by a similarity onto [0, 223]²,
-    bilinear (skimage `warp`, order 1), zeros outside the image, no mean / std.
+
+def deca_crops(images: Sequence[Image.Image], squares: Sequence[DecaSquare], device: str | torch.device = "cpu") -> torch.Tensor:
+    """DECA's test-time crops: [N, 3, 224, 224] float32 on the CPU, RGB in [0, 1].
+
+    As `decalib/datasets/datasets.py` `TestData`: `warp(image / 255., tform.inverse, output_shape=(224, 224))`
+    with skimage's defaults (bilinear, zeros outside the photo, output clipped to the photo's range),
+    the square mapped onto [0, 223]² by a similarity. On the CPU skimage's warp itself, photo by photo
+    on the host pool; on a GPU its arithmetic step for step in float64 torch operations, all crops of
+    a size at once (skimage costs about 5 ms of host time per crop, the scoring pass's largest
+    per-image host cost). Both equal skimage's warp of the whole photo (tested to the bit).
     """
+    if torch.device(device).type == "cpu":
+        return torch.stack(thread_map(lambda pair: _skimage_crop(*pair), list(zip(images, squares))))
+    out = torch.empty(len(images), 3, CROP_SIZE, CROP_SIZE)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(image.size, []).append(index)
+    for members in by_size.values():
+        pixels = torch.from_numpy(np.stack([np.asarray(images[i].convert("RGB")) for i in members])).to(device)
+        inverse = np.stack([_square_transform(squares[i]).inverse.params for i in members])
+        out[members] = _bilinear_warp(pixels, torch.from_numpy(inverse).to(device)).float().cpu()
+    return out
+
+
+def _skimage_crop(image: Image.Image, square: DecaSquare) -> torch.Tensor:
+    """skimage's warp of the square's pixels (plus the bilinear neighbours) only, so an 8k photo stays
+    cheap; the region stops at the photo's edges, so outside it is zero as in the whole-photo warp,
+    and the clip uses the whole photo's range as there."""
     (cx, cy), size = square.centre, square.side
-    # Only the square (plus the bilinear neighbours) is converted to float: an 8k photo stays cheap.
-    # Cropping at image bounds keeps DECA's zero padding outside the photo exactly.
     x0, y0 = (max(int(np.floor(c - size / 2)) - 2, 0) for c in (cx, cy))
     x1 = min(int(np.ceil(cx + size / 2)) + 3, image.width)
     y1 = min(int(np.ceil(cy + size / 2)) + 3, image.height)
     if x1 <= x0 or y1 <= y0:
         return torch.zeros(3, CROP_SIZE, CROP_SIZE)
-    transform = _square_transform(square, (x0, y0))
-    pixels = np.asarray(image.convert("RGB").crop((x0, y0, x1, y1)), dtype=np.float64) / 255.0
-    cropped = warp(pixels, transform.inverse, output_shape=(CROP_SIZE, CROP_SIZE))
-    return torch.from_numpy(cropped.transpose(2, 0, 1).copy()).float()
+    (sx, sy), half = square.centre, square.side / 2
+    corners = np.array([[sx - half, sy - half], [sx - half, sy + half], [sx + half, sy - half]]) - (x0, y0)
+    transform = estimate_transform("similarity", corners, _CROP_CORNERS)
+    rgb = np.asarray(image.convert("RGB"))
+    warped = warp(rgb[y0:y1, x0:x1] / 255.0, transform.inverse, output_shape=(CROP_SIZE, CROP_SIZE), clip=False)
+    scale = torch.tensor(255.0, dtype=torch.float64)
+    clipped = _clip_as_skimage(torch.from_numpy(warped.transpose(2, 0, 1))[None], torch.tensor([rgb.min()]) / scale,
+                               torch.tensor([rgb.max()]) / scale)
+    return clipped[0].float()
+
+
+def _bilinear_warp(pixels: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """skimage `warp(pixels / 255., inverse, output_shape=(224, 224))` of uint8 images [B, H, W, C] with
+    3 × 3 output → input matrices [B, 3, 3] (float64): [B, C, 224, 224] float64.
+
+    `_warp_fast`: output pixel (col x, row y) → input (c, r) = M · (x, y, 1) (divided by the third
+    row unless it is (0, 0, 1)); bilinear between the floor and ceil neighbours, 0 outside the image;
+    then `_clip_warp_output`. The divisor 255 is a device tensor: CUDA divides by a host scalar as a
+    multiplication by its reciprocal, which rounds differently."""
+    batch, height, width, channels = pixels.shape
+    scale = torch.tensor(255.0, dtype=torch.float64, device=pixels.device)
+    rows, cols = torch.meshgrid(*(torch.arange(CROP_SIZE, dtype=torch.float64, device=pixels.device),) * 2, indexing="ij")
+    m = inverse.reshape(batch, 9, 1, 1)
+    c = m[:, 0] * cols + m[:, 1] * rows + m[:, 2]
+    r = m[:, 3] * cols + m[:, 4] * rows + m[:, 5]
+    affine = (inverse[:, 2, 0] == 0) & (inverse[:, 2, 1] == 0) & (inverse[:, 2, 2] == 1)
+    if not bool(affine.all()):
+        z = m[:, 6] * cols + m[:, 7] * rows + m[:, 8]
+        keep = affine[:, None, None]
+        c, r = torch.where(keep, c, c / z), torch.where(keep, r, r / z)
+    flat = pixels.reshape(batch, height * width, channels)
+
+    def at(row: torch.Tensor, col: torch.Tensor) -> torch.Tensor:  # [B, 224², C], 0 outside the image
+        inside = ((row >= 0) & (row < height) & (col >= 0) & (col < width)).reshape(batch, -1, 1)
+        index = (row.clamp(0, height - 1) * width + col.clamp(0, width - 1)).long().reshape(batch, -1, 1)
+        values = torch.gather(flat, 1, index.expand(-1, -1, channels)).double() / scale
+        return torch.where(inside, values, 0.0)
+
+    r0, c0, r1, c1 = r.floor(), c.floor(), r.ceil(), c.ceil()
+    dr, dc = (r - r0).reshape(batch, -1, 1), (c - c0).reshape(batch, -1, 1)
+    top = (1 - dc) * at(r0, c0) + dc * at(r0, c1)
+    bottom = (1 - dc) * at(r1, c0) + dc * at(r1, c1)
+    warped = ((1 - dr) * top + dr * bottom).reshape(batch, CROP_SIZE, CROP_SIZE, channels).permute(0, 3, 1, 2)
+    return _clip_as_skimage(warped, pixels.amin(dim=(1, 2, 3)).double() / scale, pixels.amax(dim=(1, 2, 3)).double() / scale)
+
+
+def _clip_as_skimage(warped: torch.Tensor, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """skimage's `_clip_warp_output` (clip=True, constant 0) per image of [B, C, H, W]: clipped to the
+    input's [low, high], widened to 0 when 0 lies outside it but inside the output's range."""
+    widen = ((low > 0) | (high < 0)) & (warped.amin(dim=(1, 2, 3)) <= 0) & (warped.amax(dim=(1, 2, 3)) >= 0)
+    low, high = torch.where(widen, low.clamp(max=0), low), torch.where(widen, high.clamp(min=0), high)
+    return warped.clamp(min=low[:, None, None, None], max=high[:, None, None, None])
 
 
 def resize_as_testdata(image: Image.Image, size: int) -> Image.Image:
