@@ -36,9 +36,8 @@ if has scoring; then
   done; wait
   timeout ${SCORE_LIMIT_S:-300} python3 $B scoring $S/ref/reference-* --perturb --weights $S/w --score-batch 64 ${SCORE_EXTRA---profile head_control} \
     --out $OUT/scoring.json 2>&1 | quiet > $OUT/score.log
-  for n in ${SCORE_PROCS-}; do  # n scoring processes sharing the GPU(s), each with its share of the host threads
-    cores=$(nproc); OMP_NUM_THREADS=$(( (cores + n - 1) / n )) CAPHUMAN_BENCH_HOST_THREADS=$(( 2 * cores / n > 1 ? 2 * cores / n : 2 )) \
-      timeout ${SCORE_PROCS_LIMIT_S:-150} torchrun --standalone --nproc_per_node $n $B scoring $S/ref/reference-* --weights $S/w --score-batch 64 \
+  for n in ${SCORE_PROCS-}; do  # n scoring processes sharing the GPU(s); each takes its share of the host threads (parallel.host_threads)
+    OMP_NUM_THREADS=$(( ($(nproc) + n - 1) / n )) timeout ${SCORE_PROCS_LIMIT_S:-150} torchrun --standalone --nproc_per_node $n $B scoring $S/ref/reference-* --weights $S/w --score-batch 64 \
       --warm-repeats 2 --out $OUT/scoring_${n}procs.json 2>&1 | quiet >> $OUT/score.log
   done
 fi

@@ -25,7 +25,10 @@ _inside = threading.local()
 
 
 def host_threads() -> int:
-    """Threads of the pool: $CAPHUMAN_BENCH_HOST_THREADS, else the usable CPUs (at most 32)."""
+    """Threads of the pool: $CAPHUMAN_BENCH_HOST_THREADS, else the usable CPUs (at most 32) — shared out
+    when torchrun starts several processes on this machine ($LOCAL_WORLD_SIZE): twice each one's share,
+    since a process's threads also wait on its GPU (8 scoring processes on 16 cores: 4 threads each,
+    the setting measured in reports/perf/h200_2026-11-29_s3)."""
     value = os.environ.get(THREADS_ENV, "")
     if value:
         try:
@@ -33,7 +36,9 @@ def host_threads() -> int:
         except ValueError:
             raise ValueError(f"${THREADS_ENV}={value!r}: expected a whole number of threads") from None
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(32, usable))
+    local = os.environ.get("LOCAL_WORLD_SIZE", "1")
+    processes = int(local) if local.isdigit() and int(local) > 0 else 1
+    return max(1, min(32, usable if processes == 1 else max(2, 2 * usable // processes)))
 
 
 def thread_map(fn: Callable[[T], R], items: Iterable[T]) -> list[R]:

@@ -43,3 +43,18 @@ def test_bad_thread_count_names_the_variable(monkeypatch):
     monkeypatch.setenv(THREADS_ENV, "many")
     with pytest.raises(ValueError, match=THREADS_ENV):
         host_threads()
+
+
+@pytest.mark.parametrize("processes, cores, expected", [(None, 16, 16), ("1", 16, 16), ("2", 16, 16), ("4", 16, 8), ("8", 16, 4),
+                                                        ("16", 16, 2), ("4", 64, 32), ("abc", 16, 16)])
+def test_processes_started_together_share_the_cores(monkeypatch, processes, cores, expected):
+    """torchrun's LOCAL_WORLD_SIZE processes on one machine: twice each one's share of the cores, at least 2, at most 32."""
+    import os
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(cores)), raising=False)
+    if processes is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", processes)
+    assert host_threads() == expected

@@ -108,8 +108,9 @@ def prompt_gil_handover():
     """The GIL switch interval at most SWITCH_INTERVAL_S inside the block, restored after it.
 
     The main thread launches GPU work between the reading and host-pool threads' Python steps; at
-    Python's default 5 ms it waits up to 5 ms for the GIL at each hand-over. On an H200 the
-    all-families pass went from 48 to 73 images/s at 1 ms (reports/perf/h200_2026-11-29_s2)."""
+    Python's default 5 ms it waits up to 5 ms for the GIL at each hand-over. On an H200, passes of
+    all families after the first: 66–67 images/s at 5 ms (2 or 4 reading threads), 67–73 at 1 ms
+    (reports/perf/h200_2026-11-29_s2, _s3): a few per cent, not the 48 → 73 first reported."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(min(previous, SWITCH_INTERVAL_S))
     try:
