@@ -10,8 +10,8 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
 * `sdpa`: the scaled-dot-product-attention backend order (`cudnn` first on Hopper, else flash).
 * `compile`: `torch.compile` of UNet, CapFace and the VAE decoder (`default`, `max-autotune-no-cudagraphs`,
   `reduce-overhead` = CUDA graphs) with inductor's `conv_1x1_as_mm` and no epilogue fusion, as
-  diffusers' speed guide for SD recommends (`epilogue_fusion` turns inductor's own default back on:
-  the guide pairs it off with coordinate-descent tuning); `coordinate_descent` (its tuning of launch parameters)
+  diffusers' speed guide for SD recommends (`epilogue_fusion` turns inductor's own default back on;
+  measured, it buys nothing without GEMM templates); `coordinate_descent` (its tuning of launch parameters)
   is a lever of its own because it lengthens compilation; `autotune_convolutions=False` keeps the
   max-autotune modes to GEMMs (Triton convolution templates are what made max-autotune compile for
   more than 8 minutes).
