@@ -17,7 +17,7 @@ from typing import Callable, Iterable, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
-THREADS_ENV = "CAPHUMAN_BENCH_HOST_THREADS"  # threads for per-image host work (default: the CPU count, at most 32)
+THREADS_ENV = "CAPHUMAN_BENCH_HOST_THREADS"  # threads for per-image host work (default: `host_threads`)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()

@@ -20,6 +20,7 @@ from PIL import Image
 from caphuman_bench import weights
 from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.memo import BoundedMemo, image_digest
+from caphuman_bench.images import to_rgb
 from caphuman_bench.metrics.base import ScoreContext
 from caphuman_bench.parallel import thread_map
 
@@ -102,7 +103,7 @@ def fastcomposer_pixels(images: list[Image.Image], size: int = 224, device: str 
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    arrays = thread_map(lambda image: np.asarray(image.convert("RGB")), images)
+    arrays = thread_map(lambda image: np.asarray(to_rgb(image)), images)
     out: list[torch.Tensor | None] = [None] * len(images)
     by_size: dict[tuple, list[int]] = {}
     for i, array in enumerate(arrays):

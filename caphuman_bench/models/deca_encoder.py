@@ -26,6 +26,7 @@ from PIL import Image
 from skimage.transform import estimate_transform, resize, warp
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.images import to_rgb
 from caphuman_bench.parallel import thread_map
 from caphuman_bench.weights import load_once, load_torch_file
 
@@ -183,10 +184,15 @@ def _square_transform(square: DecaSquare, offset: tuple[float, float] = (0.0, 0.
     return estimate_transform("similarity", corners, _CROP_CORNERS)
 
 
-def deca_crop(image: Image.Image, box: Sequence[float]) -> torch.Tensor:
-    """DECA's test-time crop of a detector box (`bbox2point(type='bbox')`); see `deca_crop_square`."""
+def box_square(box: Sequence[float]) -> DecaSquare:
+    """DECA's square of a detector box (x1, y1, x2, y2): `bbox2point(type='bbox')`."""
     left, top, right, bottom = (float(v) for v in box[:4])
-    return deca_crop_square(image, bbox2point(left, right, top, bottom, "bbox"))
+    return bbox2point(left, right, top, bottom, "bbox")
+
+
+def deca_crop(image: Image.Image, box: Sequence[float]) -> torch.Tensor:
+    """DECA's test-time crop of a detector box; see `deca_crop_square`."""
+    return deca_crop_square(image, box_square(box))
 
 
 def deca_crop_square(image: Image.Image, square: DecaSquare) -> torch.Tensor:
@@ -212,7 +218,7 @@ def deca_crops(images: Sequence[Image.Image], squares: Sequence[DecaSquare], dev
     for index, image in enumerate(images):
         by_size.setdefault(image.size, []).append(index)
     for members in by_size.values():
-        pixels = torch.from_numpy(np.stack([np.asarray(images[i].convert("RGB")) for i in members])).to(device)
+        pixels = torch.from_numpy(np.stack([np.asarray(to_rgb(images[i])) for i in members])).to(device)
         inverse = np.stack([_square_transform(squares[i]).inverse.params for i in members])
         out[members] = _bilinear_warp(pixels, torch.from_numpy(inverse).to(device)).float().cpu()
     return out
@@ -229,7 +235,7 @@ def _skimage_crop(image: Image.Image, square: DecaSquare) -> torch.Tensor:
     if x1 <= x0 or y1 <= y0:
         return torch.zeros(3, CROP_SIZE, CROP_SIZE)
     transform = _square_transform(square, (x0, y0))
-    rgb = np.asarray(image.convert("RGB"))
+    rgb = np.asarray(to_rgb(image))
     warped = warp(rgb[y0:y1, x0:x1] / 255.0, transform.inverse, output_shape=(CROP_SIZE, CROP_SIZE), clip=False)
     scale = torch.tensor(255.0, dtype=torch.float64)
     clipped = _clip_as_skimage(torch.from_numpy(warped.transpose(2, 0, 1))[None], torch.tensor([rgb.min()]) / scale,
@@ -307,7 +313,7 @@ def encode_images(
     found = [i for i, box in enumerate(boxes) if box is not None]
     results: list[dict[str, np.ndarray] | None] = [None] * len(images)
     if found:
-        crops = torch.stack([deca_crop(images[i], boxes[i]) for i in found])
+        crops = deca_crops([images[i] for i in found], [box_square(boxes[i]) for i in found])
         for i, code in zip(found, encode_crops(encoder, crops, batch_size)):
             results[i] = code
     return results
