@@ -185,6 +185,16 @@ def test_largest_face_choice_and_full_size_detection():
     assert small.width == 2048 and factor == pytest.approx(1.25)
 
 
+def test_detection_memo_hit_does_not_resize(monkeypatch):
+    """Five families ask for each image's faces: after the first, a large photo is looked up, not resized."""
+    from caphuman_bench.faces.detection import detect_faces
+
+    big = Image.fromarray(data.astronaut()).resize((2600, 2600))
+    first = detect_faces([big], max_side=2048)
+    monkeypatch.setattr(Image.Image, "resize", lambda *a, **k: pytest.fail("resized on a memo hit"))
+    assert detect_faces([big], max_side=2048)[0] is first[0] is not None
+
+
 class _Host:
     """The smallest adapter the head-render mixin needs: params, context, renderer, a (random) DECA encoder."""
 

@@ -132,12 +132,12 @@ def detect_faces(
     by_size: dict[tuple[int, int], list[tuple[int, Image.Image, float, tuple]]] = defaultdict(list)
     images = [to_rgb(image) for image in images]  # a no-op for the RGB images scoring reads
     for index, (image, digest) in enumerate(zip(images, thread_map(image_digest, images))):
-        work, scale = _detection_input(image, max_side)
-        key = (prefix, digest, work.size)
+        key = (prefix, digest, _detection_size(image.size, max_side)[0])
         known = _DETECTIONS.get(key, _MISSING)
         if known is not _MISSING:
             results[index] = known
             continue
+        work, scale = _detection_input(image, max_side)  # resized only when MTCNN has to run on it
         by_size[work.size].append((index, work, scale, key))
     for group in by_size.values():
         for start in range(0, len(group), DETECT_BATCH):
@@ -287,14 +287,19 @@ def _weights_dir(weights_dir: str | Path | None) -> Path:
     return Path(weights_dir).resolve() if weights_dir is not None else _packaged_weights_dir()
 
 
+def _detection_size(size: tuple[int, int], max_side: int | None) -> tuple[tuple[int, int], float]:
+    """The (width, height) MTCNN sees of a photo of `size` and the factor from it back to the photo."""
+    longest = max(size)
+    if max_side is None or longest <= max_side:
+        return size, 1.0
+    scale = longest / max_side
+    return (max(1, round(size[0] / scale)), max(1, round(size[1] / scale))), scale
+
+
 def _detection_input(image: Image.Image, max_side: int | None) -> tuple[Image.Image, float]:
     """The image MTCNN sees and the factor from its pixels back to the original's."""
-    longest = max(image.size)
-    if max_side is None or longest <= max_side:
-        return image, 1.0
-    scale = longest / max_side
-    size = (max(1, round(image.width / scale)), max(1, round(image.height / scale)))
-    return image.resize(size, Image.BILINEAR), scale
+    size, scale = _detection_size(image.size, max_side)
+    return (image, scale) if size == image.size else (image.resize(size, Image.BILINEAR), scale)
 
 
 def _as_detection(boxes, probs, points, scale: float) -> FaceDetection | None:

@@ -212,7 +212,7 @@ def deca_crops(images: Sequence[Image.Image], squares: Sequence[DecaSquare], dev
     the host path within 1e-6 (it warps the square's region, whose coordinates round differently).
     """
     if torch.device(device).type == "cpu":
-        return torch.stack(thread_map(lambda pair: _skimage_crop(*pair), list(zip(images, squares))))
+        return torch.stack(thread_map(lambda pair: _skimage_crop(*pair), zip(images, squares)))
     out = torch.empty(len(images), 3, CROP_SIZE, CROP_SIZE)
     by_size: dict[tuple[int, int], list[int]] = {}
     for index, image in enumerate(images):
