@@ -233,6 +233,82 @@ def timed_calls(fn, device, repeats: int) -> tuple[float, list[float], torch.Ten
     return first, times, out
 
 
+KERNEL_KINDS = (  # first match wins; inductor names its kernels triton_{poi,red,per}_fused_<ops>
+    ("attention", ("fmha", "flash", "sdpa", "attention", "attn")),
+    ("convolution", ("fprop", "conv", "dgrad", "implicit")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "ampere_", "sm90_")),
+    ("triton reduction (norms)", ("triton_red", "triton_per")),
+    ("triton pointwise", ("triton_poi",)),
+    ("copy / cat", ("memcpy", "memset", "copy", "cat", "elementwise")),
+)
+
+
+def host_syncs(fn, device: torch.device) -> dict[str, int]:
+    """Where one call of `fn` makes the host wait for the GPU: "file:line" -> count, from CUDA's
+    synchronisation debug mode (each such wait lets the GPU run dry until the host launches again)."""
+    import warnings
+
+    if device.type != "cuda":
+        return {}
+    counts: dict[str, int] = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            where = f"{Path(w.filename).parent.name}/{Path(w.filename).name}:{w.lineno}"
+            counts[where] = counts.get(where, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def kernel_breakdown(fn, device: torch.device, top: int = 25) -> dict:
+    """One call of `fn` under the CUDA profiler: kernel time by kind, the top kernels, and the share
+    of the call's wall time with no kernel running (host work the GPU waits for)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type != "cuda":
+        return {}
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        wall = time.perf_counter() - start
+    kernels = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA), key=lambda e: e.time_range.start)
+    busy, reach, gaps = 0.0, float("-inf"), []  # union of kernel intervals and the idle gaps between them, in microseconds
+    for before, e in zip([None, *kernels], kernels):
+        begin, end = e.time_range.start, e.time_range.end
+        if before is not None and begin > reach:
+            gaps.append((begin - reach, reach - kernels[0].time_range.start, before.name, e.name))
+        if end > reach:
+            busy += end - max(begin, reach)
+            reach = end
+    span_s = (reach - kernels[0].time_range.start) / 1e6 if kernels else 0.0
+    gaps.sort(key=lambda g: -g[0])
+    by_name: dict[str, float] = {}
+    for e in kernels:
+        by_name[e.name] = by_name.get(e.name, 0.0) + e.time_range.elapsed_us()
+    total = sum(by_name.values())
+    kinds: dict[str, float] = {}
+    for name, us in by_name.items():
+        low = name.lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in low for key in keys)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + us
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"wall_s_profiled": round(wall, 4), "kernel_s": round(total / 1e6, 4), "kernels": len(kernels),
+            "gpu_busy_fraction": round(busy / 1e6 / wall, 4) if wall else None,
+            "idle_before_first_and_after_last_kernel_s": round(wall - span_s, 4),
+            "idle_between_kernels_s": round(sum(g[0] for g in gaps) / 1e6, 4),
+            "gaps_over_100us": {"count": sum(g[0] > 100 for g in gaps), "s": round(sum(g[0] for g in gaps if g[0] > 100) / 1e6, 4)},
+            "largest_gaps": [{"us": round(us), "at_ms": round(at / 1e3, 1), "after": a[:90], "before": b[:90]} for us, at, a, b in gaps[:12]],
+            "by_kind": {k: {"s": round(v / 1e6, 4), "share": round(v / total, 4)} for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+            "top": [{"name": n[:160], "s": round(us / 1e6, 4), "share": round(us / total, 4)} for n, us in ranked]}
+
+
 def lever_plan(batches: list[int], fast_batches: list[int], large_batches: list[int] = ()):
     """(label, levers or 'stock', batch) rows, cheapest first; every compiled row is one compilation."""
     from caphuman_bench.pipelines.acceleration import EAGER, FAST
@@ -260,6 +336,7 @@ def lever_plan(batches: list[int], fast_batches: list[int], large_batches: list[
              ("sdpa-flash", "all + torch.compile, flash attention first", FAST.with_(sdpa="flash"), fast_batches[0]),
              ("sdpa-auto", "all + torch.compile, PyTorch's attention order", FAST.with_(sdpa="auto"), fast_batches[0]),
              ("epilogue", "all + torch.compile with epilogue fusion", FAST.with_(epilogue_fusion=True), fast_batches[0]),
+             ("aggressive", "all + torch.compile with aggressive fusion", FAST.with_(aggressive_fusion=True), fast_batches[0]),
              ("gemm-autotune", "all + torch.compile (max-autotune-no-cudagraphs, GEMMs only)",
               FAST.with_(compile="max-autotune-no-cudagraphs", autotune_convolutions=False), fast_batches[0])]
 
@@ -317,6 +394,12 @@ def part_generation(args) -> None:
                 reference[batch] = images
             elif batch in reference:
                 row["vs_eager"] = difference(images, reference[batch])
+            if args.kernel_profile:
+                try:
+                    row["kernel_profile"] = kernel_breakdown(lambda: run_caphuman(pipe, inputs, args.steps, levers), device)
+                    row["host_syncs"] = host_syncs(lambda: run_caphuman(pipe, inputs, args.steps, levers), device)
+                except Exception as exc:  # the profile is extra: its failure must not cost the row
+                    row["kernel_profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         report.add(row)
         del images
     print_table(report.data)
@@ -344,6 +427,14 @@ def print_table(data: dict) -> None:
         mfu = "—" if r.get("mfu") is None else f"{r['mfu']:.3f}"  # stock diffusers: FLOPs are counted on our pipeline only
         print(f"{r['label']:52} {r['batch']:>5} {r['images_per_second']:7.2f} {mfu:>6} {r['first_call_s']:8.1f} "
               f"{r['peak_memory_gib'] or 0:6.1f} {'' if diff is None else f'{diff:.2e}':>14}")
+        profile = r.get("kernel_profile") or {}
+        if "by_kind" in profile:
+            kinds = ", ".join(f"{k} {v['share']:.0%}" for k, v in profile["by_kind"].items())
+            print(f"{'':4}GPU busy {profile['gpu_busy_fraction']:.1%} of {profile['wall_s_profiled']:.2f} s (idle: "
+                  f"{profile['idle_before_first_and_after_last_kernel_s']:.3f} s outside the kernels, {profile['idle_between_kernels_s']:.3f} s "
+                  f"between them, {profile['gaps_over_100us']['count']} gaps > 100 µs); kernel time: {kinds}")
+        if r.get("host_syncs"):
+            print(f"{'':4}host waits for the GPU at: " + ", ".join(f"{where} ×{n}" for where, n in r["host_syncs"].items()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,8 +761,9 @@ def main() -> None:
     gen.add_argument("--budget-s", type=float, default=480, help="no new row starts after this many seconds")
     gen.add_argument("--tiny", action="store_true", help="the tiny CapHuman (CPU dry run)")
     gen.add_argument("--tolerance-fp32", action="store_true")
+    gen.add_argument("--kernel-profile", action="store_true", help="one more call of each CapHuman row under the CUDA profiler: time by kernel kind")
     gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nchw cudagraphs tuning autotune benchmark freeze "
-                                                    "freeze-benchmark large-batch sdpa-efficient sdpa-flash sdpa-auto epilogue gemm-autotune")
+                                                    "freeze-benchmark large-batch sdpa-efficient sdpa-flash sdpa-auto epilogue aggressive gemm-autotune")
     e2e = sub.add_parser("e2e")
     e2e.add_argument("--weights", type=Path)
     e2e.add_argument("--runs-dir", type=Path, required=True)

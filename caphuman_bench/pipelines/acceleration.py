@@ -11,7 +11,8 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
 * `compile`: `torch.compile` of UNet, CapFace and the VAE decoder (`default`, `max-autotune-no-cudagraphs`,
   `reduce-overhead` = CUDA graphs) with inductor's `conv_1x1_as_mm` and no epilogue fusion, as
   diffusers' speed guide for SD recommends (`epilogue_fusion` turns inductor's own default back on;
-  measured, it buys nothing without GEMM templates); `coordinate_descent` (its tuning of launch parameters)
+  measured, it buys nothing without GEMM templates; `aggressive_fusion` likewise turns on inductor's
+  fusion of kernels with no shared input); `coordinate_descent` (its tuning of launch parameters)
   is a lever of its own because it lengthens compilation; `autotune_convolutions=False` keeps the
   max-autotune modes to GEMMs (Triton convolution templates are what made max-autotune compile for
   more than 8 minutes).
@@ -53,6 +54,7 @@ class Levers:
     cudnn_benchmark: bool = False
     freeze: bool = False
     epilogue_fusion: bool = False  # inductor fuses pointwise epilogues into its GEMM templates
+    aggressive_fusion: bool = False  # inductor also fuses kernels that share no input (fewer, larger kernels)
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
@@ -97,6 +99,7 @@ def _inductor_knobs(levers: Levers) -> None:
 
     inductor.conv_1x1_as_mm = True
     inductor.epilogue_fusion = levers.epilogue_fusion
+    inductor.aggressive_fusion = levers.aggressive_fusion
     inductor.coordinate_descent_tuning = levers.coordinate_descent
     inductor.coordinate_descent_check_all_directions = levers.coordinate_descent
     inductor.max_autotune_conv_backends = "ATEN,TRITON" if levers.autotune_convolutions else "ATEN"
