@@ -121,3 +121,38 @@ def test_capface_refuses_a_hint_as_wide_as_its_features():
     with pytest.raises(ValueError, match="conditioning_channels"):
         CapFaceModel(conditioning_channels=32, block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                      norm_num_groups=8, cross_attention_dim=32, conditioning_embedding_out_channels=(8, 16))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_gating_into_copies_equals_gating_then_concatenating(pipe, layout):
+    capface = pipe.capface
+    g = torch.Generator().manual_seed(5)
+    mask = torch.rand(3, 1, SIZE // 8, SIZE // 8, generator=g)
+    down = [torch.randn(3, c, s, s, generator=g).to(memory_format=layout) for c, s in ((32, 8), (32, 4), (64, 4))]
+    mid = torch.randn(3, 64, 2, 2, generator=g).to(memory_format=layout)
+    gated_down, gated_mid = capface.gate_residuals(down, mid, mask)
+    copied_down, copied_mid = capface.gate_residuals(down, mid, mask, copies=2)
+    for gated, copied in zip([*gated_down, gated_mid], [*copied_down, copied_mid]):
+        assert torch.equal(copied, torch.cat([gated, gated]))
+        assert copied.is_contiguous(memory_format=layout)
+
+
+def test_scheduler_gets_host_timesteps_so_no_step_waits_for_the_device(pipe, monkeypatch):
+    seen = []
+    step = pipe.scheduler.step
+    monkeypatch.setattr(pipe.scheduler, "step", lambda out, t, *a, **k: seen.append(t) or step(out, t, *a, **k))
+    _generate(pipe)
+    assert seen == [751, 501, 251, 1] and not any(isinstance(t, torch.Tensor) for t in seen)
+
+
+def test_each_distinct_prompt_is_encoded_once(pipe):
+    rows = []
+    handle = pipe.text_encoder.register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    try:
+        embeds = pipe.encode_prompt(["a photo of a person", "", "a photo of a person", "a person smiling"], torch.device("cpu"))
+        one = pipe.encode_prompt(["a person smiling"], torch.device("cpu"))
+    finally:
+        handle.remove()
+    assert rows == [3, 1]
+    assert torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
+    torch.testing.assert_close(embeds[3], one[0], rtol=1e-5, atol=1e-5)

@@ -95,15 +95,21 @@ class CapHumanPipeline(DiffusionPipeline):
             raise ValueError(f"{len(generator)} generators for {batch} images: pass one per image")
 
     def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
-        """CLIP last hidden state of the padded 77-token prompt (the official FrozenCLIPEmbedder)."""
+        """CLIP last hidden state of the padded 77-token prompt (the official FrozenCLIPEmbedder), one
+        row per prompt; each distinct prompt is tokenised and encoded once (a batch repeats a few)."""
+        distinct = list(dict.fromkeys(prompt))
         tokens = self.tokenizer(
-            prompt,
+            distinct,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
-        return self.text_encoder(tokens.input_ids.to(device))[0]
+        embeds = self.text_encoder(tokens.input_ids.to(device))[0]
+        if len(distinct) == len(prompt):
+            return embeds
+        row = {text: i for i, text in enumerate(distinct)}
+        return torch.stack([embeds[row[text]] for text in prompt])  # views and one copy: no index tensor to upload
 
     def prepare_latents(self, batch, height, width, dtype, device, generator, latents=None):
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -111,11 +117,12 @@ class CapHumanPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
-    def capface_residuals(self, latents, t, hint, mask, image_tokens, id_embedding, tau, use_global, use_local):
-        """CapFace's mask-gated residuals for one step, and the (tau-ruled) identity context it used."""
+    def capface_residuals(self, latents, t, hint, mask, image_tokens, id_embedding, tau, use_global, use_local, copies=1):
+        """CapFace's mask-gated residuals for one step (each repeated `copies` times along the batch),
+        and the (tau-ruled) identity context it used."""
         context = self.capface.identity_context(image_tokens, id_embedding, t, tau, use_global, use_local)
         down, mid = self.capface(latents, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
-        down, mid = self.capface.gate_residuals(down, mid, mask)
+        down, mid = self.capface.gate_residuals(down, mid, mask, copies=copies)
         return down, mid, context
 
     @torch.no_grad()
@@ -192,37 +199,42 @@ class CapHumanPipeline(DiffusionPipeline):
         height, width = condition_image.shape[-2:]
         do_guidance = guidance_scale > 1.0
 
-        # 1. text
-        if prompt_embeds is None:
-            prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-            prompt_embeds = self.encode_prompt(prompts, device)
+        # 1. timesteps first: the scheduler's upload of them waits for the GPU, which is still idle here
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        host_timesteps = self.scheduler.timesteps.tolist()  # what the scheduler reads its tables at (see 5.)
+
+        # 2. text: prompts and negatives in one pass of the text encoder
+        prompts = ([prompt] * batch if isinstance(prompt, str) else list(prompt)) if prompt_embeds is None else []
+        negatives = []
         if do_guidance and negative_prompt_embeds is None:
-            negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else negative_prompt
-            negative_prompt_embeds = self.encode_prompt(negatives, device)
+            negatives = [negative_prompt or ""] * batch if not isinstance(negative_prompt, list) else list(negative_prompt)
+        if prompts or negatives:
+            encoded = self.encode_prompt(prompts + negatives, device)
+            prompt_embeds = encoded[: len(prompts)] if prompts else prompt_embeds
+            negative_prompt_embeds = encoded[len(prompts) :] if negatives else negative_prompt_embeds
         text_context = prompt_embeds.to(device=device, dtype=dtype)
         if do_guidance:
             text_context = torch.cat([negative_prompt_embeds.to(device=device, dtype=dtype), text_context])
 
-        # 2. conditions: the hint's features and the soft mask depend on the hint only: computed once
+        # 3. conditions: the hint's features and the soft mask depend on the hint only: computed once
         hint = condition_image.to(device=device, dtype=self.capface.dtype)
         image_tokens = image_tokens.to(device=device, dtype=self.capface.dtype)
         id_embedding = id_embedding.to(device=device, dtype=self.capface.dtype)
         hint = self.capface.encode_hint(hint)
         mask = self.capface.predict_mask(hint)
 
-        # 3. timesteps and latents
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 4. latents: per-image generators draw on the host, while the GPU encodes the hint
         latents = self.prepare_latents(batch, height, width, dtype, device, generator, latents)
 
-        # 4. denoising loop
+        # 5. denoising loop; the scheduler reads its tables at the host's copy of each timestep (a device
+        # timestep would make the host wait for the GPU at every step, and the GPU then for the host)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             down, mid, _ = self.capface_residuals(
-                latents.to(self.capface.dtype), t, hint, mask, image_tokens, id_embedding, tau, use_global, use_local
+                latents.to(self.capface.dtype), t, hint, mask, image_tokens, id_embedding, tau, use_global, use_local,
+                copies=2 if do_guidance else 1,  # both guidance halves get the same residuals
             )
-            latent_input, down, mid = latents, [d.to(dtype) for d in down], mid.to(dtype)
-            if do_guidance:
-                latent_input = torch.cat([latents] * 2)
-                down, mid = [torch.cat([d, d]) for d in down], torch.cat([mid, mid])
+            down, mid = [d.to(dtype) for d in down], mid.to(dtype)
+            latent_input = torch.cat([latents] * 2) if do_guidance else latents
             noise_pred = self.unet(
                 latent_input,
                 t,
@@ -233,13 +245,13 @@ class CapHumanPipeline(DiffusionPipeline):
             if do_guidance:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-            step = self.scheduler.step(noise_pred, t, latents, eta=eta, generator=generator)
+            step = self.scheduler.step(noise_pred, host_timesteps[i], latents, eta=eta, generator=generator)
             latents, pred_original_sample = step.prev_sample, step.pred_original_sample
             if callback_on_step_end is not None:
                 step_tensors = {"latents": latents, "pred_original_sample": pred_original_sample, "noise_pred": noise_pred}
                 callback_on_step_end(self, i, t, {k: step_tensors[k] for k in callback_on_step_end_tensor_inputs})
 
-        # 5. decode
+        # 6. decode
         if output_type == "latent":
             images = latents
         else:
