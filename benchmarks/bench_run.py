@@ -12,8 +12,10 @@ the same UNet + a 9-channel `ControlNetModel`, which runs the control branch on 
 in the same process for the headline ratio. Each row: median seconds per batch over `--repeats`
 after one warm-up call (compilation happens there and is reported as `first_call_s`), images/s,
 peak memory, MFU (FLOPs per image from `torch.utils.flop_counter` on the eager pipeline, over the
-device's bf16 dense peak), and the difference of its images from the eager images of the same
-inputs (relative L2 and max |Δ| in 8-bit levels).
+device's bf16 dense peak), and the difference of its final latents from the eager ones of the same
+inputs (relative L2, and max |Δ| over max |latent|). `--kernel-profile` adds one call of each CapHuman row
+under the CUDA profiler (kernel time by kind, the GPU's idle time and largest gaps) and one under CUDA's
+sync debug mode (each place the host waits for the GPU).
 
 `e2e`: a whole `caphuman-bench run` as a subprocess; each stderr line is time-stamped as it arrives
 and the stage times come from those lines and the run directory's own `status.jsonl`.
@@ -239,7 +241,7 @@ KERNEL_KINDS = (  # first match wins; inductor names its kernels triton_{poi,red
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "ampere_", "sm90_")),
     ("triton reduction (norms)", ("triton_red", "triton_per")),
     ("triton pointwise", ("triton_poi",)),
-    ("copy / cat", ("memcpy", "memset", "copy", "cat", "elementwise")),
+    ("copies and eager elementwise", ("memcpy", "memset", "copy", "cat", "elementwise")),
 )
 
 
