@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -248,8 +249,6 @@ KERNEL_KINDS = (  # first match wins; inductor names its kernels triton_{poi,red
 def host_syncs(fn, device: torch.device) -> dict[str, int]:
     """Where one call of `fn` makes the host wait for the GPU: "file:line" -> count, from CUDA's
     synchronisation debug mode (each such wait lets the GPU run dry until the host launches again)."""
-    import warnings
-
     if device.type != "cuda":
         return {}
     counts: dict[str, int] = {}

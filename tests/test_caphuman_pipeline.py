@@ -156,3 +156,11 @@ def test_each_distinct_prompt_is_encoded_once(pipe):
     assert rows == [3, 1]
     assert torch.equal(embeds[0], embeds[2]) and not torch.equal(embeds[0], embeds[1])
     torch.testing.assert_close(embeds[3], one[0], rtol=1e-5, atol=1e-5)
+
+
+def test_hard_masks_are_made_once_per_size_per_call(pipe, monkeypatch):
+    sizes = []
+    hard_mask = pipe.capface.hard_mask
+    monkeypatch.setattr(pipe.capface, "hard_mask", lambda mask, size: sizes.append(tuple(size)) or hard_mask(mask, size))
+    _generate(pipe)  # STEPS = 4
+    assert sizes and len(sizes) == len(set(sizes))

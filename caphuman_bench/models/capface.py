@@ -184,6 +184,7 @@ class CapFaceModel(ControlNetModel):
         mid_residual: torch.Tensor,
         mask: torch.Tensor,
         copies: int = 1,
+        hard_masks: dict[tuple[int, int], torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Multiply each residual by the hard mask `1[resize(mask) > threshold]` at its own size.
 
@@ -191,16 +192,20 @@ class CapFaceModel(ControlNetModel):
         to; that feature always has the residual's spatial size, so gating before handing the residuals
         to `UNet2DConditionModel` is the same computation. `copies` > 1 returns each gated residual
         repeated along the batch (the halves of classifier-free guidance), written by the product
-        itself: one pass over the residual instead of a product and then a concatenation.
+        itself: one pass over the residual instead of a product and then a concatenation. `hard_masks`
+        keeps the 0/1 masks by size across calls with the same `mask` (the steps of one generation).
         """
+        hard_masks = {} if hard_masks is None else hard_masks
 
         def gate(residual: torch.Tensor) -> torch.Tensor:
-            hard = self.hard_mask(mask, residual.shape[-2:])
+            size = tuple(residual.shape[-2:])
+            if size not in hard_masks:
+                hard_masks[size] = self.hard_mask(mask, size)
+            hard = hard_masks[size]
             if copies == 1:
                 return residual * hard
-            batch = residual.shape[0]
             layout = torch.contiguous_format if residual.is_contiguous() else torch.channels_last
-            out = torch.empty((copies * batch, *residual.shape[1:]), dtype=torch.result_type(residual, hard),
+            out = torch.empty((copies * residual.shape[0], *residual.shape[1:]), dtype=torch.result_type(residual, hard),
                               device=residual.device, memory_format=layout)
             torch.mul(residual.expand(copies, *residual.shape), hard, out=out.view(copies, *residual.shape))
             return out

@@ -117,12 +117,13 @@ class CapHumanPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
         return latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
 
-    def capface_residuals(self, latents, t, hint, mask, image_tokens, id_embedding, tau, use_global, use_local, copies=1):
+    def capface_residuals(self, latents, t, hint, mask, image_tokens, id_embedding, tau, use_global, use_local, copies=1,
+                          hard_masks=None):
         """CapFace's mask-gated residuals for one step (each repeated `copies` times along the batch),
-        and the (tau-ruled) identity context it used."""
+        and the (tau-ruled) identity context it used; `hard_masks`: see `CapFaceModel.gate_residuals`."""
         context = self.capface.identity_context(image_tokens, id_embedding, t, tau, use_global, use_local)
         down, mid = self.capface(latents, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
-        down, mid = self.capface.gate_residuals(down, mid, mask, copies=copies)
+        down, mid = self.capface.gate_residuals(down, mid, mask, copies=copies, hard_masks=hard_masks)
         return down, mid, context
 
     @torch.no_grad()
@@ -142,7 +143,8 @@ class CapHumanPipeline(DiffusionPipeline):
         context = self.capface.identity_context(image_tokens, id_embedding, t, tau, use_global, use_local)
         down, mid = self.capface(x, t, encoder_hidden_states=context, controlnet_cond=hint, return_dict=False)
         mask = self.capface.predict_mask(hint)
-        gated_down, gated_mid = self.capface.gate_residuals(down, mid, mask)
+        by_size = {}
+        gated_down, gated_mid = self.capface.gate_residuals(down, mid, mask, hard_masks=by_size)
         eps = self.unet(
             x,
             t,
@@ -150,7 +152,7 @@ class CapHumanPipeline(DiffusionPipeline):
             down_block_additional_residuals=gated_down,
             mid_block_additional_residual=gated_mid,
         ).sample
-        hard_masks = [self.capface.hard_mask(mask, r.shape[-2:]) for r in [mid, *reversed(down)]]
+        hard_masks = [by_size[tuple(r.shape[-2:])] for r in [mid, *reversed(down)]]
         return DenoiserOutput(eps, mask, context, [*down, mid], hard_masks)
 
     @torch.no_grad()
@@ -228,10 +230,12 @@ class CapHumanPipeline(DiffusionPipeline):
 
         # 5. denoising loop; the scheduler reads its tables at the host's copy of each timestep (a device
         # timestep would make the host wait for the GPU at every step, and the GPU then for the host)
+        hard_masks = {}  # the mask's 0/1 versions at each residual size, made at the first step
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             down, mid, _ = self.capface_residuals(
                 latents.to(self.capface.dtype), t, hint, mask, image_tokens, id_embedding, tau, use_global, use_local,
                 copies=2 if do_guidance else 1,  # both guidance halves get the same residuals
+                hard_masks=hard_masks,
             )
             down, mid = [d.to(dtype) for d in down], mid.to(dtype)
             latent_input = torch.cat([latents] * 2) if do_guidance else latents
