@@ -338,6 +338,8 @@ def lever_plan(batches: list[int], fast_batches: list[int], large_batches: list[
              ("sdpa-auto", "all + torch.compile, PyTorch's attention order", FAST.with_(sdpa="auto"), fast_batches[0]),
              ("epilogue", "all + torch.compile with epilogue fusion", FAST.with_(epilogue_fusion=True), fast_batches[0]),
              ("aggressive", "all + torch.compile with aggressive fusion", FAST.with_(aggressive_fusion=True), fast_batches[0]),
+             ("no-prefix", "all + torch.compile, each guidance half runs the UNet's text-free prefix",
+              FAST.with_(share_guidance_prefix=False), fast_batches[0]),
              ("gemm-autotune", "all + torch.compile (max-autotune-no-cudagraphs, GEMMs only)",
               FAST.with_(compile="max-autotune-no-cudagraphs", autotune_convolutions=False), fast_batches[0])]
 
@@ -764,7 +766,7 @@ def main() -> None:
     gen.add_argument("--tolerance-fp32", action="store_true")
     gen.add_argument("--kernel-profile", action="store_true", help="one more call of each CapHuman row under the CUDA profiler: time by kernel kind")
     gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nchw cudagraphs tuning autotune benchmark freeze "
-                                                    "freeze-benchmark large-batch sdpa-efficient sdpa-flash sdpa-auto epilogue aggressive gemm-autotune")
+                                                    "freeze-benchmark large-batch sdpa-efficient sdpa-flash sdpa-auto epilogue aggressive no-prefix gemm-autotune")
     e2e = sub.add_parser("e2e")
     e2e.add_argument("--weights", type=Path)
     e2e.add_argument("--runs-dir", type=Path, required=True)

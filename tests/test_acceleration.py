@@ -1,6 +1,6 @@
 """The CUDA fast path changes kernels, not the model: with the levers that run on a CPU (fused QKV,
-channels-last) the conformance vectors still pass in float32; the writer thread writes before it
-reports ok and re-raises a failed write."""
+channels-last, the shared guidance prefix) the conformance vectors still pass in float32; the writer
+thread writes before it reports ok and re-raises a failed write."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def test_levers_default_to_the_fast_path_on_cuda_only(monkeypatch):
         EAGER.with_(compile="fastest")
 
 
-def test_conformance_passes_with_fused_qkv_and_channels_last(monkeypatch):
+def test_conformance_passes_with_the_levers_that_run_on_a_cpu(monkeypatch):
     build = conformance.build_reference_pipeline
     fused = {}
 
@@ -41,12 +41,13 @@ def test_conformance_passes_with_fused_qkv_and_channels_last(monkeypatch):
         pipe = build(reference_dir, device)
         accelerate_pipeline(pipe, FAST.with_(compile="off", sdpa="math"))
         fused["qkv"] = sum(hasattr(m, "to_qkv") for m in pipe.unet.modules())
+        fused["prefix"] = pipe.guidance_prefix is not None  # the guided DDIM case shares the UNet's prefix
         return pipe
 
     monkeypatch.setattr(conformance, "build_reference_pipeline", accelerated)
     with attention_backend(FAST.with_(sdpa="math")):
         report = conformance.run_conformance(REFERENCE)
-    assert fused["qkv"] > 0  # the self-attention projections really were fused
+    assert fused["qkv"] > 0 and fused["prefix"]  # the projections really were fused, the prefix shared
     assert report.passed, [(r.case, r.output, r.max_abs) for r in report.failures()]
 
 

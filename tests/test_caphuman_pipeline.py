@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from caphuman_bench.models.capface import CapFaceModel
+from caphuman_bench.pipelines.acceleration import GuidancePrefix
 from caphuman_bench.pipelines.tiny import build_tiny_caphuman_pipeline
 
 SIZE = 64
@@ -164,3 +167,60 @@ def test_hard_masks_are_made_once_per_size_per_call(pipe, monkeypatch):
     monkeypatch.setattr(pipe.capface, "hard_mask", lambda mask, size: sizes.append(tuple(size)) or hard_mask(mask, size))
     _generate(pipe)  # STEPS = 4
     assert sizes and len(sizes) == len(set(sizes))
+
+
+def _rows_seen(modules: dict[str, torch.nn.Module]):
+    """Pre-hooks recording the batch rows each module receives (after any earlier pre-hook's slicing)."""
+    seen = {name: [] for name in modules}
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: seen[name].append(args[0].shape[0]))
+               for name, m in modules.items()]
+    return seen, handles
+
+
+def test_guidance_prefix_runs_the_text_free_modules_once_for_both_halves(pipe):
+    sharing = copy.deepcopy(pipe)
+    sharing.guidance_prefix = GuidancePrefix(sharing.unet)
+    first = sharing.unet.down_blocks[0]
+    seen, handles = _rows_seen({"resnet": first.resnets[0], "self_attention": first.attentions[0].transformer_blocks[0].attn1,
+                                "cross_attention": first.attentions[0].transformer_blocks[0].attn2})
+    try:
+        shared = _generate(sharing, seeds=(11, 12), guidance_scale=7.0)
+        hint, tokens, ids = _inputs(0, 2)
+        x, t = torch.randn(2, 4, SIZE // 8, SIZE // 8), torch.tensor([500, 20])
+        text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+        unguided = sharing.apply_model(x, t, text, hint, tokens, ids).eps  # outside sharing(): every row runs
+    finally:
+        for handle in handles:
+            handle.remove()
+    # 2 images: 4 guided rows, of which the text-free modules see 2, at each of the STEPS steps
+    assert seen == {"resnet": [2] * STEPS + [2], "self_attention": [2] * STEPS + [2], "cross_attention": [4] * STEPS + [2]}
+    assert not sharing.guidance_prefix.active
+    # equal up to float32 batching noise (half the rows pick other CPU kernel blockings; |latents| ~ 16)
+    torch.testing.assert_close(shared, _generate(pipe, seeds=(11, 12), guidance_scale=7.0), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(unguided, pipe.apply_model(x, t, text, hint, tokens, ids).eps, rtol=0, atol=0)
+
+
+def test_guidance_prefix_hooks_are_traced_by_torch_compile_and_follow_the_switch(pipe):
+    """Compiled, the switch is guarded: a graph traced while sharing is not reused outside it."""
+    torch._dynamo.reset()
+    sharing = copy.deepcopy(pipe)
+    sharing.guidance_prefix = GuidancePrefix(sharing.unet)
+    sharing.unet.compile(backend="eager", dynamic=False)
+    try:
+        rows = torch.randn(1, 4, SIZE // 8, SIZE // 8).repeat(2, 1, 1, 1)
+        text = torch.randn(2, 77, pipe.unet.config.cross_attention_dim)
+        with sharing.guidance_prefix.sharing():
+            both = sharing.unet(rows, 500, encoder_hidden_states=text).sample
+        different = torch.randn(2, 4, SIZE // 8, SIZE // 8)
+        alone = sharing.unet(different, 500, encoder_hidden_states=text).sample
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(both, pipe.unet(rows, 500, encoder_hidden_states=text).sample, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(alone, pipe.unet(different, 500, encoder_hidden_states=text).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_guidance_prefix_refuses_a_unet_whose_prefix_sees_more_than_the_latents(pipe):
+    unet = copy.deepcopy(pipe.unet)
+    unet.down_blocks[0].attentions[0].transformer_blocks[0].only_cross_attention = True
+    with pytest.raises(ValueError, match="not text-free"):
+        GuidancePrefix(unet)

@@ -20,6 +20,8 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
   taking its heuristic's choice (`torch.backends.cudnn.benchmark`, a process-wide setting).
 * `freeze`: inductor's freezing — weights become constants of the compiled graph, so it folds them
   and lays them out for its kernels once (inference only; `torch._inductor.config.freezing`).
+* `share_guidance_prefix`: the UNet's modules before the text first enters run once for both halves
+  of classifier-free guidance (`GuidancePrefix`): the same arithmetic on half the rows.
 
 None of them changes the arithmetic beyond floating-point reordering: on CPU in float32 the
 conformance vectors pass with every lever that runs there, and the bf16 difference from the eager
@@ -55,6 +57,7 @@ class Levers:
     freeze: bool = False
     epilogue_fusion: bool = False  # inductor fuses pointwise epilogues into its GEMM templates
     aggressive_fusion: bool = False  # inductor also fuses kernels that share no input (fewer, larger kernels)
+    share_guidance_prefix: bool = False  # see GuidancePrefix
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
@@ -70,7 +73,7 @@ class Levers:
 
 
 EAGER = Levers()
-FAST = Levers(channels_last=True, fuse_qkv=True, sdpa="cudnn", compile="default")
+FAST = Levers(channels_last=True, fuse_qkv=True, sdpa="cudnn", compile="default", share_guidance_prefix=True)
 
 
 def default_levers(device: torch.device | str) -> Levers:
@@ -94,6 +97,57 @@ def fuse_attention_projections(model: torch.nn.Module) -> int:
     return count
 
 
+class GuidancePrefix:
+    """Runs the UNet's text-free prefix once for both halves of classifier-free guidance.
+
+    Guided, the UNet sees [negative; prompt] rows with the same latents, timestep and CapFace
+    residuals: the text first enters at the cross-attention of the first transformer block. Before
+    it, the first ResNet block and the first self-attention (over 64x64 tokens at 512², the costliest
+    attention of SD-1.5) compute the same values for both halves. While `sharing()` is entered (the
+    pipeline enters it for its guided UNet calls, whose halves it builds from the same latents), hooks
+    run these two modules on the first half of the rows and give the result to both halves.
+    Hooks rather than replaced modules: the state dict keeps its keys, and torch.compile traces them.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        config = unet.config
+        first = unet.down_blocks[0]
+        if config.class_embed_type is not None or config.addition_embed_type is not None:
+            raise ValueError("GuidancePrefix: the UNet's time embedding also takes class or added conditions")
+        self.modules = [first.resnets[0]]
+        if getattr(first, "attentions", None):
+            block = first.attentions[0].transformer_blocks[0]
+            if block.only_cross_attention or block.norm_type != "layer_norm" or block.pos_embed is not None:
+                raise ValueError("GuidancePrefix: the first transformer block's self-attention is not text-free")
+            self.modules.append(block.attn1)
+        self.active = False
+        for module in self.modules:
+            module.register_forward_pre_hook(self._first_half, with_kwargs=True)
+            module.register_forward_hook(self._both_halves, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def sharing(self):
+        """Within: the UNet's rows are two identical halves up to the text (the caller guarantees it)."""
+        self.active = True
+        try:
+            yield
+        finally:
+            self.active = False
+
+    def _first_half(self, module, args, kwargs):
+        if not self.active:
+            return None
+        rows = args[0].shape[0]
+
+        def half(value):
+            return value[: rows // 2] if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == rows else value
+
+        return tuple(half(a) for a in args), {k: half(v) for k, v in kwargs.items()}
+
+    def _both_halves(self, module, args, kwargs, output):
+        return torch.cat([output, output]) if self.active else None
+
+
 def _inductor_knobs(levers: Levers) -> None:
     import torch._inductor.config as inductor
 
@@ -114,6 +168,8 @@ def accelerate_pipeline(pipe, levers: Levers):
         log.info("fused the projections of %d attention modules", fused)
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = levers.cudnn_benchmark
+    if levers.share_guidance_prefix:
+        pipe.guidance_prefix = GuidancePrefix(pipe.unet)
     if levers.channels_last:
         for net in networks:
             net.to(memory_format=torch.channels_last)

@@ -13,6 +13,7 @@ from a ControlNet pipeline, all following the official code (VamosC/CapHuman, `s
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,6 +60,7 @@ class CapHumanPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "text_encoder->capface->unet->vae"
     _optional_components = ["vae", "text_encoder", "tokenizer"]  # absent when only the denoiser is checked
     _callback_tensor_inputs = ["latents", "pred_original_sample", "noise_pred"]
+    guidance_prefix = None  # the fast path's `acceleration.GuidancePrefix`: entered for the guided UNet calls
 
     def __init__(
         self,
@@ -239,13 +241,16 @@ class CapHumanPipeline(DiffusionPipeline):
             )
             down, mid = [d.to(dtype) for d in down], mid.to(dtype)
             latent_input = torch.cat([latents] * 2) if do_guidance else latents
-            noise_pred = self.unet(
-                latent_input,
-                t,
-                encoder_hidden_states=text_context,
-                down_block_additional_residuals=down,
-                mid_block_additional_residual=mid,
-            ).sample
+            # both halves hold the same latents and residuals: they differ from the first cross-attention on
+            shared = self.guidance_prefix.sharing() if do_guidance and self.guidance_prefix is not None else contextlib.nullcontext()
+            with shared:
+                noise_pred = self.unet(
+                    latent_input,
+                    t,
+                    encoder_hidden_states=text_context,
+                    down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid,
+                ).sample
             if do_guidance:
                 noise_uncond, noise_text = noise_pred.chunk(2)
                 noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
