@@ -40,6 +40,7 @@ import subprocess
 import sys
 import time
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -466,8 +467,14 @@ def part_e2e(args, run_args: list[str]) -> None:
 
 
 def stage_times(run: Path, start: float, lines: list[tuple[float, str]]) -> dict:
-    """Seconds from launch to the first image (load, identity tokens, head renders, compile), denoising
-    in steady state, and scoring, from the log lines' arrival and status.jsonl's per-task records."""
+    """Where a run's time went, from the log lines' arrival and status.jsonl.
+
+    The generate stage writes a batch's `ok` lines (each with the batch's call time divided among its
+    images) before the next batch's, so the lines in order, cut at the run's batch size, are the batches.
+    Two steady-state rates, both over the full batches after the first (which compiles): `call` counts
+    the adapter's calls alone; `wall` the span between batch completions (status times: 1 s
+    resolution), so it also holds the stage's per-batch work outside the calls.
+    """
     records = [json.loads(l) for l in (run / "status.jsonl").read_text().splitlines() if l.strip()] if (run / "status.jsonl").exists() else []
     ok = [r for r in records if r["status"] == "ok"]
     when = lambda text: next((t for t, line in lines if text in line), None)  # noqa: E731
@@ -475,16 +482,19 @@ def stage_times(run: Path, start: float, lines: list[tuple[float, str]]) -> dict
     out = {"images_ok": len(ok), "images_failed": sum(r["status"] == "failed" for r in records),
            "planned_s": when("run "), "generate_done_s": generated_at, "run_done_s": lines[-1][0] if lines else None}
     if ok:
-        per_batch = {}  # a batch shares one `seconds` value and one status second
-        for r in ok:
-            per_batch.setdefault((r.get("seconds"), r["time"]), []).append(r)
-        batches = [(sec, len(rs)) for (sec, _), rs in per_batch.items()]
-        first_batch_s = batches[0][0] * batches[0][1]
-        steady = batches[1:] or batches
-        steady_s = sum(s * n for s, n in steady)
-        out.update(batches=len(batches), first_batch_s=round(first_batch_s, 2),
-                   steady_images_per_second=round(sum(n for _, n in steady) / steady_s, 3) if steady_s else None,
-                   denoise_total_s=round(sum(s * n for s, n in batches), 2))
+        size = max(1, int(json.loads((run / "run.json").read_text())["params"].get("batch_size", 1)))
+        batches = [ok[i : i + size] for i in range(0, len(ok), size)]
+        call_s = [sum(r["seconds"] for r in batch) for batch in batches]
+        done_at = [max(datetime.fromisoformat(r["time"]) for r in batch) for batch in batches]
+        steady = [i for i in range(1, len(batches)) if len(batches[i]) == size]
+        out.update(batch_size=size, batches=len(batches), first_batch_s=round(call_s[0], 2),
+                   denoise_total_s=round(sum(call_s), 2),
+                   batch_call_s=[round(c, 2) for c in call_s])
+        if steady:
+            images = size * len(steady)
+            span = (done_at[steady[-1]] - done_at[0]).total_seconds()
+            out.update(steady_call_images_per_second=round(images / sum(call_s[i] for i in steady), 3),
+                       steady_wall_images_per_second=round(images / span, 3) if span > 0 else None)
         if generated_at is not None:
             out["load_and_prepare_s"] = round(generated_at - out["denoise_total_s"], 2)
     if generated_at is not None and lines:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The headline measurements of reports/perf on one H200 (device tool), each part within one call of
-# ten minutes: PARTS="scoring generation" (default), "e2e" (a full-size `run` timed per stage), and with
+# ten minutes: PARTS="scoring generation" (default), "e2e" (a full-size `run` timed per stage; E2E_SPLIT=speed,
+# 350 images, or speed-score, 1,400), and with
 # four GPUs "scaling" (the fast path under torchrun). Results go to $OUT; wheels come from .whl (carry it).
 #   scoring:    every metric family whose weights exist there, over 1,400 distinct face images; with
 #               SCORE_PROCS="4 8" also that many scoring processes sharing the GPU (torchrun)
@@ -47,8 +48,9 @@ if has generation; then
     --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log
 fi
 if has e2e; then
-  python3 $B e2e --weights $S/w --runs-dir $S/runs --out $OUT/e2e_run.json -- --method caphuman --spec $S/spec --split speed \
+  python3 $B e2e --weights $S/w --runs-dir $S/runs --out $OUT/e2e_run.json -- --method caphuman --spec $S/spec --split ${E2E_SPLIT:-speed} \
     --param batch_size=64 --param dtype=bfloat16 --score-batch-size 64 --device cuda 2>&1 | quiet > $OUT/e2e.log
+  cp $S/runs/caphuman-*/status.jsonl $OUT/e2e_status.jsonl
 fi
 if has scaling && [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then  # the fast path alone on one GPU, then on four under torchrun
   CUDA_VISIBLE_DEVICES=0 python3 $B throughput --batch 64 --batches 4 --out $OUT/throughput_1gpu.json 2>&1 | quiet > $OUT/thr.log

@@ -87,6 +87,7 @@ def test_precomputation_is_cached_in_the_workdir(adapter, bench, monkeypatch):
     # A resumed run starts with the workdir and nothing in memory: it must not encode or render again.
     adapter._tokens.clear()
     adapter._codes.clear()
+    adapter._hints.clear()
 
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed a cached identity or render")
@@ -95,6 +96,21 @@ def test_precomputation_is_cached_in_the_workdir(adapter, bench, monkeypatch):
     monkeypatch.setattr(type(adapter.renderer), "render_batch", refuse)
     second = np.asarray(adapter.generate([generation_request(bench, "grace-hopper", "yaw-r20", 5)])[0])
     assert np.array_equal(first, second)
+
+
+def test_a_head_condition_is_made_once_per_identity_and_condition(adapter, bench, monkeypatch):
+    """Its 35 prompts share an identity x condition: the hint tensor is built once and reused."""
+    adapter._hints.clear()
+    renders = []
+    head_render = adapter.head_render
+    monkeypatch.setattr(adapter, "head_render", lambda *a: renders.append(a[0]) or head_render(*a))
+    first = generation_request(bench, "grace-hopper", "frontal", 1)
+    hint = adapter.condition_image(first, 64)
+    again = adapter.condition_image(generation_request(bench, "grace-hopper", "frontal", 2, prompt="a portrait of a woman in a garden"), 64)
+    other = adapter.condition_image(generation_request(bench, "grace-hopper", "yaw-r20", 1), 64)
+    assert renders == ["grace-hopper", "grace-hopper"] and again is hint and not torch.equal(other, hint)
+    expected = head_render("grace-hopper", first.reference, first.condition, 64).hint
+    assert hint.dtype == adapter.dtype and torch.equal(hint, torch.from_numpy(expected))
 
 
 def test_head_target_is_the_mixed_code(adapter, bench):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -224,3 +225,19 @@ def test_guidance_prefix_refuses_a_unet_whose_prefix_sees_more_than_the_latents(
     unet.down_blocks[0].attentions[0].transformer_blocks[0].only_cross_attention = True
     with pytest.raises(ValueError, match="not text-free"):
         GuidancePrefix(unet)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pil_output_rounds_as_diffusers(dtype):
+    from diffusers.image_processor import VaeImageProcessor
+
+    from caphuman_bench.pipelines.pipeline_caphuman import pil_images
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(3, 3, 16, 16, generator=g)
+    images[0, 0, 0, :8] = (torch.arange(8) + 0.5) / 255  # at the rounding boundaries
+    images = images.to(dtype)
+    ours = pil_images(images)
+    theirs = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(images))
+    assert [im.mode for im in ours] == ["RGB"] * 3
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs))

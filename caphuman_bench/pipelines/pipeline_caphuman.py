@@ -49,6 +49,13 @@ class DenoiserOutput:
     hard_masks: list[torch.Tensor]  # 0/1 gates in the UNet's order of use: middle block, then decoder skips
 
 
+def pil_images(images: torch.Tensor) -> list[PIL.Image.Image]:
+    """[B, 3, H, W] in [0, 1] to PIL with diffusers' rounding (`numpy_to_pil`: float32 x 255, round half
+    to even, uint8), done where the tensor is: a quarter of the bytes cross to the host, as uint8."""
+    pixels = (images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [PIL.Image.fromarray(p) for p in pixels]
+
+
 class CapHumanPipeline(DiffusionPipeline):
     r"""Identity-preserving, head-controllable portrait generation (CapHuman).
 
@@ -265,7 +272,8 @@ class CapHumanPipeline(DiffusionPipeline):
             images = latents
         else:
             decoded = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
+            images = self.image_processor.postprocess(decoded, output_type="pt" if output_type == "pil" else output_type)
+            images = pil_images(images) if output_type == "pil" else images
         self.maybe_free_model_hooks()
         if not return_dict:
             return images, mask
