@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The headline measurements of reports/perf on one H200 (device tool), each part within one call of
-# ten minutes: PARTS="scoring generation" (default), "e2e" (a full-size `run` timed per stage; E2E_SPLIT=speed,
-# 350 images, or speed-score, 1,400), and with
-# four GPUs "scaling" (the fast path under torchrun). Results go to $OUT; wheels come from .whl (carry it).
+# ten minutes: PARTS="scoring generation" (default), "e2e" (a full-size `run` timed per stage;
+# E2E_SPLIT=speed, 350 images, or speed-score, 1,400), and with four GPUs "scaling" (the fast path
+# under torchrun). Results go to $OUT; wheels come from .whl (carry it).
 #   scoring:    every metric family whose weights exist there, over 1,400 distinct face images; with
 #               SCORE_PROCS="4 8" also that many scoring processes sharing the GPU (torchrun)
-#   generation: stock diffusers, our eager path and the default fast path, batch 64, one process; each
-#               CapHuman row also profiled once (kernel time by kind, GPU idle, host waits)
+#   generation: stock diffusers, our eager path, the default fast path and it without the shared
+#               guidance prefix, batch 64, one process; each CapHuman row also profiled once
+#               (kernel time by kind, GPU idle, host waits)
 set -u
 PARTS=${PARTS:-scoring generation}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -44,7 +45,7 @@ if has scoring; then
   done
 fi
 if has generation; then
-  timeout 340 python3 $B generation --batch 64 --fast-batch 64 --repeats 3 --only stock eager compile --kernel-profile --budget-s 200 \
+  timeout 480 python3 $B generation --batch 64 --fast-batch 64 --repeats 3 --only stock eager compile no-prefix --kernel-profile --budget-s 300 \
     --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log
 fi
 if has e2e; then

@@ -8,7 +8,8 @@ from a ControlNet pipeline, all following the official code (VamosC/CapHuman, `s
   not to the text, with the time-dependent dropout `tau` (see `CapFaceModel`).
 * Its residuals are gated by the hard face mask it predicts from the head condition.
 * Guidance drops only the text: the unconditional branch sees the same hint and identity context, so
-  CapFace's output is the same in both branches and is computed once per step.
+  CapFace's output is the same in both branches and is computed once per step. So are the UNet's
+  blocks before the text enters; the CUDA fast path runs those once too (`acceleration.GuidancePrefix`).
 """
 
 from __future__ import annotations
