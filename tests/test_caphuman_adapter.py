@@ -88,6 +88,7 @@ def test_precomputation_is_cached_in_the_workdir(adapter, bench, monkeypatch):
     adapter._tokens.clear()
     adapter._codes.clear()
     adapter._hints.clear()
+    adapter._device_tokens.clear()
 
     def refuse(*args, **kwargs):
         raise AssertionError("recomputed a cached identity or render")
@@ -99,7 +100,8 @@ def test_precomputation_is_cached_in_the_workdir(adapter, bench, monkeypatch):
 
 
 def test_a_head_condition_is_made_once_per_identity_and_condition(adapter, bench, monkeypatch):
-    """Its 35 prompts share an identity x condition: the hint tensor is built once and reused."""
+    """Its 35 prompts share an identity x condition: the hint tensor is built once and reused (and an
+    identity's tokens are moved to the device once)."""
     adapter._hints.clear()
     renders = []
     head_render = adapter.head_render
@@ -111,6 +113,9 @@ def test_a_head_condition_is_made_once_per_identity_and_condition(adapter, bench
     assert renders == ["grace-hopper", "grace-hopper"] and again is hint and not torch.equal(other, hint)
     expected = head_render("grace-hopper", first.reference, first.condition, 64).hint
     assert hint.dtype == adapter.dtype and torch.equal(hint, torch.from_numpy(expected))
+    tokens = adapter.identity_on_device("grace-hopper", first.reference)
+    assert adapter.identity_on_device("grace-hopper", first.reference) is tokens
+    assert all(torch.equal(a, b.to(adapter.dtype)) for a, b in zip(tokens, adapter.identity_tokens("grace-hopper", first.reference)))
 
 
 def test_head_target_is_the_mixed_code(adapter, bench):
