@@ -38,6 +38,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from datetime import datetime
@@ -406,7 +407,36 @@ def part_generation(args) -> None:
                     row["kernel_profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:400]}"}
         report.add(row)
         del images
+        if args.in_run and key == "compile":
+            for variant in ("pil", "pil+writer"):
+                report.add(in_run_conditions(pipe, inputs, args.steps, levers, device, batch, variant, args.repeats))
     print_table(report.data)
+
+
+def in_run_conditions(pipe, inputs: dict, steps: int, levers, device, batch: int, variant: str, repeats: int) -> dict:
+    """The compiled pipeline called as a run's adapter calls it: PIL output (`pil`), and with the run's
+    PNG writer encoding each batch in its threads while the next one denoises (`pil+writer`). Against
+    the row before, it shows whether a run's slower batches come from the output or the writer."""
+    from caphuman_bench.pipelines.acceleration import attention_backend
+    from caphuman_bench.stages.writer import ImageWriter
+
+    def call():
+        with attention_backend(levers):
+            return pipe([PROMPT] * batch, condition_image=inputs["hint"], image_tokens=inputs["tokens"], id_embedding=inputs["ident"],
+                        num_inference_steps=steps, guidance_scale=7.0, generator=[torch.Generator().manual_seed(i) for i in range(batch)],
+                        output_type="pil").images
+
+    with tempfile.TemporaryDirectory() as folder, ImageWriter() as writer:
+        def call_and_write():
+            images = call()
+            for i, image in enumerate(images):
+                writer.submit(image, Path(folder) / f"{i}.png")
+
+        first, times, _ = timed_calls(call_and_write if variant == "pil+writer" else call, device, repeats)
+    median = statistics.median(times)
+    return {"label": f"all + torch.compile, as a run calls it: {variant}", "levers": levers.as_dict(), "batch": batch,
+            "first_call_s": round(first, 2), "seconds_per_batch": round(median, 4), "spread_s": round(max(times) - min(times), 4),
+            "images_per_second": round(batch / median, 3), "peak_memory_gib": None}
 
 
 def bf16_scale(base, args, device, dtype) -> dict:
@@ -775,6 +805,7 @@ def main() -> None:
     gen.add_argument("--tiny", action="store_true", help="the tiny CapHuman (CPU dry run)")
     gen.add_argument("--tolerance-fp32", action="store_true")
     gen.add_argument("--kernel-profile", action="store_true", help="one more call of each CapHuman row under the CUDA profiler: time by kernel kind")
+    gen.add_argument("--in-run", action="store_true", help="after the default fast path's row, the same pipeline with PIL output, then also with the PNG writer")
     gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nchw cudagraphs tuning autotune benchmark freeze "
                                                     "freeze-benchmark large-batch sdpa-efficient sdpa-flash sdpa-auto epilogue aggressive no-prefix gemm-autotune")
     e2e = sub.add_parser("e2e")
