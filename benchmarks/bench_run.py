@@ -181,21 +181,26 @@ def pipeline_inputs(pipe, batch: int, size: int, device, dtype) -> dict:
     }
 
 
-def run_caphuman(pipe, inputs: dict, steps: int, levers=None) -> torch.Tensor:
-    """The final latents (random-weight images saturate at 0 and 1, so differences are read on latents)."""
+def call_caphuman(pipe, inputs: dict, steps: int, levers=None, output_type: str = "pt", callback=None):
+    """One generation call on the benchmark's inputs (one prompt, one generator per image)."""
     from caphuman_bench.pipelines.acceleration import EAGER, attention_backend
 
     batch = inputs["hint"].shape[0]
+    with attention_backend(levers or EAGER):
+        return pipe([PROMPT] * batch, condition_image=inputs["hint"], image_tokens=inputs["tokens"], id_embedding=inputs["ident"],
+                    num_inference_steps=steps, guidance_scale=7.0, generator=[torch.Generator().manual_seed(i) for i in range(batch)],
+                    output_type=output_type, callback_on_step_end=callback).images
+
+
+def run_caphuman(pipe, inputs: dict, steps: int, levers=None) -> torch.Tensor:
+    """The final latents (random-weight images saturate at 0 and 1, so differences are read on latents)."""
     final = {}
 
     def keep_latents(_pipe, step, _t, tensors):
         final["latents"] = tensors["latents"]
         return tensors
 
-    with attention_backend(levers or EAGER):
-        pipe([PROMPT] * batch, condition_image=inputs["hint"], image_tokens=inputs["tokens"], id_embedding=inputs["ident"],
-             num_inference_steps=steps, guidance_scale=7.0, generator=[torch.Generator().manual_seed(i) for i in range(batch)],
-             output_type="pt", callback_on_step_end=keep_latents)
+    call_caphuman(pipe, inputs, steps, levers, callback=keep_latents)
     return final["latents"]
 
 
@@ -417,14 +422,10 @@ def in_run_conditions(pipe, inputs: dict, steps: int, levers, device, batch: int
     """The compiled pipeline called as a run's adapter calls it: PIL output (`pil`), and with the run's
     PNG writer encoding each batch in its threads while the next one denoises (`pil+writer`). Against
     the row before, it shows whether a run's slower batches come from the output or the writer."""
-    from caphuman_bench.pipelines.acceleration import attention_backend
     from caphuman_bench.stages.writer import ImageWriter
 
     def call():
-        with attention_backend(levers):
-            return pipe([PROMPT] * batch, condition_image=inputs["hint"], image_tokens=inputs["tokens"], id_embedding=inputs["ident"],
-                        num_inference_steps=steps, guidance_scale=7.0, generator=[torch.Generator().manual_seed(i) for i in range(batch)],
-                        output_type="pil").images
+        return call_caphuman(pipe, inputs, steps, levers, output_type="pil")
 
     with tempfile.TemporaryDirectory() as folder, ImageWriter() as writer:
         def call_and_write():

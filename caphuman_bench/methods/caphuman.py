@@ -242,7 +242,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         """The request's head condition [9, size, size] on the device in the model's dtype, kept for the
         next tasks of the same identity × condition (its 35 prompts): a batch is then stacked on the
         device, not assembled from ~600 MB of float32 on the host and copied over at every batch."""
-        key = (request.identity_id, request.condition.id, size)
+        key = self.render_key(request.identity_id, request.condition, size)
         hint = self._hints.get(key)
         if hint is None:
             render = self.head_render(request.identity_id, request.reference, request.condition, size)

@@ -202,6 +202,10 @@ class HeadRenderMixin:
             coefficients, frame = condition.coefficients(), None
         return {**coefficients, "id": condition.id}, frame
 
+    def render_key(self, identity_id: str, condition, size: int) -> tuple:
+        """What a memoised render (or anything made from one) is looked up by."""
+        return identity_id, condition.id, str(self.params.get("mixing", "position,pose")), size
+
     def head_render(self, identity_id: str, reference: Image.Image, condition, size: int):
         """The head render of one identity × condition; `render_cached` re-renders if any input changed.
 
@@ -212,7 +216,7 @@ class HeadRenderMixin:
         mixing = str(self.params.get("mixing", "position,pose"))
         if not hasattr(self, "_renders"):
             self._renders = BoundedMemo(RENDER_MEMO)
-        key = (identity_id, condition.id, mixing, size)
+        key = self.render_key(identity_id, condition, size)
         render = self._renders.get(key)
         if render is None:
             folder = self._cache_path("render", identity_id, condition.id)

@@ -114,14 +114,14 @@ class GuidancePrefix:
         first = unet.down_blocks[0]
         if config.class_embed_type is not None or config.addition_embed_type is not None:
             raise ValueError("GuidancePrefix: the UNet's time embedding also takes class or added conditions")
-        self.modules = [first.resnets[0]]
+        modules = [first.resnets[0]]
         if getattr(first, "attentions", None):
             block = first.attentions[0].transformer_blocks[0]
             if block.only_cross_attention or block.norm_type != "layer_norm" or block.pos_embed is not None:
                 raise ValueError("GuidancePrefix: the first transformer block's self-attention is not text-free")
-            self.modules.append(block.attn1)
+            modules.append(block.attn1)
         self.active = False
-        for module in self.modules:
+        for module in modules:
             module.register_forward_pre_hook(self._first_half, with_kwargs=True)
             module.register_forward_hook(self._both_halves, with_kwargs=True)
 
