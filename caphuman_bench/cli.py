@@ -531,19 +531,22 @@ def data_show(spec: Spec = None, identities_dir: IdentitiesDir = None):
 
 @app.command()
 def conformance(
-    method: Annotated[str, typer.Argument(help="The port to check (caphuman).")],
-    reference: Annotated[Path, typer.Option("--reference", help="Folder with hparams.json, state_dict.safetensors, cases.safetensors, cases.json.")],
+    method: Annotated[str, typer.Argument(help="The port to check (caphuman-bench conformance --list names them).")] = "",
+    reference: Annotated[Optional[Path], typer.Option("--reference", help="Folder of known-answer vectors (default: the checkout's tests/data/<vectors>).")] = None,
+    list_checks: Annotated[bool, typer.Option("--list", help="List the ports that have known-answer vectors.")] = False,
     device: Device = "cpu",
 ):
-    """Check a port against conformance vectors made from the official code; exit 1 beyond tolerance.
+    """Check a port against known-answer vectors made from its authors' code; exit 1 beyond tolerance.
 
     Example: caphuman-bench conformance caphuman --reference tests/data/caphuman_tiny
     """
-    if method != "caphuman":
-        raise BenchError(f"no conformance vectors are defined for {method!r} (only caphuman)")
-    from caphuman_bench.conformance import conformance_command
+    from caphuman_bench.conformance import conformance_checks, conformance_command
 
-    raise typer.Exit(conformance_command(reference, device=device))
+    if list_checks or not method:
+        for check in conformance_checks().values():
+            out.print(f"{check.name}  (vectors: tests/data/{check.vectors})", soft_wrap=True)
+        raise typer.Exit(0 if list_checks else 2)
+    raise typer.Exit(conformance_command(method, reference, device=device))
 
 
 @app.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-import caphuman_bench.conformance as conformance
+import caphuman_bench.conformance.caphuman as conformance
 from caphuman_bench.errors import BenchError
 from caphuman_bench.pipelines.acceleration import (
     EAGER,

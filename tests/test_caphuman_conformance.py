@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from caphuman_bench.conformance import TOLERANCES, conformance_command, run_conformance
+from caphuman_bench.conformance import conformance_command
+from caphuman_bench.conformance.caphuman import TOLERANCES, run_conformance
 from caphuman_bench.errors import BenchError
 from caphuman_bench.models.capface import CapFaceModel
 
@@ -35,7 +36,7 @@ def test_every_case_and_output_is_within_tolerance(report):
 
 
 def test_command_prints_a_table_and_exits_zero(capsys):
-    assert conformance_command(REFERENCE) == 0
+    assert conformance_command("caphuman", REFERENCE) == 0
     out = capsys.readouterr().out
     assert "tau500_mixed_b2_nonsquare" in out and "0 failed" in out
 

@@ -9,12 +9,13 @@ Everything is read from the files, so any variant in that layout works.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
+from caphuman_bench.conformance import register_conformance
+from caphuman_bench.conformance.base import ConformanceReport, compare, required
 from caphuman_bench.errors import BenchError
 from caphuman_bench.loaders.convert_caphuman import (
     build_components,
@@ -29,47 +30,12 @@ from caphuman_bench.pipelines.pipeline_caphuman import CapHumanPipeline
 TOLERANCES = {"apply_model": 1e-4, "hard_mask": 0.0, "ddim": 1e-3, "ddim_schedule": 1e-6}
 
 
-@dataclass
-class ConformanceRow:
-    case: str
-    output: str
-    max_abs: float
-    max_rel: float  # max_abs / max |reference|
-    tolerance: float
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs <= self.tolerance
-
-
-@dataclass
-class ConformanceReport:
-    reference_dir: Path
-    variant: str
-    rows: list[ConformanceRow] = field(default_factory=list)
-
-    @property
-    def passed(self) -> bool:
-        return bool(self.rows) and all(row.passed for row in self.rows)
-
-    def failures(self) -> list[ConformanceRow]:
-        return [row for row in self.rows if not row.passed]
-
-
-def _compare(case: str, output: str, port: torch.Tensor, reference: torch.Tensor, tolerance: float) -> ConformanceRow:
-    if tuple(port.shape) != tuple(reference.shape):
-        raise BenchError(f"case {case!r}: {output} has shape {list(port.shape)}, reference {list(reference.shape)}")
-    diff = (port.detach().double().cpu() - reference.double()).abs().max().item()
-    scale = reference.double().abs().max().item()
-    return ConformanceRow(case, output, diff, diff / scale if scale > 0 else diff, tolerance)
-
-
 def build_reference_pipeline(reference_dir: Path, device: str = "cpu") -> CapHumanPipeline:
     """UNet + CapFace of the variant, loaded strictly from `state_dict.safetensors` (no VAE / text encoder)."""
-    hparams = json.loads(_required(reference_dir, "hparams.json").read_text())
+    hparams = json.loads(required(reference_dir, "hparams.json").read_text())
     configs = caphuman_configs(hparams)
     modules = build_components(configs, ("unet", "capface"))
-    state_dict = load_checkpoint_file(_required(reference_dir, "state_dict.safetensors"))
+    state_dict = load_checkpoint_file(required(reference_dir, "state_dict.safetensors"))
     load_converted(modules, convert_caphuman_state_dict(state_dict, configs, modules, label=str(reference_dir)))
     from diffusers import DDIMScheduler
 
@@ -81,13 +47,6 @@ def build_reference_pipeline(reference_dir: Path, device: str = "cpu") -> CapHum
         capface=modules["capface"].eval(),
         scheduler=DDIMScheduler(**configs.scheduler),
     ).to(device)
-
-
-def _required(reference_dir: Path, name: str) -> Path:
-    path = Path(reference_dir) / name
-    if not path.exists():
-        raise BenchError(f"{path}: missing (a conformance reference directory needs {name})")
-    return path
 
 
 def _tensor(tensors: dict[str, torch.Tensor], name: str, case: str, device: str) -> torch.Tensor:
@@ -105,18 +64,18 @@ def _check_apply_model(pipe, case, tensors, device) -> list[ConformanceRow]:
         tau=case["tau"],
     )
     rows = [
-        _compare(name, "eps", out.eps, tensors[case["outputs"]["eps"]], tol),
-        _compare(name, "mask", out.mask, tensors[case["outputs"]["mask"]], tol),
+        compare(name, "eps", out.eps, tensors[case["outputs"]["eps"]], tol),
+        compare(name, "mask", out.mask, tensors[case["outputs"]["mask"]], tol),
     ]
     inter = case.get("intermediates", {})
     if "control_context" in inter:
-        rows.append(_compare(name, "control_context", out.control_context, tensors[inter["control_context"]], tol))
+        rows.append(compare(name, "control_context", out.control_context, tensors[inter["control_context"]], tol))
     residuals = inter.get("control_residuals")
     if isinstance(residuals, list):  # a string says "not stored for this case"
         if len(residuals) != len(out.control_residuals):
             raise BenchError(f"case {name!r}: {len(residuals)} reference residuals, port has {len(out.control_residuals)}")
         rows += [
-            _compare(name, f"control_residual_{k:02d}", port, tensors[key], tol)
+            compare(name, f"control_residual_{k:02d}", port, tensors[key], tol)
             for k, (port, key) in enumerate(zip(out.control_residuals, residuals))
         ]
     masks = inter.get("hard_masks_in_call_order")
@@ -124,7 +83,7 @@ def _check_apply_model(pipe, case, tensors, device) -> list[ConformanceRow]:
         if len(masks) != len(out.hard_masks):
             raise BenchError(f"case {name!r}: {len(masks)} reference hard masks, port gates {len(out.hard_masks)} times")
         rows += [
-            _compare(name, f"hard_mask_call_{k:02d}", port, tensors[key], TOLERANCES["hard_mask"])
+            compare(name, f"hard_mask_call_{k:02d}", port, tensors[key], TOLERANCES["hard_mask"])
             for k, (port, key) in enumerate(zip(out.hard_masks, masks))
         ]
     return rows
@@ -162,23 +121,24 @@ def _check_ddim(pipe, case, tensors, device) -> list[ConformanceRow]:
     prev = [t - pipe.scheduler.config.num_train_timesteps // case["ddim_steps"] for t in reversed(timesteps)]
     port_prev = torch.stack([alphas[p] if p >= 0 else pipe.scheduler.final_alpha_cumprod for p in prev])
     rows = [
-        _compare(name, "ddim_alphas", port_alphas, torch.tensor(case["ddim_alphas"]), TOLERANCES["ddim_schedule"]),
-        _compare(name, "ddim_alphas_prev", port_prev, torch.tensor(case["ddim_alphas_prev"]), TOLERANCES["ddim_schedule"]),
-        _compare(name, "samples", result.images, tensors[case["outputs"]["samples"]], tol),
+        compare(name, "ddim_alphas", port_alphas, torch.tensor(case["ddim_alphas"]), TOLERANCES["ddim_schedule"]),
+        compare(name, "ddim_alphas_prev", port_prev, torch.tensor(case["ddim_alphas_prev"]), TOLERANCES["ddim_schedule"]),
+        compare(name, "samples", result.images, tensors[case["outputs"]["samples"]], tol),
     ]
     inter = case.get("intermediates", {})
     if "x_inter" in inter:
-        rows.append(_compare(name, "x_inter", torch.stack(x_inter), tensors[inter["x_inter"]], tol))
+        rows.append(compare(name, "x_inter", torch.stack(x_inter), tensors[inter["x_inter"]], tol))
     if "pred_x0" in inter:
-        rows.append(_compare(name, "pred_x0", torch.stack(pred_x0), tensors[inter["pred_x0"]], tol))
+        rows.append(compare(name, "pred_x0", torch.stack(pred_x0), tensors[inter["pred_x0"]], tol))
     return rows
 
 
+@register_conformance("caphuman", vectors="caphuman_tiny")
 def run_conformance(reference_dir: Path, device: str = "cpu", only: list[str] | None = None) -> ConformanceReport:
     """Run every case (or the cases named in `only`) through the port; max abs / rel error per output."""
     reference_dir = Path(reference_dir)
-    cases = json.loads(_required(reference_dir, "cases.json").read_text())
-    tensors = load_file(str(_required(reference_dir, "cases.safetensors")))
+    cases = json.loads(required(reference_dir, "cases.json").read_text())
+    tensors = load_file(str(required(reference_dir, "cases.safetensors")))
     pipe = build_reference_pipeline(reference_dir, device)
     pipe.set_progress_bar_config(disable=True)
     report = ConformanceReport(reference_dir, cases.get("variant", reference_dir.name))
@@ -191,22 +151,3 @@ def run_conformance(reference_dir: Path, device: str = "cpu", only: list[str] | 
             raise BenchError(f"{reference_dir / 'cases.json'}: case {case.get('name')!r} has unknown kind {case.get('kind')!r}")
         report.rows += checks[case["kind"]](pipe, case, tensors, device)
     return report
-
-
-def conformance_command(reference: Path, device: str = "cpu") -> int:
-    """Print the report as a table; exit code 0 when every output is within tolerance, else 1."""
-    from rich.console import Console
-    from rich.table import Table
-
-    report = run_conformance(reference, device)
-    table = Table(title=f"CapHuman conformance: {report.variant} ({report.reference_dir})")
-    for column in ("case", "output", "max abs", "max rel", "tolerance", "result"):
-        table.add_column(column, justify="right" if column.startswith(("max", "tol")) else "left")
-    for row in report.rows:
-        verdict = "[green]pass[/green]" if row.passed else "[red]FAIL[/red]"
-        table.add_row(row.case, row.output, f"{row.max_abs:.3g}", f"{row.max_rel:.3g}", f"{row.tolerance:g}", verdict)
-    console = Console(width=max(Console().width, 110))  # full case names even when piped
-    console.print(table)
-    failed = report.failures()
-    console.print(f"{len(report.rows) - len(failed)} passed, {len(failed)} failed")
-    return 0 if report.passed else 1
