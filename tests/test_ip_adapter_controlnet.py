@@ -67,18 +67,42 @@ def test_identity_scale_and_head_condition_change_the_image(adapter, bench, base
 
 
 def test_control_image_follows_normalbae_convention(adapter, bench):
-    """ScanNet/BAE normals as (n + 1) / 2: x to the image's left, y down, z to the camera (frontal = blue)."""
+    """normalbae: red grows to the image's left, green up, blue to the camera; truncated like the annotator.
+
+    Source: ControlNet-v1-1-nightly (e2b4415) README ("blue is front, red is left, green is top") and its
+    demo figure github_docs/imgs/normal_2.png (floor ≈ (127, 252, 146), ceiling ≈ (122, 8, 126))."""
     condition = bench.conditions["frontal"]
     render = adapter.head_render("nasa-astronaut", bench.reference_image("nasa-astronaut"), condition, 64)
     inside = render.mask[0] > 0
+    rows, cols = np.nonzero(inside)
     right = inside & (np.arange(64)[None, :] >= 40)
+    top = inside & (np.arange(64)[:, None] <= rows.min() + 3)
+    bottom = inside & (np.arange(64)[:, None] >= rows.max() - 3)
     assert render.normal[0][right].mean() > 0.2  # the renderer: x points to the image's right
+    assert render.normal[1][top].mean() > 0.2 > -0.2 > render.normal[1][bottom].mean()  # y up
     rgb = np.asarray(normals_to_controlnet_image(render.normal)).astype(float)
-    np.testing.assert_allclose(rgb[..., 0], np.clip(np.round((1 - render.normal[0]) * 127.5), 0, 255))
-    np.testing.assert_allclose(rgb[..., 1], np.clip(np.round((1 - render.normal[1]) * 127.5), 0, 255))
-    np.testing.assert_allclose(rgb[..., 2], np.clip(np.round((1 + render.normal[2]) * 127.5), 0, 255))
+    np.testing.assert_array_equal(rgb[..., 0][inside], np.floor(np.clip((1 - render.normal[0]) * 0.5, 0, 1) * 255)[inside])
+    np.testing.assert_array_equal(rgb[..., 1][inside], np.floor(np.clip((1 + render.normal[1]) * 0.5, 0, 1) * 255)[inside])
+    np.testing.assert_array_equal(rgb[..., 2][inside], np.floor(np.clip((1 + render.normal[2]) * 0.5, 0, 1) * 255)[inside])
     assert rgb[..., 0][right].mean() < 110 and rgb[..., 2][inside].mean() > 200
-    assert np.all(rgb[~inside] == 128)  # no normal outside the head: mid-grey
+    assert rgb[..., 1][top].mean() > 160 > 100 > rgb[..., 1][bottom].mean()  # up-facing: green high
+    assert np.all(rgb[~inside] == [127, 127, 255])  # BAE's unit normal of a camera-facing background
+
+
+def test_normalbae_colours_of_a_sphere():
+    """Known answer from geometry alone: a unit sphere's up-, left- and camera-facing points."""
+    size = 65
+    y, x = np.mgrid[1:-1:size * 1j, -1:1:size * 1j]  # image rows run downwards, so y (up) falls
+    inside = x**2 + y**2 < 1
+    z = np.sqrt(np.clip(1 - x**2 - y**2, 0, None))
+    normal = np.where(inside, np.stack([x, y, z]), 0.0).astype(np.float32)
+    rgb = np.asarray(normals_to_controlnet_image(normal)).astype(int)
+    centre, top, left, right = (32, 32), (1, 32), (32, 1), (32, 63)
+    assert tuple(rgb[centre]) == (127, 127, 255)  # facing the camera: blue
+    assert rgb[top][1] > 240 and abs(rgb[top][0] - 127) <= 1  # facing up: green high (the floor in normal_2.png)
+    assert rgb[left][0] > 240 and abs(rgb[left][1] - 127) <= 1  # facing the image's left: red high
+    assert rgb[right][0] < 15  # facing the image's right: red low (the wall in normal_2.png, R ≈ 37)
+    assert tuple(rgb[0, 0]) == (127, 127, 255)  # outside: a camera-facing background, never mid-grey
 
 
 def test_head_target_is_the_mixed_code(adapter, bench):

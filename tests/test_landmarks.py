@@ -151,17 +151,20 @@ def test_embedding_file_never_runs_code_and_bad_files_name_themselves(tmp_path, 
 
 def test_openpose_face_drawing_follows_controlnet():
     """ControlNet 1.1's draw_facepose: white filled circles of radius 3 at int(x), int(y) on black; 70
-    points (68 + both pupils); negative points skipped."""
+    points (68 + both pupils); a point whose integer x or y is 0 or below skipped (`x > eps and y > eps`)."""
     points = np.stack([np.linspace(40, 460, 68), np.full(68, 200.0)], 1)
     points[5] = (-1.0, 100.0)
+    points[6] = (0.7, 120.0)  # int(x) == 0: the annotator skips it
+    points[7] = (90.0, 0.2)
     image = np.asarray(draw_openpose_face(points, 512))
     assert image.shape == (512, 512, 3) and set(np.unique(image)) == {0, 255}
     cv2 = pytest.importorskip("cv2")
     expected = np.zeros((512, 512, 3), np.uint8)
     for x, y in [*points, points[36:42].mean(0), points[42:48].mean(0)]:
-        if x >= 0 and y >= 0:
+        if int(x) > 0.01 and int(y) > 0.01:
             cv2.circle(expected, (int(x), int(y)), 3, (255, 255, 255), thickness=-1)
     np.testing.assert_array_equal(image, expected)
+    assert image[120, 0].max() == 0 and image[0, 90].max() == 0
     assert np.asarray(draw_openpose_face(points / 8, 64)).max() == 255  # radius scales down to 1 at 64 px
     hidden = np.ones(68, dtype=bool)
     hidden[36] = False  # one point of the right eye hidden: it and the right pupil are not drawn

@@ -185,3 +185,16 @@ def test_results_are_aggregated_and_written_under_the_scores_lock(tmp_path, monk
     results = report_stage.write_run_results(run)
     assert held == [True]
     assert json.loads(run.results_file.read_text())["metrics"] == json.loads(json.dumps(results["metrics"]))
+
+
+def test_paper_row_is_the_summarys_key_results():
+    """The headline row: ID sim 0.8363, CLIP score 0.2256, prompt accuracy 74.17 % (shared/seed summary,
+    Key Results), each under the metric of the same scale; no value without a checkable source."""
+    from caphuman_bench.report.paper import load_paper
+
+    paper = load_paper()
+    (row,) = paper["rows"]
+    assert row["card"] == "caphuman"
+    assert row["values"] == {"id_sim_facenet": 0.8363, "clip_score": 0.2256, "prompt_acc_top1": 0.7417}
+    assert paper["columns"] == {"ID sim": "id_sim_facenet", "CLIP score": "clip_score", "Prompt acc": "prompt_acc_top1"}
+    assert "74.17" in paper["source"] and "seed" in paper["transcribed_from"]

@@ -22,11 +22,15 @@ at the reference's own DECA camera, with the condition's rotation, expression an
 A subclass sets `self.renderer` (a `HeadConditionRenderer`), `self.deca` (DECA encoder or None) and
 `self._codes = {}` in its `load`; one steered by landmarks also sets `self.landmarks` (a `render.landmarks.HeadLandmarks`).
 
-Normal map convention: ControlNet 1.1's normalbae annotator (controlnet_aux `NormalBaeDetector`) writes
-the BAE network's camera-space normal n as RGB = (n + 1) / 2 · 255; BAE predicts ScanNet-protocol
-normals (x to the image's left, y down, z towards the camera: a frontal face is (128, 128, 255)). Our
-renderer's normals are DECA/FLAME's (x to the image's right, y up, z towards the camera), so
-x and y flip sign. Outside the head the normal is 0, i.e. mid-grey.
+Normal map convention: ControlNet 1.1's normalbae annotator (lllyasviel/ControlNet-v1-1-nightly,
+commit e2b4415, `annotator/normalbae/__init__.py`) writes BAE's camera-space unit normal n as
+`((n + 1) * 0.5).clip(0, 1) * 255` cast to uint8 (truncated, not rounded). Its README says "blue is
+front, red is left, green is top", and its demo figure (`github_docs/imgs/normal_2.png`, the annotator's
+output as is) agrees: the floor (facing up) ≈ (127, 252, 146), the ceiling ≈ (122, 8, 126), a wall facing
+the image's right ≈ (37, 114, 205). Our renderer's normals are DECA/FLAME's (x to the image's right, y up,
+z towards the camera), so only x flips sign. BAE predicts a unit normal at every pixel (the zero vector,
+mid-grey, never occurs in its output); outside the head we write the normal of a camera-facing
+background plane, (0, 0, 1) → (127, 127, 255), the wall behind a sitter.
 """
 
 from __future__ import annotations
@@ -47,10 +51,17 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+# normalbae's axes in ours: red grows towards the image's left (-x), green up (+y), blue to the camera (+z)
+NORMALBAE_AXES = np.array([-1.0, 1.0, 1.0], dtype=np.float32)
+BACKGROUND_NORMAL = np.array([0.0, 0.0, 1.0], dtype=np.float32)  # a camera-facing plane behind the head
+
+
 def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
     """Renderer normals [3, H, W] (x right, y up, z to the camera; 0 outside the head) → normalbae RGB."""
-    scannet = normal * np.array([-1.0, -1.0, 1.0], dtype=np.float32)[:, None, None]
-    rgb = np.clip((scannet + 1.0) * 0.5 * 255.0, 0, 255).round().astype(np.uint8)
+    background = ~np.any(normal != 0, axis=0)
+    normal = np.where(background[None], BACKGROUND_NORMAL[:, None, None], normal)
+    bae = normal * NORMALBAE_AXES[:, None, None]
+    rgb = (np.clip((bae + 1.0) * 0.5, 0.0, 1.0) * 255.0).astype(np.uint8)  # the annotator truncates
     return Image.fromarray(rgb.transpose(1, 2, 0), mode="RGB")
 
 

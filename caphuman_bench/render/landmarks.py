@@ -227,11 +227,15 @@ def openpose_face_points(landmarks: np.ndarray, visible: np.ndarray | None = Non
     return points, np.concatenate([visible, [visible[RIGHT_EYE].all(), visible[LEFT_EYE].all()]])
 
 
+OPENPOSE_EPS = 0.01  # annotator/openpose/util.py: a point is drawn only if its integer x and y exceed it
+
+
 def draw_openpose_face(landmarks: np.ndarray, width: int, height: int | None = None,
                        visible: np.ndarray | None = None) -> Image.Image:
     """The face part of ControlNet 1.1's openpose image (annotator/openpose/util.py `draw_facepose`):
     a black RGB canvas with a filled white disc of radius 3 at each face point (`int` of its
-    coordinates), points with a negative coordinate skipped, as are points `visible` marks False (the
+    coordinates), points whose integer x or y is not above 0 skipped (the annotator's `x > eps and y > eps`
+    on the integer pixel, eps = 0.01, at commit e2b4415), as are points `visible` marks False (the
     annotator's face model reports only the peaks it finds). The annotator draws at its detect
     resolution and the image is then resized, so the radius is 3 at 512 px and scales with the canvas
     (rounded, at least 1). Discs as OpenCV's filled `cv2.circle` draws them (every pixel within the
@@ -241,6 +245,7 @@ def draw_openpose_face(landmarks: np.ndarray, width: int, height: int | None = N
     radius = max(1, round(OPENPOSE_FACE_RADIUS * min(width, height) / OPENPOSE_DETECT_RESOLUTION))
     rows, cols = np.ogrid[:height, :width]
     for (x, y), shown in zip(*openpose_face_points(landmarks, visible)):
-        if shown and x >= 0 and y >= 0:
-            canvas[(cols - int(x)) ** 2 + (rows - int(y)) ** 2 <= radius * radius] = 255
+        ix, iy = int(x), int(y)
+        if shown and ix > OPENPOSE_EPS and iy > OPENPOSE_EPS:
+            canvas[(cols - ix) ** 2 + (rows - iy) ** 2 <= radius * radius] = 255
     return Image.fromarray(canvas, mode="RGB")
