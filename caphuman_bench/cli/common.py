@@ -1,0 +1,100 @@
+"""What every command group shares: the Typer apps, the consoles, the option types and parsers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from caphuman_bench.errors import BenchError
+
+app = typer.Typer(help="HumanIPHC: the benchmark of identity-preserving, head-controllable portrait generation "
+                  "(CapHuman, CVPR 2024).", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+weights_app = typer.Typer(help="Weights files: what is present, where it comes from, its licence.", no_args_is_help=True)
+data_app = typer.Typer(help="The benchmark data: prepare CelebA identities, inspect the spec.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+app.add_typer(data_app, name="data")
+console = Console(stderr=True)
+out = Console()
+
+RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Root of all run directories.")]
+Spec = Annotated[Optional[Path], typer.Option("--spec", help="Benchmark spec folder (default: the shipped benchmark_data/humaniphc).")]
+IdentitiesDir = Annotated[Optional[Path], typer.Option("--identities-dir", help="Folder of <identity>.jpg reference photos.")]
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (GPU of this rank when present).")]
+
+
+def progress_bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def parse_pairs(values: list[str] | None, what: str) -> dict:
+    pairs = {}
+    for value in values or []:
+        key, sep, raw = value.partition("=")
+        if not sep or not key:
+            raise BenchError(f"{what} {value!r}: expected KEY=VALUE")
+        pairs[key.strip()] = yaml.safe_load(raw)
+    return pairs
+
+
+PROTOCOL_HELP = ("fastcomposer (default: the paper's evaluation — largest face, max(cos, 0), CLIP text with the class "
+                 "word, tensor preprocessing) or caphuman-bench (most confident face, signed cosine, 'a person').")
+
+
+def weights_paths(values: list[str] | None) -> dict[str, str]:
+    """`--weights ID=PATH` pairs; an id the manifest does not know is refused, never ignored."""
+    from caphuman_bench import weights
+
+    paths = {}
+    for key, value in parse_pairs(values, "--weights").items():
+        if key not in weights.manifest():
+            raise BenchError(f"--weights {key}=…: unknown weights id {key!r}; `caphuman-bench weights status` lists them")
+        paths[key] = str(value)
+    return paths
+
+
+def score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None, protocol: str = "fastcomposer") -> dict:
+    from caphuman_bench.metrics._clip import CLIP_CHECKPOINTS
+
+    if no_face not in ("zero", "skip"):
+        raise BenchError(f"--no-face {no_face!r}: expected zero or skip")
+    if protocol not in ("fastcomposer", "caphuman-bench"):
+        raise BenchError(f"--protocol {protocol!r}: expected fastcomposer or caphuman-bench")
+    options = {"no_face": no_face, "protocol": protocol, "weights_paths": weights_paths(weight_paths)}
+    if clip_model:
+        if clip_model not in CLIP_CHECKPOINTS:
+            raise BenchError(f"--clip-model {clip_model!r}: expected one of {', '.join(CLIP_CHECKPOINTS)}")
+        options["clip_model"] = clip_model
+    return options
+
+
+def print_scores(summary, run_dir: Path) -> None:
+    for name, reason in summary.skipped.items():
+        console.print(f"[yellow]skipped metric {name}[/]: {escape(reason)}", soft_wrap=True)
+    for name, count in summary.errors.items():
+        console.print(f"[red]metric {name}: {count} image(s) could not be scored[/] (status error; reasons in "
+                      f"{escape(str(run_dir / 'scores.parquet'))}); the next `caphuman-bench score` retries them", soft_wrap=True)
+
+
+def report_failures(failed: int, status_files: list[Path]) -> None:
+    """The last line of a run with failed tasks; the caller exits 1."""
+    console.print(f"[red]{failed} task(s) failed[/]; reasons in {escape(', '.join(map(str, status_files)))}", soft_wrap=True)
+
+
+def print_results(results: list[dict]) -> None:
+    from caphuman_bench.stages.report import leaderboard, leaderboard_wide, to_markdown
+
+    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
