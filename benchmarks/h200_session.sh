@@ -18,7 +18,7 @@ B=benchmarks/bench_run.py
 quiet() { grep -v -e "should be kept in float32" -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "File \"/tmp/site" -e "is_torch_version"; }
 has() { [[ " $PARTS " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=index,name,clocks.sm,temperature.gpu --format=csv,noheader
-cp -r benchmark_data/humaniphc $S/spec && cat >> $S/spec/splits.yaml <<'YAML'
+cp -r caphuman_bench/benchmark_data/humaniphc $S/spec && cat >> $S/spec/splits.yaml <<'YAML'
   speed:
     description: one public-domain identity x 35 prompts x the paper's 10 head conditions (speed runs)
     identities: [nasa-astronaut]

@@ -1,5 +1,5 @@
 """The HumanIPHC benchmark spec: prompts, head conditions, identities and splits, read from
-`benchmark_data/humaniphc/` (or a folder of the user's own files with the same names).
+`caphuman_bench/benchmark_data/humaniphc/` (or a folder of the user's own files with the same names).
 
 The paper did not release its lists; the shipped spec is a documented reconstruction (see the
 folder's README). Everything is validated on load; errors name the file and the field.
@@ -22,7 +22,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 
-DEFAULT_SPEC_DIR = Path(__file__).resolve().parents[1] / "benchmark_data" / "humaniphc"
+DEFAULT_SPEC_DIR = Path(__file__).resolve().parent / "benchmark_data" / "humaniphc"
 SPEC_ENV = "CAPHUMAN_BENCH_SPEC"
 NEUTRAL_SUBJECT = "a person"  # what scoring puts in the placeholder (CLIP score, prompt accuracy)
 PLACEHOLDER = "{subject}"

@@ -1,4 +1,4 @@
-"""Method cards: small YAML files under `methods/`, validated strictly.
+"""Method cards: small YAML files under `caphuman_bench/method_cards/` (and outside folders), validated strictly.
 
 A card names its adapter, the weights it needs, its sampler settings and default parameters, and
 named presets (e.g. `smoke`). An unknown or mistyped field is an error naming the file and field.
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,9 +17,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.plugins import CARDS_ENV, outside_card_folders
 
-CARDS_ENV = "CAPHUMAN_BENCH_CARDS"
-DEFAULT_CARDS_DIR = Path(__file__).resolve().parents[1] / "methods"
+__all__ = ["CARDS_ENV", "DEFAULT_CARDS_DIR", "MethodCard", "all_cards", "card_folders", "get_card", "load_card"]
+
+DEFAULT_CARDS_DIR = Path(__file__).resolve().parent / "method_cards"
 COMMAND_LINE = "the command line (--param, --tau, --no-global, --no-local)"
 ParamTypes = dict[str, type | tuple[type, ...]]
 # What a method may read of a task, and how the head condition reaches it (the leaderboard's `head input`).
@@ -99,10 +100,6 @@ def _type_names(expected: type | tuple[type, ...]) -> str:
     return " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
 
 
-def cards_dir() -> Path:
-    return Path(os.environ.get(CARDS_ENV, DEFAULT_CARDS_DIR))
-
-
 def load_card(path: Path) -> MethodCard:
     try:
         raw = yaml.safe_load(Path(path).read_text())
@@ -122,8 +119,7 @@ def load_card(path: Path) -> MethodCard:
     return card.model_copy(update={"path": str(path)})
 
 
-def all_cards(directory: Path | None = None) -> dict[str, MethodCard]:
-    directory = directory or cards_dir()
+def _cards_in(directory: Path) -> dict[str, MethodCard]:
     cards = {}
     for path in sorted(Path(directory).glob("*.yaml")):
         card = load_card(path)
@@ -133,8 +129,29 @@ def all_cards(directory: Path | None = None) -> dict[str, MethodCard]:
     return cards
 
 
+def card_folders() -> list[Path]:
+    """The package's cards, then the outside folders (`plugins`): entry points, --include, $CAPHUMAN_BENCH_CARDS."""
+    return [DEFAULT_CARDS_DIR, *outside_card_folders()]
+
+
+def all_cards(directory: Path | None = None) -> dict[str, MethodCard]:
+    """Every card by name. An outside card of a shipped card's name replaces it (a user's edited copy);
+    two outside cards of one name are an error naming both files."""
+    if directory is not None:
+        return _cards_in(directory)
+    cards = _cards_in(DEFAULT_CARDS_DIR)
+    outside: dict[str, MethodCard] = {}
+    for folder in outside_card_folders():
+        for name, card in _cards_in(folder).items():
+            if name in outside:
+                raise BenchError(f"{card.path}: method name {name!r} already used by {outside[name].path}")
+            outside[name] = card
+    return {**cards, **outside}
+
+
 def get_card(name: str, directory: Path | None = None) -> MethodCard:
     cards = all_cards(directory)
     if name not in cards:
-        raise BenchError(f"unknown method {name!r}; cards in {directory or cards_dir()}: {', '.join(cards) or 'none'}")
+        folders = [directory] if directory is not None else card_folders()
+        raise BenchError(f"unknown method {name!r}; cards in {', '.join(map(str, folders))}: {', '.join(cards) or 'none'}")
     return cards[name]

@@ -11,6 +11,7 @@ from importlib import metadata
 from pathlib import Path
 
 import caphuman_bench
+from caphuman_bench import plugins
 
 # Everything whose version can move a number: models, metrics, image IO, and the packages the demo photos come from.
 TRACKED_PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "facenet-pytorch", "dlib-bin",
@@ -46,9 +47,10 @@ def git_state() -> dict[str, str | bool | None]:
         return out.stdout.strip() if out.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
-    dirty = git("status", "--porcelain", "--untracked-files=normal", "--", "caphuman_bench", "methods", "benchmark_data")
+    dirty = git("status", "--porcelain", "--untracked-files=normal", "--", "caphuman_bench")
     return {"commit": commit, "dirty": bool(dirty) if commit else None}
 
 
 def environment() -> dict:
-    return {"versions": package_versions(), "git": git_state(), "platform": platform.platform(), "argv": sys.argv}
+    return {"versions": package_versions(), "git": git_state(), "platform": platform.platform(), "argv": sys.argv,
+            "plugins": plugins.provenance()}

@@ -2,7 +2,8 @@
 
 The CLI resolves every name through here, never through if/else chains. Adapters and metrics
 register themselves with a decorator when their module is imported; `load_plugins()` imports every
-module of `caphuman_bench.methods` and `caphuman_bench.metrics`, so a newcomer adds one file.
+module of `caphuman_bench.methods` and `caphuman_bench.metrics`, so a newcomer adds one file, and those
+of other packages and folders (`caphuman_bench.plugins`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.plugins import outside_modules
 
 METHODS: dict[str, type] = {}
 METRICS: dict[str, type] = {}
@@ -65,16 +67,17 @@ _loaded = False
 
 
 def load_plugins() -> None:
-    """Import every adapter and metric module once so that their decorators run."""
+    """Import every adapter and metric module once so that their decorators run: this package's own,
+    then those of other packages (entry points) and of --include folders (`caphuman_bench.plugins`)."""
     global _loaded
-    if _loaded:
-        return
-    for package_name in ("caphuman_bench.methods", "caphuman_bench.metrics"):
-        package = importlib.import_module(package_name)
-        for module in pkgutil.iter_modules(package.__path__):
-            if not module.name.startswith("_") and module.name != "base":
-                importlib.import_module(f"{package_name}.{module.name}")
-    _loaded = True
+    if not _loaded:
+        for package_name in ("caphuman_bench.methods", "caphuman_bench.metrics"):
+            package = importlib.import_module(package_name)
+            for module in pkgutil.iter_modules(package.__path__):
+                if not module.name.startswith("_") and module.name != "base":
+                    importlib.import_module(f"{package_name}.{module.name}")
+        _loaded = True
+    outside_modules()
 
 
 def get_method(name: str) -> type:

@@ -13,6 +13,7 @@ from pathlib import Path
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.errors import BenchError
+from caphuman_bench.plugins import outside_code_sha256
 from caphuman_bench.provenance import config_hash, environment
 from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
@@ -73,7 +74,11 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
     identity = {"card_hash": card.card_hash(), "params": params, "benchmark": BENCHMARK_NAME,
                 "benchmark_version": bench.version, "spec_hash": bench.spec_hash, "split": split, "seed": seed,
                 "references": references}
-    artefacts = get_method(card.adapter).artefacts(card, params, bench, list(references), Path(runs_dir))
+    adapter = get_method(card.adapter)
+    outside_code = outside_code_sha256(adapter.__module__)
+    if outside_code:  # an outside adapter's code is part of the configuration: an edited file is a new run
+        identity["adapter_sha256"] = outside_code
+    artefacts = adapter.artefacts(card, params, bench, list(references), Path(runs_dir))
     if artefacts:  # fine-tuned weights: a retrained artefact is another configuration
         identity["artefacts"] = {i: a["sha256"] for i, a in artefacts.items()}
     chash = config_hash(identity)
@@ -93,7 +98,7 @@ def plan_run(card: MethodCard, bench: Benchmark, split: str, runs_dir: Path, *, 
                 "reference_sha256": references},
         **({"artefacts": artefacts} if artefacts else {}),
         "config_hash": chash,
-        "head_inputs": getattr(get_method(card.adapter), "head_inputs", lambda params: None)(params),
+        "head_inputs": getattr(adapter, "head_inputs", lambda params: None)(params),
         "environment": environment(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }

@@ -11,7 +11,7 @@ from caphuman_bench.benchmark import Benchmark, axis_angle_to_euler
 from caphuman_bench.stages.plan import plan_tasks
 from tests.cli_helpers import cli, only_run
 
-FASTCOMPOSER_SPEC = Path(__file__).resolve().parents[1] / "benchmark_data" / "fastcomposer"
+FASTCOMPOSER_SPEC = Path(__file__).resolve().parents[1] / "caphuman_bench" / "benchmark_data" / "fastcomposer"
 PAPER_CONDITIONS = {"frontal", "yaw-l45", "yaw-l20", "yaw-r20", "yaw-r45", "pitch-up20", "pitch-down20", "roll-15",
                     "jaw-open", "side-light"}
 

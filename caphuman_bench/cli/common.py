@@ -25,6 +25,20 @@ app = typer.Typer(help="HumanIPHC: the benchmark of identity-preserving, head-co
 weights_app = typer.Typer(help="Weights files: what is present, where it comes from, its licence.", no_args_is_help=True)
 data_app = typer.Typer(help="The benchmark data: prepare CelebA identities, inspect the spec.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+
+
+@app.callback()
+def outside_plugins(
+    include: Annotated[Optional[list[Path]], typer.Option(
+        "--include", help="A folder of outside methods, metrics (*.py) and cards (*.yaml), read as if shipped (repeat; "
+                          "also $CAPHUMAN_BENCH_INCLUDE). Example: caphuman-bench --include my_methods run -m mine")] = None,
+):
+    """HumanIPHC: the benchmark of identity-preserving, head-controllable portrait generation (CapHuman, CVPR 2024)."""
+    from caphuman_bench.plugins import add_include
+
+    if include:
+        add_include(include)
+
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 out = Console()

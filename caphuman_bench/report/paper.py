@@ -9,7 +9,7 @@ import yaml
 from caphuman_bench.errors import BenchError
 from caphuman_bench.report.numbers import fmt
 
-PAPER_FILE = Path(__file__).resolve().parents[2] / "benchmark_data" / "paper_results.yaml"
+PAPER_FILE = Path(__file__).resolve().parents[1] / "benchmark_data" / "paper_results.yaml"
 
 
 def load_paper(path: Path = PAPER_FILE) -> dict | None:
