@@ -112,25 +112,18 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
 
     def _load_pipeline(self, paths: dict[str, Path]):
         """SDXL + IdentityNet + InstantID's IP-Adapter from the resolved files."""
-        from diffusers import ControlNetModel
-
-        from caphuman_bench.pipelines.pipeline_instantid import StableDiffusionXLInstantIDPipeline
+        from caphuman_bench.pipelines.pipeline_instantid import load_instantid_pipeline
         from caphuman_bench.weights import load_torch_file
 
         controlnet_dir = Path(paths["instantid_controlnet"])
         controlnet_dir = controlnet_dir if controlnet_dir.is_dir() else controlnet_dir.parent
         if not (controlnet_dir / "config.json").exists():
             raise BenchError(f"{controlnet_dir}: weights 'instantid_controlnet' incomplete, missing config.json")
-        controlnet = ControlNetModel.from_pretrained(controlnet_dir, torch_dtype=self.dtype, local_files_only=True)
-        pipe = StableDiffusionXLInstantIDPipeline.from_pretrained(
-            sdxl_folder(Path(paths[SDXL_FOLDER])), controlnet=controlnet, torch_dtype=self.dtype, add_watermarker=False,
-            local_files_only=True)
         adapter_path = Path(paths["instantid_ip_adapter"])
         state_dict = load_torch_file(adapter_path, "InstantID's ip-adapter.bin")
         if not isinstance(state_dict, dict) or not {"image_proj", "ip_adapter"} <= set(state_dict):
             raise BenchError(f"{adapter_path}: not InstantID's ip-adapter.bin (expected keys image_proj and ip_adapter)")
-        pipe.load_ip_adapter(state_dict, subfolder="", weight_name="", image_encoder_folder=None)
-        return pipe
+        return load_instantid_pipeline(sdxl_folder(Path(paths[SDXL_FOLDER])), controlnet_dir, state_dict, self.dtype)
 
     def target_keypoints(self, request: GenerationRequest) -> np.ndarray:
         """InsightFace's five keypoints [5, 2] of the target head, in pixels of the generated image."""

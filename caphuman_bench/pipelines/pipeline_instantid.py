@@ -15,11 +15,15 @@ apart from diffusers' `StableDiffusionXLControlNetPipeline`, and are why the loo
   keypoints drawn by `draw_keypoints`.
 
 `draw_keypoints` is the authors' `draw_kps` on OpenCV (installed with mediapipe's opencv-contrib-python).
+
+Both are checked against the authors' code on tiny random weights: `caphuman-bench conformance instantid`
+(vectors and their generator in tests/data/instantid/).
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -58,6 +62,21 @@ def draw_keypoints(keypoints: np.ndarray, width: int, height: int) -> Image.Imag
     return Image.fromarray(canvas, mode="RGB")
 
 
+def load_instantid_pipeline(sdxl_folder: str | Path, controlnet_folder: str | Path, ip_adapter: dict,
+                            dtype: torch.dtype = torch.float32) -> StableDiffusionXLInstantIDPipeline:
+    """The authors' `infer.py` loading: SDXL from its diffusers folder, IdentityNet from `ControlNetModel/`,
+    then `ip-adapter.bin`'s two dicts ({"image_proj": Resampler, "ip_adapter": to_k_ip / to_v_ip}) through
+    diffusers' `load_ip_adapter` (IP-Adapter-plus layout), in `dtype`, local files only."""
+    from diffusers import ControlNetModel
+
+    controlnet = ControlNetModel.from_pretrained(controlnet_folder, torch_dtype=dtype, local_files_only=True)
+    pipe = StableDiffusionXLInstantIDPipeline.from_pretrained(
+        sdxl_folder, controlnet=controlnet, torch_dtype=dtype, add_watermarker=False, local_files_only=True)
+    ip_adapter = {part: {key: value.to(dtype) for key, value in ip_adapter[part].items()} for part in ("image_proj", "ip_adapter")}
+    pipe.load_ip_adapter(ip_adapter, subfolder="", weight_name="", image_encoder_folder=None)
+    return pipe
+
+
 class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
     """SDXL + IdentityNet + IP-Adapter (loaded with `load_ip_adapter`); one identity per call."""
 
@@ -75,13 +94,10 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.encode_prompt(
             prompt=prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=guided,
             negative_prompt=negative_prompt)
-        # [batch, 1 image, 1 token, 512]; unconditional: zeros
-        face = face_embedding.reshape(1, 1, 1, -1).to(device=device, dtype=prompt_embeds.dtype).expand(batch, -1, -1, -1)
+        image_embeds = self.face_embeds(face_embedding, batch, guided, prompt_embeds.dtype)
         if guided:
-            face = torch.cat([torch.zeros_like(face), face])
             prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
             pooled = torch.cat([negative_pooled, pooled])
-        image_embeds = [face]
         identity_tokens = self.unet.encoder_hid_proj(image_embeds)[0].flatten(1, 2)  # [B, 16, D]: IdentityNet's context
 
         control = self.prepare_image(image=image, width=width, height=height, batch_size=batch, num_images_per_prompt=1,
@@ -109,6 +125,12 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 noise = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
         return self.decode_latents_sdxl(latents, output_type)
+
+    def face_embeds(self, face_embedding: torch.Tensor, batch: int, guided: bool, dtype: torch.dtype) -> list[torch.Tensor]:
+        """The IP-Adapter's input [batch (×2 with guidance), 1 image, 1 token, 512]: the face embedding, and in
+        the unconditional half zeros (the authors' `_encode_prompt_image_emb`: `torch.zeros_like`)."""
+        face = face_embedding.reshape(1, 1, 1, -1).to(device=self._execution_device, dtype=dtype).expand(batch, -1, -1, -1)
+        return [torch.cat([torch.zeros_like(face), face]) if guided else face]
 
     def decode_latents_sdxl(self, latents: torch.Tensor, output_type: str):
         """SDXL's decode: the VAE in float32 when it would overflow in float16 (`force_upcast`)."""
