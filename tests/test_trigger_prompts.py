@@ -50,7 +50,12 @@ def _request(prompt: str, subject: str):
     return SimpleNamespace(prompt=prompt, subject=subject)
 
 
-def test_the_specs_hold_the_prompt_that_failed():
+def test_the_cases_cover_every_full_split_and_the_prompt_that_failed():
+    """HumanIPHC's full split (100 prepared identities x 35 prompts x 10 conditions x 3) takes every prompt with
+    the prepared identities' phrases, so CASES holds every prompt its 105,000 tasks build."""
+    for spec in ("humaniphc", "fastcomposer"):
+        bench = Benchmark.load(SPECS / spec)
+        assert set(bench.split("full").prompts) == set(bench.prompts)
     assert ("humaniphc", "sty-cyberpunk", "a woman", "a cyberpunk portrait of a woman, neon lights") in CASES
     assert len(CASES) == (35 + 40) * 3
 
