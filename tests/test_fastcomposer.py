@@ -14,7 +14,7 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.methods.base import with_trigger_word
 from caphuman_bench.methods.fastcomposer import build_tiny_fastcomposer_pipeline
 from caphuman_bench.models.fastcomposer import FastComposerPostfuseModule
-from caphuman_bench.pipelines.pipeline_fastcomposer import split_trigger, subject_pixel_values
+from caphuman_bench.pipelines.pipeline_fastcomposer import subject_pixel_values, subject_token_ids
 from tests.cli_helpers import cli, image_digests, only_run
 from tests.method_helpers import generation_request
 
@@ -55,42 +55,27 @@ def test_fusion_is_the_official_formula_at_the_subject_token_only():
         module(text, objects, torch.zeros(2, 9, dtype=torch.bool))
 
 
-def test_subject_token_is_the_official_noun_phrase_end(pipe):
-    """Against the official `_tokenize_and_mask_noun_phrases_ends`, run on a tokenizer with "img" added."""
-    prompt = with_trigger_word(generation_request(Benchmark.load(), prompt_id="acc-rainbow-scarf"), "img")
-    assert prompt == "a photo of a woman img wearing a rainbow scarf"
-    special = _tokenizer_with_trigger(pipe.tokenizer)
-    image_token_id = special.convert_tokens_to_ids("img")
-    input_ids = special.encode(prompt)
-    clean, mask, clean_index = [], [False] * len(input_ids), 0
-    for token in input_ids:  # transcribed: the token before each image token is marked, the image token dropped
-        if token == image_token_id:
-            mask[clean_index - 1] = True
-        else:
-            clean.append(token)
-            clean_index += 1
-    clean = clean + [special.pad_token_id] * (77 - len(clean))
-    mask = mask + [False] * (77 - len(mask))
-
-    _, text_embeds, ours = pipe.encode_prompt([prompt], [""], torch.device("cpu"))
-    assert ours[0].tolist() == mask[:77]
-    assert pipe._tokens([split_trigger(prompt)[1]], torch.device("cpu"))[0].tolist() == clean
-    assert pipe.tokenizer.decode([clean[int(np.argmax(mask))]]).strip() == "woman"
+def test_subject_token_is_the_word_before_the_trigger_wherever_it_stands(pipe):
+    """The trigger is split out as the official special token: before a comma too ('img,', sty-cyberpunk)."""
+    for prompt_id, after in (("acc-rainbow-scarf", " wearing"), ("sty-cyberpunk", ",")):
+        prompt = with_trigger_word(generation_request(Benchmark.load(), prompt_id=prompt_id), "img")
+        assert f"a woman img{after}" in prompt
+        ids, index = subject_token_ids(pipe.trigger_tokenizer, pipe.tokenizer.pad_token_id, prompt)
+        assert ids == pipe._tokens([prompt.replace("img", "")], torch.device("cpu"))[0].tolist()
+        assert pipe.tokenizer.decode([ids[index]]).strip() == "woman"
+        _, _, _, mask = pipe.encode_prompt([prompt], [""], torch.device("cpu"))
+        assert mask[0].nonzero().flatten().tolist() == [index]
+    assert "img" not in pipe.tokenizer.get_vocab()  # the pipeline's own tokenizer is left as it is
 
 
-def _tokenizer_with_trigger(tokenizer):
-    import copy
+def test_trigger_rules(pipe):
+    def index(prompt):
+        return subject_token_ids(pipe.trigger_tokenizer, pipe.tokenizer.pad_token_id, prompt)[1]
 
-    special = copy.deepcopy(tokenizer)
-    special.add_tokens(["img"], special_tokens=True)
-    return special
-
-
-def test_trigger_rules():
-    assert split_trigger("a man img reading") == ("a man", "a man  reading")
+    assert index("a man img reading") == index("a man img, reading") == index("a man img. reading") == 2
     for bad in ("a man reading", "img a man", "a man img and a woman img"):
-        with pytest.raises(ValueError):
-            split_trigger(bad)
+        with pytest.raises(ValueError, match="trigger word"):
+            index(bad)
 
 
 def test_subject_image_is_padded_square_with_black_then_resized():

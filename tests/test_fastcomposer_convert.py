@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors import safe_open
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.loaders.convert_caphuman import load_checkpoint_file
 from caphuman_bench.loaders.convert_fastcomposer import COMPONENTS, convert_fastcomposer_state_dict, fastcomposer_modules
 from caphuman_bench.methods.fastcomposer import build_tiny_fastcomposer_pipeline
 
+VECTORS = Path(__file__).parent / "data" / "fastcomposer"
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
@@ -65,6 +70,16 @@ def test_released_architecture_maps_one_to_one():
     assert sum(len(v) for v in converted.values()) == len(state) - 2  # all but the two position_ids buffers
     assert converted["postfuse_module"]["mlp1.fc1.weight"].shape == (768, 1536)
     assert converted["image_encoder"]["visual_projection.weight"].shape == (768, 1024)
+
+
+def test_the_layout_above_is_the_authors_own():
+    """`official_layout` against a real `FastComposerModel.state_dict()` of the authors' code (the conformance
+    vectors' tiny model, tests/data/fastcomposer): the same key names and shapes."""
+    hparams = json.loads((VECTORS / "hparams.json").read_text())
+    with safe_open(VECTORS / "state_dict.safetensors", "pt") as authors:
+        shapes = {key: list(authors.get_slice(key).get_shape()) for key in authors.keys()}
+    ours = official_layout(fastcomposer_modules(meta=True, hparams=hparams))
+    assert {key: list(tensor.shape) for key, tensor in ours.items()} == shapes
 
 
 def test_missing_extra_and_misshapen_keys_are_named(source, target):

@@ -48,18 +48,23 @@ SD15_PNDM = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.0
              "skip_prk_steps": True, "set_alpha_to_one": False, "steps_offset": 1}
 
 
-def fastcomposer_modules(meta: bool = True) -> dict[str, torch.nn.Module]:
-    """The released model's components at full size, on the meta device unless `meta=False`."""
+def fastcomposer_modules(meta: bool = True, hparams: dict | None = None) -> dict[str, torch.nn.Module]:
+    """The components at the released model's sizes, or at those of `hparams` (constructor arguments under
+    unet / vae / text_encoder / image_encoder, as the conformance vectors' hparams.json); on the meta
+    device unless `meta=False`."""
     from accelerate import init_empty_weights
 
-    sd15 = caphuman_configs(SD15_HPARAMS)
+    if hparams is None:
+        sd15 = caphuman_configs(SD15_HPARAMS)
+        hparams = {"unet": {**sd15.unet, "sample_size": 64}, "vae": sd15.vae, "text_encoder": SD15_HPARAMS["text_encoder"],
+                   "image_encoder": SD15_HPARAMS["image_encoder"]}
     with init_empty_weights(include_buffers=False) if meta else torch.device("cpu"):
         return {
-            "unet": UNet2DConditionModel(**{**sd15.unet, "sample_size": 64}),
-            "vae": AutoencoderKL(**sd15.vae),
-            "text_encoder": CLIPTextModel(CLIPTextConfig(**SD15_HPARAMS["text_encoder"])),
-            "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**SD15_HPARAMS["image_encoder"])),
-            "postfuse_module": FastComposerPostfuseModule(embed_dim=SD15_HPARAMS["text_encoder"]["hidden_size"]),
+            "unet": UNet2DConditionModel(**hparams["unet"]),
+            "vae": AutoencoderKL(**hparams["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**hparams["text_encoder"])),
+            "image_encoder": CLIPVisionModelWithProjection(CLIPVisionConfig(**hparams["image_encoder"])),
+            "postfuse_module": FastComposerPostfuseModule(embed_dim=hparams["text_encoder"]["hidden_size"]),
         }
 
 
@@ -117,10 +122,11 @@ def convert_fastcomposer_state_dict(state_dict: dict[str, torch.Tensor], modules
 
 
 def load_fastcomposer_components(path: str | Path, device: str | torch.device = "cpu",
-                                 dtype: torch.dtype = torch.float32) -> dict:
+                                 dtype: torch.dtype = torch.float32, hparams: dict | None = None) -> dict:
     """Everything `FastComposerPipeline` needs, from the one official file (SD-1.5's tokenizer and PNDM
-    scheduler are built in code: the tokenizer from open_clip's bundled BPE, see `clip_tokenizer`)."""
-    modules = fastcomposer_modules(meta=True)
+    scheduler are built in code: the tokenizer from open_clip's bundled BPE, see `clip_tokenizer`).
+    `hparams`: other sizes than the released model's (see `fastcomposer_modules`)."""
+    modules = fastcomposer_modules(meta=True, hparams=hparams)
     converted = convert_fastcomposer_state_dict(load_checkpoint_file(path), modules, label=str(path))
     for name, tensors in converted.items():
         modules[name].load_state_dict(tensors, strict=True, assign=True)

@@ -7,14 +7,15 @@ follows from the official code (mit-han-lab/fastcomposer, `fastcomposer/pipeline
 `StableDiffusionFastCompposerPipeline`, `fastcomposer/transforms.py`, `demo/pipeline.py`):
 
 * The prompt names the subject with the trigger word right after it: "a photo of a woman img wearing
-  a red hat". The trigger is removed; the token before it (the last BPE token of "woman") is the
-  subject token. The official code adds "img" to the tokenizer as a special token and removes its id;
-  tokenizing the prompt without the word gives the same ids (CLIP's BPE works word by word), and the
-  subject token's index is that of the last token of the text before the trigger. (Only prompts over
-  77 tokens differ: the official code cuts them without keeping the end token; the benchmark's are short.)
-* Text-only embeddings = the text encoder on the prompt without the trigger (the official
-  `prompt.replace("img", "")`); augmented embeddings = the same hidden states with the subject token
-  fused with the image embedding (`FastComposerPostfuseModule`).
+  a red hat", or "... of a woman img, neon lights". As the official `_tokenize_and_mask_noun_phrases_ends`
+  does, a copy of the tokenizer knows "img" as an added special token (demo/pipeline.py
+  `tokenizer.add_tokens(["img"], special_tokens=True)`), so the trigger is split out of the text
+  wherever it stands, before a comma too; its id is removed and the token before it (the last BPE
+  token of "woman") is the subject token; the ids are padded with the pad token to 77. (Prompts over
+  77 tokens are cut without keeping the end token, as there; the benchmark's are short.)
+* Text-only embeddings = the text encoder on `prompt.replace("img", "")`, tokenized as usual (the
+  official `prompt_text_only`); augmented embeddings = the text encoder on the ids above, with the
+  subject token fused with the image embedding (`FastComposerPostfuseModule`).
 * Delayed subject conditioning: steps i ≤ (1 − alpha)·num_inference_steps use the text-only
   embeddings, later steps the augmented ones (the official `alpha_`). The unconditional branch is
   the negative prompt's embeddings throughout.
@@ -25,8 +26,8 @@ follows from the official code (mit-han-lab/fastcomposer, `fastcomposer/pipeline
 
 from __future__ import annotations
 
+import copy
 import inspect
-import re
 
 import numpy as np
 import PIL.Image
@@ -44,21 +45,33 @@ from caphuman_bench.models.fastcomposer import FastComposerPostfuseModule
 TRIGGER_WORD = "img"  # demo/pipeline.py and evaluation/single_object/run.py: tokenizer.add_tokens(["img"])
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_TRIGGER = re.compile(rf"(?<!\S){TRIGGER_WORD}(?!\S)")
 
 
-def split_trigger(prompt: str) -> tuple[str, str]:
-    """'a woman img reading' → ('a woman', 'a woman  reading'): the text before the trigger and the
-    prompt without it. Exactly one trigger word, with text before it, is required."""
-    found = list(_TRIGGER.finditer(prompt))
-    if len(found) != 1:
+def trigger_tokenizer(tokenizer: CLIPTokenizer) -> CLIPTokenizer:
+    """A copy of `tokenizer` that splits the trigger word out as one added special token (the official
+    `special_tokenizer`); the pipeline's own tokenizer is left as it is."""
+    special = copy.deepcopy(tokenizer)
+    special.add_tokens([TRIGGER_WORD], special_tokens=True)
+    return special
+
+
+def subject_token_ids(special_tokenizer: CLIPTokenizer, pad_token_id: int, prompt: str) -> tuple[list[int], int]:
+    """The official `_tokenize_and_mask_noun_phrases_ends` for one subject: the prompt's ids without the
+    trigger, padded (or cut) to the tokenizer's length, and the index of the token before the trigger.
+    Exactly one trigger, with a word before it, is required."""
+    trigger_id = special_tokenizer.convert_tokens_to_ids(TRIGGER_WORD)
+    ids = special_tokenizer.encode(prompt)
+    positions = [i for i, token in enumerate(ids) if token == trigger_id]
+    if len(positions) != 1:
         raise ValueError(f"prompt {prompt!r} must contain the trigger word {TRIGGER_WORD!r} exactly once "
-                         f"(after the subject word), found {len(found)}")
-    start, end = found[0].span()
-    prefix = prompt[:start].strip()
-    if not prefix:
+                         f"(after the subject word), found {len(positions)}")
+    index, length = positions[0] - 1, special_tokenizer.model_max_length
+    if index < 1:  # ids[0] is the start token
         raise ValueError(f"prompt {prompt!r}: the trigger word {TRIGGER_WORD!r} must follow the subject word")
-    return prefix, prompt[:start] + prompt[end:]
+    if index >= length:
+        raise ValueError(f"prompt {prompt!r}: the subject word lies beyond the text encoder's {length} tokens")
+    clean = [token for token in ids if token != trigger_id][:length]
+    return clean + [pad_token_id] * (length - len(clean)), index
 
 
 def subject_pixel_values(image: PIL.Image.Image, object_resolution: int, image_size: int) -> torch.Tensor:
@@ -95,6 +108,7 @@ class FastComposerPipeline(DiffusionPipeline):
         self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                               image_encoder=image_encoder, postfuse_module=postfuse_module)
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.trigger_tokenizer = trigger_tokenizer(tokenizer)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     def check_inputs(self, prompt: list[str], reference_images: list, negative_prompt: list[str], height: int,
@@ -109,7 +123,7 @@ class FastComposerPipeline(DiffusionPipeline):
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
         for text in prompt:
-            split_trigger(text)
+            subject_token_ids(self.trigger_tokenizer, self.tokenizer.pad_token_id, text)
 
     def _tokens(self, texts: list[str], device: torch.device) -> torch.Tensor:
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
@@ -117,18 +131,16 @@ class FastComposerPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def encode_prompt(self, prompt: list[str], negative_prompt: list[str], device: torch.device):
-        """(negative embeddings, text-only embeddings, subject mask [B, T]) for prompts with the trigger word."""
-        prefixes, texts = zip(*(split_trigger(p) for p in prompt))
-        length = self.tokenizer.model_max_length
-        mask = torch.zeros(len(prompt), length, dtype=torch.bool, device=device)
-        for row, (prefix, text) in enumerate(zip(prefixes, prompt)):
-            index = len(self.tokenizer(prefix).input_ids) - 2  # last token before the trigger (BOS is 0, EOS dropped)
-            if index >= length - 1:
-                raise ValueError(f"prompt {text!r}: the subject word lies beyond the text encoder's {length} tokens")
-            mask[row, index] = True
-        text_embeds = self.text_encoder(self._tokens(list(texts), device))[0]
+        """(negative embeddings, text-only embeddings, embeddings of the ids without the trigger, subject
+        mask [B, T]) for prompts with the trigger word."""
+        rows = [subject_token_ids(self.trigger_tokenizer, self.tokenizer.pad_token_id, text) for text in prompt]
+        subject_ids = torch.tensor([ids for ids, _ in rows], dtype=torch.long, device=device)
+        mask = torch.zeros_like(subject_ids, dtype=torch.bool)
+        mask[torch.arange(len(rows)), [index for _, index in rows]] = True
+        subject_embeds = self.text_encoder(subject_ids)[0]
+        text_embeds = self.text_encoder(self._tokens([text.replace(TRIGGER_WORD, "") for text in prompt], device))[0]
         negative_embeds = self.text_encoder(self._tokens(list(negative_prompt), device))[0]
-        return negative_embeds, text_embeds, mask
+        return negative_embeds, text_embeds, subject_embeds, mask
 
     @torch.no_grad()
     def encode_subject(self, reference_images: list[PIL.Image.Image], object_resolution: int, device: torch.device,
@@ -139,9 +151,13 @@ class FastComposerPipeline(DiffusionPipeline):
         return self.image_encoder(pixels.to(device, dtype)).image_embeds
 
     def prepare_latents(self, batch_size: int, height: int, width: int, dtype: torch.dtype, device: torch.device,
-                        generator) -> torch.Tensor:
+                        generator, latents: torch.Tensor | None = None) -> torch.Tensor:
         shape = (batch_size, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        return randn_tensor(shape, generator=generator, device=device, dtype=dtype) * self.scheduler.init_noise_sigma
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {list(shape)}, got {list(latents.shape)}")
+        return latents.to(device, dtype) * self.scheduler.init_noise_sigma
 
     @torch.no_grad()
     def __call__(
@@ -157,6 +173,7 @@ class FastComposerPipeline(DiffusionPipeline):
         object_resolution: int = 224,
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
         output_type: str = "pil",
     ) -> StableDiffusionPipelineOutput:
         prompt = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -166,13 +183,13 @@ class FastComposerPipeline(DiffusionPipeline):
         device = self._execution_device
 
         # 1. text-only and subject-augmented conditions
-        negative_embeds, text_embeds, subject_mask = self.encode_prompt(prompt, negative_prompt, device)
+        negative_embeds, text_embeds, subject_embeds, subject_mask = self.encode_prompt(prompt, negative_prompt, device)
         object_embeds = self.encode_subject(reference_images, object_resolution, device, text_embeds.dtype)
-        augmented_embeds = self.postfuse_module(text_embeds, object_embeds, subject_mask)
+        augmented_embeds = self.postfuse_module(subject_embeds, object_embeds, subject_mask)
 
         # 2. latents and timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        latents = self.prepare_latents(len(prompt), height, width, text_embeds.dtype, device, generator)
+        latents = self.prepare_latents(len(prompt), height, width, text_embeds.dtype, device, generator, latents)
         step_parameters = set(inspect.signature(self.scheduler.step).parameters)
         extra = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in step_parameters}
         start_subject_step = (1.0 - alpha) * num_inference_steps
