@@ -21,7 +21,7 @@ from caphuman_bench.pipelines.pipeline_fastcomposer import TRIGGER_WORD, subject
 from caphuman_bench.pipelines.pipeline_photomaker import PhotoMakerStableDiffusionXLPipeline
 from caphuman_bench.stages.plan import plan_tasks
 
-SPECS = Path(__file__).resolve().parents[1] / "benchmark_data"
+SPECS = Path(__file__).resolve().parents[1] / "caphuman_bench" / "benchmark_data"
 # data_prepare.py: CelebA's Male attribute gives "a man" / "a woman", a folder of faces "a person"
 PREPARED_SUBJECTS = ("a man", "a woman", "a person")
 
