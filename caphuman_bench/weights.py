@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -124,6 +125,39 @@ def require(weights_ids: list[str] | tuple[str, ...], overrides: dict[str, str] 
     if missing:
         raise MissingWeightsError("\n".join(missing))
     return found
+
+
+TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".tar", ".ckpt")
+
+
+def verify_file(path: str | os.PathLike, what: str) -> None:
+    """Open a weights file as cheaply as its format allows, before hours of work depend on it: a
+    safetensors header, a zip archive's directory (torch's format, .npz, .zip), a pickle's first byte;
+    a folder (a diffusers repository) is read by its loader. Nothing is unpickled. One line names the file."""
+    path = Path(path)
+    if path.is_dir():
+        return
+    if not path.is_file():
+        raise BenchError(f"{path}: {what} not found")
+    if path.stat().st_size == 0:
+        raise BenchError(f"{path}: {what} is empty")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                f.keys()
+        elif zipfile.is_zipfile(path):
+            zipfile.ZipFile(path).close()
+        elif suffix in (".npz", ".zip"):
+            raise ValueError("not a zip archive (truncated?)")
+        elif suffix in TORCH_SUFFIXES + (".pkl",):
+            with open(path, "rb") as fh:
+                if fh.read(1) != b"\x80":
+                    raise ValueError("neither a zip archive (torch.save) nor a pickle")
+    except Exception as exc:  # safetensors, zipfile and our own checks all fail on junk in their own ways
+        raise BenchError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
 
 
 def sha256_of(path: Path, chunk: int = 1 << 20) -> str:

@@ -39,6 +39,7 @@ def outside_plugins(
     if include:
         add_include(include)
 
+
 app.add_typer(data_app, name="data")
 console = Console(stderr=True)
 out = Console()
@@ -69,13 +70,15 @@ PROTOCOL_HELP = ("fastcomposer (default: the paper's evaluation — largest face
 
 
 def weights_paths(values: list[str] | None) -> dict[str, str]:
-    """`--weights ID=PATH` pairs; an id the manifest does not know is refused, never ignored."""
+    """`--weights ID=PATH` pairs; an id the manifest does not know, or a file that is missing or does not
+    open, is refused, never ignored."""
     from caphuman_bench import weights
 
     paths = {}
     for key, value in parse_pairs(values, "--weights").items():
         if key not in weights.manifest():
             raise BenchError(f"--weights {key}=…: unknown weights id {key!r}; `caphuman-bench weights status` lists them")
+        weights.verify_file(Path(str(value)).expanduser(), f"--weights {key}")  # named, so never skipped: it must load
         paths[key] = str(value)
     return paths
 

@@ -46,12 +46,14 @@ def score(
     from caphuman_bench.runner import pick_device
     from caphuman_bench.stages.plan import parse_shard
     from caphuman_bench.stages.report import write_run_results
+    from caphuman_bench.stages.score import metrics_to_run
     from caphuman_bench.stages.score import score as score_stage
 
     run_ = RunDir(run_dir).require()
+    names, options = metrics.split(",") if metrics else None, score_options(no_face, clip_model, weights_path, protocol)
+    metrics_to_run(names, options)  # a named metric that cannot run stops here, before any image is read
     with progress_bar() as progress:
-        summary = score_stage(run_, metrics=metrics.split(",") if metrics else None, device=pick_device(device),
-                              options=score_options(no_face, clip_model, weights_path, protocol), shard=parse_shard(shard),
+        summary = score_stage(run_, metrics=names, device=pick_device(device), options=options, shard=parse_shard(shard),
                               force=force, batch_size=batch_size, progress=progress)
     print_scores(summary, run_.path)
     results = write_run_results(run_)

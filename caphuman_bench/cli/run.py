@@ -27,16 +27,26 @@ from caphuman_bench.cli.common import (
 from caphuman_bench.errors import BenchError
 
 
-def preflight(card, bench, split: str, preset: Optional[str], overrides: dict, weights_paths: dict) -> None:
+def preflight(card, bench, split: str, preset: Optional[str], overrides: dict, options: dict,
+              metrics: list[str] | None, scoring: bool = True) -> None:
     """Everything a run needs that the user can fix, checked before `plan_run` writes the run folder:
-    the card's parameters and the command line's overrides, the weights files, every reference photo."""
+    the card's parameters and the command line's overrides, the method's weights files (opened, not only
+    found), the metrics named (registered, their weights present and readable), every reference photo."""
+    from caphuman_bench import weights
     from caphuman_bench.registry import get_method
     from caphuman_bench.stages.generate import method_weights
+    from caphuman_bench.stages.score import metrics_to_run
 
     params = get_method(card.adapter).validated_params(card, preset, overrides)
-    method_weights(card, params, weights_paths)
+    _, resolved = method_weights(card, params, options["weights_paths"])
+    if scoring:
+        ready = metrics_to_run(metrics, options)
+        resolved = {**resolved, **{wid: path for _, found in ready.values() for wid, path in found.items()}}
+    for weights_id, path in resolved.items():
+        weights.verify_file(path, f"weights file {weights_id}")
     for identity_id in bench.split(split).identities:
         bench.reference_image(identity_id)
+
 
 def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard, force, generate_only, metrics,
              options, batch_size):
@@ -48,7 +58,7 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
     from caphuman_bench.stages.score import score
 
     device = pick_device(device)
-    preflight(card, bench, split, preset, overrides, options["weights_paths"])  # before any file is written
+    preflight(card, bench, split, preset, overrides, options, metrics, scoring=not generate_only)  # before any file is written
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
     with progress_bar() as progress:
@@ -66,6 +76,7 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
     print_scores(summary, planned.run.path)
     results = write_run_results(planned.run)
     return planned, gen, results, sum(summary.errors.values())
+
 
 @app.command()
 def run(
@@ -121,6 +132,7 @@ def run(
     if score_errors:
         raise typer.Exit(1)
 
+
 @app.command()
 def ablate(
     method: Annotated[str, typer.Option("--method", "-m", help="Method card name (see `caphuman-bench methods`).")] = "caphuman",
@@ -171,7 +183,7 @@ def ablate(
                 for b in (backbone or [None]) for t in (tau or [None]) for f in (features or ["global+local"])]
     split = split or default_split(preset)
     for overrides in variants:  # every variant's parameters checked before the first run starts
-        preflight(card, bench, split, preset, overrides, options["weights_paths"])
+        preflight(card, bench, split, preset, overrides, options, metrics.split(",") if metrics else None)
     results, failed, status_files, unscored, variant_runs = [], 0, [], 0, []
     for overrides in variants:
         planned, gen, res, score_errors = execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,

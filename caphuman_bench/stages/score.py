@@ -97,6 +97,14 @@ def select_metrics(names: list[str] | None, options: dict) -> tuple[dict[str, tu
     return ready, skipped
 
 
+def metrics_to_run(names: list[str] | None, options: dict) -> dict[str, tuple[type, dict]]:
+    """`select_metrics`, except that a metric the user named is never skipped: one error names each missing file."""
+    ready, skipped = select_metrics(names, options)
+    if names and skipped:
+        raise BenchError("--metrics: " + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
+    return ready
+
+
 def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu", options: dict | None = None,
           shard: Shard = Shard(0, 1), force: bool = False, batch_size: int = 8, progress=None) -> ScoreSummary:
     with prompt_gil_handover():
