@@ -15,7 +15,7 @@ from caphuman_bench.cli.common import app, console
 from caphuman_bench.errors import BenchError
 
 # Each module registers its commands on `app`; `--help` lists them in this order.
-for _group in ("run", "results", "catalogue"):
+for _group in ("run", "ingest", "results", "catalogue"):
     importlib.import_module(f"{__name__}.{_group}")
 
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from caphuman_bench.conformance import register_conformance
-from caphuman_bench.conformance.base import ConformanceReport, compare, required
+from caphuman_bench.conformance.base import ConformanceReport, ConformanceRow, compare, required
 from caphuman_bench.errors import BenchError
 from caphuman_bench.loaders.convert_caphuman import (
     build_components,

@@ -8,9 +8,13 @@ order.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.errors import BenchError
@@ -95,3 +99,60 @@ def parse_shard(text: str | None, env: dict[str, str] | None = None) -> Shard:
     if not 0 <= index < count:
         raise BenchError(f"process rank {index} is outside 0..{count - 1} (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)")
     return Shard(index, count)
+
+
+def export_tasks(bench: Benchmark, split_name: str, out_dir: str | os.PathLike, *, seed: int = 0, renders: str = "none",
+                 size: int = 512) -> int:
+    """The tasks of a split for a method run elsewhere (`caphuman-bench plan --export`), in `out_dir`:
+
+    tasks.jsonl         one task a line: task_id (the image's file name), identity, subject, prompt_id, the
+                        filled prompt, condition_id, sample, seed, the reference photo(s), and the head
+                        condition as explicit FLAME parameters (yaw/pitch/roll in degrees, pose, exp, cam, light)
+    references/         each identity's reference photo(s), <identity>.png (<identity>_<k>.png for more)
+    conditions/         with `renders` flame or synthetic: <condition>/{normal,albedo,rendered}.png on FLAME's
+                        mean head (identity-agnostic; methods steered by the reference's own head re-render it)
+    Returns the number of tasks. The seeds are `run`'s, so an ingested run and a run here share tasks."""
+    from caphuman_bench.atomic import write_text_atomic
+    from caphuman_bench.images import save_png_atomic
+
+    out = Path(out_dir)
+    tasks = plan_tasks(bench, split_name, seed)
+    references: dict[str, list[str]] = {}
+    for identity_id in dict.fromkeys(t.identity_id for t in tasks):
+        photos = bench.reference_images(identity_id)
+        names = [f"{identity_id}.png"] + [f"{identity_id}_{k}.png" for k in range(1, len(photos))]
+        for name, photo in zip(names, photos):
+            save_png_atomic(photo, out / "references" / name)
+        references[identity_id] = [f"references/{n}" for n in names]
+    condition_ids = list(dict.fromkeys(t.condition_id for t in tasks))
+    rendered = _export_renders(bench, condition_ids, out / "conditions", renders, size) if renders != "none" else {}
+    lines = []
+    for task in tasks:
+        identity, condition = bench.identities[task.identity_id], bench.conditions[task.condition_id]
+        lines.append(json.dumps({
+            **task.to_dict(),
+            "subject": identity.subject,
+            "prompt": bench.prompts[task.prompt_id].fill(identity.subject),
+            "references": references[task.identity_id],
+            "condition": {"yaw": condition.yaw, "pitch": condition.pitch, "roll": condition.roll,
+                          **{k: np.asarray(v).tolist() for k, v in condition.coefficients().items()}},
+            **({"condition_renders": rendered[task.condition_id]} if rendered else {}),
+        }))
+    write_text_atomic(out / "tasks.jsonl", "\n".join(lines) + "\n")
+    return len(tasks)
+
+
+def _export_renders(bench: Benchmark, condition_ids: list[str], out: Path, renders: str, size: int) -> dict[str, dict]:
+    from caphuman_bench.images import save_png_atomic
+    from caphuman_bench.render.cli import to_images
+    from caphuman_bench.render.head_condition import HeadConditionRenderer, neutral_identity_code
+
+    renderer = HeadConditionRenderer.synthetic("cpu") if renders == "synthetic" else HeadConditionRenderer.from_weights("cpu")
+    written = {}
+    for condition_id in condition_ids:
+        render = renderer.render(neutral_identity_code(), bench.conditions[condition_id], mode="all", size=size)
+        written[condition_id] = {}
+        for name, image in to_images(render).items():
+            save_png_atomic(image, out / condition_id / f"{name}.png")
+            written[condition_id][name] = f"conditions/{condition_id}/{name}.png"
+    return written
