@@ -209,8 +209,30 @@ def fetch(weights_id: str) -> Path:
     if not (e.hf_repo and e.hf_file):
         raise BenchError(f"{weights_id!r} is not on the Hugging Face hub; get it from {e.source} ({e.licence})")
     from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-    return Path(hf_hub_download(repo_id=e.hf_repo, filename=e.hf_file))
+    try:
+        return Path(hf_hub_download(repo_id=e.hf_repo, filename=e.hf_file))
+    except (OfflineModeIsEnabled, LocalEntryNotFoundError) as exc:  # no network, or HF_HUB_OFFLINE=1
+        raise BenchError(f"{weights_id}: the Hugging Face hub cannot be reached ({type(exc).__name__}); fetch "
+                         f"{e.hf_repo}/{e.hf_file} where there is network, or put it at ${WEIGHTS_ENV}/{e.file}") from None
+    except HfHubHTTPError as exc:  # gated or missing repository: the hub's own words
+        raise BenchError(f"{weights_id}: the hub refused {e.hf_repo}/{e.hf_file}: {str(exc).splitlines()[0]}") from None
+
+
+_UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+def total_size(rows: list[dict]) -> str:
+    """The sum of the manifest's human sizes ("6.9 GB", "335 MB"); sizes it cannot read are left out."""
+    total = 0.0
+    for row in rows:
+        number, _, unit = str(row.get("size", "")).strip().partition(" ")
+        try:
+            total += float(number) * _UNITS[unit.strip().upper()]
+        except (ValueError, KeyError):
+            continue
+    return f"{total / 1e9:.1f} GB" if total >= 1e9 else f"{total / 1e6:.0f} MB"
 
 
 def status_rows() -> list[dict]:

@@ -9,13 +9,16 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
+from caphuman_bench.errors import BenchError
 from caphuman_bench.cli.common import (
     Device,
     IdentitiesDir,
     Spec,
     app,
     data_app,
+    console,
     out,
+    print_rows,
     weights_app,
     weights_paths,
 )
@@ -40,19 +43,19 @@ def methods(as_json: Annotated[bool, typer.Option("--json", help="Machine-readab
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("method", "inputs", "head input", "weights", "description")
+    table = []
     for row in rows:
         missing = [w for w, present in row["weights"].items() if not present]
         state = ("none needed" if not row["weights"] else "[green]present[/]" if not missing else
-                 f"[yellow]missing {len(missing)} of {len(row['weights'])}[/]: {', '.join(missing)}")
-        table.add_row(row["method"], ", ".join(row["inputs"]), row["head_input"], state, row["description"])
-    out.print(table)
-    out.print("weights: `caphuman-bench weights status` says where each file comes from; every method also has a "
-              "`smoke` preset that needs none", soft_wrap=True)
+                 f"[yellow]missing {len(missing)} of {len(row['weights'])}[/]")
+        table.append([row["method"], ", ".join(row["inputs"]), row["head_input"], state, row["description"]])
+    print_rows(["method", "inputs", "head input", "weights", "description"], table)
+    out.print("weights: `caphuman-bench weights status --method NAME` names each file and where it comes from; every "
+              "method also has a `smoke` preset that needs none", soft_wrap=True)
 
 
 @app.command()
-def metrics():
+def metrics(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False):
     """List the registered metrics, their reported values and weights.
 
     Example: caphuman-bench metrics
@@ -60,45 +63,85 @@ def metrics():
     from caphuman_bench import weights
     from caphuman_bench.registry import all_metrics
 
-    table = Table("metric", "values (↑ higher / ↓ lower is better)", "weights")
-    for name, cls in all_metrics().items():
-        values = ", ".join(f"{k} {'↑' if v else '↓'}" for k, v in cls.info.higher_is_better.items())
-        ws = ", ".join(f"{w} ({'present' if weights.locate(w) else 'missing'})" for w in cls.info.weights) or "none"
-        table.add_row(name, values, ws)
-    out.print(table)
+    rows = [{"metric": name, "higher_is_better": dict(cls.info.higher_is_better),
+             "weights": {w: weights.locate(w) is not None for w in cls.info.weights}}
+            for name, cls in all_metrics().items()]
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    print_rows(["metric", "values (↑ higher / ↓ lower is better)", "weights"],
+               [[r["metric"], ", ".join(f"{k} {'↑' if v else '↓'}" for k, v in r["higher_is_better"].items()),
+                 ", ".join(f"{w} ({'present' if ok else 'missing'})" for w, ok in r["weights"].items()) or "none"]
+                for r in rows])
+
+
+def _weights_of(method: Optional[str], every: bool = True) -> list[str]:
+    """Manifest ids a method card needs (with its metrics' files, which every run scores with), or all."""
+    from caphuman_bench import weights
+
+    if method is None:
+        return list(weights.manifest()) if every else []
+    from caphuman_bench.cards import get_card
+    from caphuman_bench.registry import all_metrics
+
+    card = get_card(method)
+    scoring = [w for cls in all_metrics().values() for w in cls.info.weights]
+    return list(dict.fromkeys(card.weights + scoring))
 
 
 @weights_app.command("status")
 def weights_status(
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Only the files this method card and the metrics need.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
 ):
-    """Every file the methods and metrics need: present or missing, source, licence. Offline.
+    """Every file the methods and metrics need: present or missing, size, source, licence. Offline.
 
-    Example: caphuman-bench weights status
+    Example: caphuman-bench weights status --method caphuman
     """
     from caphuman_bench import weights
 
-    rows = weights.status_rows()
+    wanted = set(_weights_of(method))
+    rows = [r for r in weights.status_rows() if r["id"] in wanted]
     if as_json:
         out.print_json(json.dumps(rows))
         return
-    table = Table("id", "file", "status", "used by", "licence / source")
-    for r in rows:
-        table.add_row(r["id"], r["file"], "[green]present[/]" if r["present"] else "[red]missing[/]", r["used_by"],
-                      f"{r['licence']}\n{r['source']}")
-    out.print(table)
-    out.print(f"search order: explicit --weights ID=PATH, ${weights.WEIGHTS_ENV}/<file>, Hugging Face cache, installed package")
+    print_rows(["id", "file", "status", "size", "used by", "licence", "source"],
+               [[r["id"], r["file"], "[green]present[/]" if r["present"] else "[red]missing[/]", r["size"], r["used_by"],
+                 r["licence"], r["source"]] for r in rows], ids=2)
+    missing = [r for r in rows if not r["present"]]
+    out.print(f"{len(rows) - len(missing)} of {len(rows)} present; missing about {weights.total_size(missing)}. Search order: "
+              f"explicit --weights ID=PATH, ${weights.WEIGHTS_ENV}/<file>, Hugging Face cache, installed package", soft_wrap=True)
 
 
 @weights_app.command("fetch")
-def weights_fetch(weights_id: Annotated[str, typer.Argument(help="A manifest id hosted on the Hugging Face hub.")]):
-    """Download one Hugging Face-hosted file into the HF cache (needs network and, for gated repos, a token).
+def weights_fetch(
+    weights_ids: Annotated[Optional[list[str]], typer.Argument(help="Manifest ids hosted on the Hugging Face hub.")] = None,
+    method: Annotated[Optional[str], typer.Option("--method", "-m", help="Every hub-hosted file this method card and the metrics need.")] = None,
+    every: Annotated[bool, typer.Option("--all", help="Every hub-hosted file of the manifest.")] = False,
+):
+    """Download hub-hosted weights into the Hugging Face cache (needs network and, for gated repos, a token).
+    Files that are not on the hub are named with their source and licence: get those by hand.
 
-    Example: caphuman-bench weights fetch caphuman_ckpt
+    Example: caphuman-bench weights fetch --method caphuman
     """
     from caphuman_bench import weights
 
-    out.print(str(weights.fetch(weights_id)))
+    ids = list(dict.fromkeys((weights_ids or []) + _weights_of(method, every=every) if (method or every) else (weights_ids or [])))
+    if not ids:
+        raise BenchError("name weights ids, --method NAME or --all (`caphuman-bench weights status` lists them)")
+    rows = {r["id"]: r for r in weights.status_rows()}
+    unknown = [i for i in ids if i not in rows]
+    if unknown:
+        raise BenchError(f"unknown weights id(s) {', '.join(unknown)}; `caphuman-bench weights status` lists them")
+    todo = [i for i in ids if not rows[i]["present"]]
+    hub = [i for i in todo if weights.entry(i).hf_repo and weights.entry(i).hf_file]
+    console.print(f"{len(ids) - len(todo)} of {len(ids)} present; fetching {len(hub)} from the hub "
+                  f"(about {weights.total_size([rows[i] for i in hub])})", soft_wrap=True)
+    for weights_id in hub:
+        out.print(f"{weights_id}: {weights.fetch(weights_id)}", soft_wrap=True)
+    for weights_id in [i for i in todo if i not in hub]:
+        e = weights.entry(weights_id)
+        console.print(f"[yellow]by hand[/] {weights_id} ({e.file}, {e.size}): {e.source} — {e.licence}", soft_wrap=True)
 
 
 @data_app.command("prepare")

@@ -9,6 +9,8 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -115,3 +117,20 @@ def print_results(results: list[dict]) -> None:
     from caphuman_bench.stages.report import leaderboard, leaderboard_wide, to_markdown
 
     out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
+
+
+def print_rows(headers: list[str], rows: list[list[str]], ids: int = 1) -> None:
+    """A table where it fits, else one block per row; the first `ids` columns are names a reader copies,
+    so they are never cut or wrapped: the other columns wrap. Markup in cells is Rich's."""
+    id_width = sum(max([len(Text.from_markup(r[i]).plain) for r in rows] + [len(headers[i])]) for i in range(ids))
+    if id_width + 14 * (len(headers) - ids) + 3 * len(headers) + 1 <= out.width:
+        table = Table(*headers)
+        for column in table.columns[:ids]:
+            column.no_wrap, column.overflow = True, "ignore"
+        for row in rows:
+            table.add_row(*row)
+        out.print(table)
+        return
+    for row in rows:
+        out.print(Text.from_markup(f"[bold]{row[0]}[/]"), *(f"  {h}: {v}" for h, v in zip(headers[1:], row[1:]) if v),
+                  sep="\n", soft_wrap=False, overflow="fold")
