@@ -31,6 +31,15 @@ from diffusers import StableDiffusionXLPipeline
 from caphuman_bench.models.photomaker import TOKENS_PER_IMAGE
 
 
+def id_image_processor(side: int = 224):
+    """The authors' `CLIPImageProcessor()` as their transformers 4 ran it (PIL bicubic resize, center crop, CLIP
+    mean / std). transformers 5's `CLIPImageProcessor` is torchvision-backed and moves the ID pixel values by up
+    to 0.015 (tests/data/photomaker); its PIL backend reproduces them exactly."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size=side, crop_size=side)
+
+
 class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler, id_encoder,
                  feature_extractor, image_encoder=None, trigger_word: str = "img",
