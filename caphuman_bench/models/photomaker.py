@@ -147,10 +147,12 @@ def convert_photomaker_id_encoder(state_dict: dict[str, torch.Tensor], label: st
 
 
 def load_photomaker_id_encoder(state_dict: dict[str, torch.Tensor], version: str, label: str,
-                               embed_dim: int = 2048) -> PhotoMakerIDEncoder:
-    """An ID encoder of `version` (the official sizes; `embed_dim` = the UNet's cross-attention width)
-    with the official `id_encoder` weights, loaded strictly."""
-    encoder = PhotoMakerIDEncoder(version, PHOTOMAKER_VISION_CONFIG, embed_dim, PERCEIVER_DIM_HEAD)
+                               embed_dim: int = 2048, vision_config: dict | None = None,
+                               perceiver_dim_head: int | None = None) -> PhotoMakerIDEncoder:
+    """An ID encoder of `version` (the official sizes unless given; `embed_dim` = the UNet's cross-attention
+    width) with the official `id_encoder` weights, loaded strictly."""
+    encoder = PhotoMakerIDEncoder(version, vision_config or PHOTOMAKER_VISION_CONFIG, embed_dim,
+                                  perceiver_dim_head or PERCEIVER_DIM_HEAD)
     converted = convert_photomaker_id_encoder(state_dict, label)
     result = encoder.load_state_dict(converted, strict=False)
     if result.missing_keys or result.unexpected_keys:
