@@ -36,7 +36,9 @@ from caphuman_bench.models.fastcomposer import FastComposerMLP  # PhotoMaker's f
 PHOTOMAKER_VISION_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
                             "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}
 VERSIONS = ("v1", "v2")
-TOKENS_PER_IMAGE = {"v1": 1, "v2": 2}  # class-token copies per ID image (pipeline.py: v2 sets num_tokens = 2)
+# Class-token copies per ID image. pipeline.py at HEAD sets num_tokens = 2 for both versions, which crashes v1
+# (TencentARC/PhotoMaker#182); v1's own pipeline (commit ccd1f7c) repeats the class token once per image.
+TOKENS_PER_IMAGE = {"v1": 1, "v2": 2}
 ARCFACE_DIM = 512
 PERCEIVER_DIM_HEAD = 128  # model_v2.py: FacePerceiverResampler(dim_head=128, heads=2048 // 128)
 
