@@ -56,10 +56,8 @@ def start_merge_step(style_strength_ratio: float, num_inference_steps: int) -> i
 def build_tiny_photomaker_pipeline(version: str, trigger_word: str = "img", seed: int = 0):
     """SDXL's layout at toy size with a tiny random PhotoMaker ID encoder (64-d fusion, 32 px CLIP tower)
     and a random LoRA in the checkpoint's format, loaded and fused as the real one is."""
-    from transformers import CLIPImageProcessor
-
     from caphuman_bench.models.photomaker import PhotoMakerIDEncoder
-    from caphuman_bench.pipelines.pipeline_photomaker import PhotoMakerStableDiffusionXLPipeline
+    from caphuman_bench.pipelines.pipeline_photomaker import PhotoMakerStableDiffusionXLPipeline, id_image_processor
     from caphuman_bench.pipelines.tiny import redraw_like_reference
     from caphuman_bench.pipelines.tiny_sdxl import TINY_CROSS_ATTENTION_DIM, tiny_sdxl_components
 
@@ -73,7 +71,7 @@ def build_tiny_photomaker_pipeline(version: str, trigger_word: str = "img", seed
     generator = torch.Generator().manual_seed(seed + 1)
     redraw_like_reference(id_encoder, generator)
     pipe = PhotoMakerStableDiffusionXLPipeline(
-        **components, id_encoder=id_encoder.eval(), feature_extractor=CLIPImageProcessor(size=32, crop_size=32),
+        **components, id_encoder=id_encoder.eval(), feature_extractor=id_image_processor(32),
         trigger_word=trigger_word)
     pipe.load_photomaker_lora(tiny_photomaker_lora(pipe.unet, generator))
     return pipe
@@ -153,10 +151,9 @@ class PhotoMakerMethod(MethodAdapter):
 
     def _load_full(self):
         from diffusers import EulerDiscreteScheduler
-        from transformers import CLIPImageProcessor
 
         from caphuman_bench.models.photomaker import load_photomaker_id_encoder
-        from caphuman_bench.pipelines.pipeline_photomaker import PhotoMakerStableDiffusionXLPipeline
+        from caphuman_bench.pipelines.pipeline_photomaker import PhotoMakerStableDiffusionXLPipeline, id_image_processor
         from caphuman_bench.weights import load_torch_file
 
         paths = self.context.weights
@@ -172,7 +169,7 @@ class PhotoMakerMethod(MethodAdapter):
         # The authors' ID images go through CLIPImageProcessor() (224 px = the tower's size, CLIP mean / std).
         side = id_encoder.config.image_size
         pipe = PhotoMakerStableDiffusionXLPipeline.from_pretrained(
-            folder, id_encoder=id_encoder, feature_extractor=CLIPImageProcessor(size=side, crop_size=side),
+            folder, id_encoder=id_encoder, feature_extractor=id_image_processor(side),
             trigger_word=str(self.params.get("trigger_word", "img")), torch_dtype=self.dtype, local_files_only=True)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)  # the README's scheduler
         pipe.load_photomaker_lora(checkpoint["lora_weights"])

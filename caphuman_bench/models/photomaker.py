@@ -36,7 +36,9 @@ from caphuman_bench.models.fastcomposer import FastComposerMLP  # PhotoMaker's f
 PHOTOMAKER_VISION_CONFIG = {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 16,
                             "num_hidden_layers": 24, "patch_size": 14, "projection_dim": 768}
 VERSIONS = ("v1", "v2")
-TOKENS_PER_IMAGE = {"v1": 1, "v2": 2}  # class-token copies per ID image (pipeline.py: v2 sets num_tokens = 2)
+# Class-token copies per ID image. pipeline.py at HEAD sets num_tokens = 2 for both versions, which crashes v1
+# (TencentARC/PhotoMaker#182); v1's own pipeline (commit ccd1f7c) repeats the class token once per image.
+TOKENS_PER_IMAGE = {"v1": 1, "v2": 2}
 ARCFACE_DIM = 512
 PERCEIVER_DIM_HEAD = 128  # model_v2.py: FacePerceiverResampler(dim_head=128, heads=2048 // 128)
 
@@ -147,10 +149,12 @@ def convert_photomaker_id_encoder(state_dict: dict[str, torch.Tensor], label: st
 
 
 def load_photomaker_id_encoder(state_dict: dict[str, torch.Tensor], version: str, label: str,
-                               embed_dim: int = 2048) -> PhotoMakerIDEncoder:
-    """An ID encoder of `version` (the official sizes; `embed_dim` = the UNet's cross-attention width)
-    with the official `id_encoder` weights, loaded strictly."""
-    encoder = PhotoMakerIDEncoder(version, PHOTOMAKER_VISION_CONFIG, embed_dim, PERCEIVER_DIM_HEAD)
+                               embed_dim: int = 2048, vision_config: dict | None = None,
+                               perceiver_dim_head: int | None = None) -> PhotoMakerIDEncoder:
+    """An ID encoder of `version` (the official sizes unless given; `embed_dim` = the UNet's cross-attention
+    width) with the official `id_encoder` weights, loaded strictly."""
+    encoder = PhotoMakerIDEncoder(version, vision_config or PHOTOMAKER_VISION_CONFIG, embed_dim,
+                                  perceiver_dim_head or PERCEIVER_DIM_HEAD)
     converted = convert_photomaker_id_encoder(state_dict, label)
     result = encoder.load_state_dict(converted, strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -19,6 +19,11 @@ package) and not in diffusers 0.42, hence this port. What it does, as the author
 
 The LoRA of the checkpoint goes into the UNet with diffusers' `load_lora_weights` and is fused, as the
 authors' README does (`pipe.fuse_lora()`).
+
+`caphuman-bench conformance photomaker` / `photomaker_v2` check all of this against the authors' pipeline
+(tests/data/photomaker). Unlike the authors' pipeline, which takes one prompt, this one takes a list sharing
+the ID images (each row equals the single-prompt result); the text-only prompt drops the trigger from the
+string where the authors decode the ids without it (the same ids for every shipped prompt).
 """
 
 from __future__ import annotations
@@ -29,6 +34,15 @@ import torch
 from diffusers import StableDiffusionXLPipeline
 
 from caphuman_bench.models.photomaker import TOKENS_PER_IMAGE
+
+
+def id_image_processor(side: int = 224):
+    """The authors' `CLIPImageProcessor()` as their transformers 4 ran it (PIL bicubic resize, center crop, CLIP
+    mean / std). transformers 5's `CLIPImageProcessor` is torchvision-backed and moves the ID pixel values by up
+    to 0.015 (tests/data/photomaker); its PIL backend reproduces them exactly."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size=side, crop_size=side)
 
 
 class PhotoMakerStableDiffusionXLPipeline(StableDiffusionXLPipeline):
