@@ -252,3 +252,23 @@ def test_a_reference_without_landmarks_is_a_clear_error(tmp_path, bench):
     method = _deca_adapter(tmp_path)
     with pytest.raises(BenchError, match=r"'blank': no 68 face landmarks \(dlib\) in the photo; Arc2Face's pose demo aligns"):
         method.head_render("blank", Image.new("RGB", (64, 64), (90, 90, 90)), bench.conditions["yaw-r20"], 128)
+
+
+def test_a_pose_photo_is_aligned_the_same_way(tmp_path, bench):
+    """A condition with a pose photo is the demo's own case: that photo is FFHQ-aligned and DECA frames the aligned photo."""
+    import dataclasses
+
+    from caphuman_bench.faces.ffhq_align import ffhq_align
+    from caphuman_bench.faces.landmarks import dlib_landmarks
+    from caphuman_bench.models.deca_encoder import landmark_square
+
+    pose_photo, reference = bench.reference_image("grace-hopper"), bench.reference_image("nasa-astronaut")
+    pose_photo.save(tmp_path / "pose.png")
+    posed = dataclasses.replace(bench.conditions["yaw-r20"], pose_image=str(tmp_path / "pose.png"))
+    method = _deca_adapter(tmp_path)
+    method.head_render("nasa-astronaut", reference, posed, 128)
+    (points,) = dlib_landmarks([pose_photo])
+    (aligned_points,) = dlib_landmarks([ffhq_align(pose_photo, points, 128)])
+    _, frame = method._codes[f"ffhq-pose-{posed.id}"]
+    np.testing.assert_allclose(frame.tform, landmark_square(aligned_points).tform)
+    assert (frame.width, frame.height) == (128, 128)
