@@ -70,7 +70,8 @@ def test_swapping_in_the_face_at_the_wrong_token_fails(monkeypatch):
 
 
 def test_normalbae_control_image_fails(monkeypatch):
-    """ControlNet 1.1's normal-map convention (x and y flipped, rounded) is not the pose demo's EMOCA normals."""
+    """ControlNet 1.1's normalbae convention (`normals_to_controlnet_image`: x flipped, its own background) is not
+    the pose demo's EMOCA normals."""
     import caphuman_bench.conformance.arc2face as check
     from caphuman_bench.methods.head_renders import normals_to_controlnet_image
 
