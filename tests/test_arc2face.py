@@ -186,3 +186,89 @@ def test_released_folders_load_into_the_same_pipeline(name, tmp_path, bench):
     (paths["arc2face_unet"] / "config.json").unlink()
     with pytest.raises(BenchError, match=r"weights 'arc2face_unet' incomplete, missing config.json"):
         method._load_pipeline()
+
+
+class ConstantDeca(torch.nn.Module):
+    """A DECA encoder that gives every crop FLAME's neutral code at a fixed camera: the frame alone moves the head."""
+
+    def __init__(self) -> None:
+        from caphuman_bench.models.deca_encoder import CODE_SLICES
+        from caphuman_bench.render.head_condition import neutral_identity_code
+
+        super().__init__()
+        code = {**neutral_identity_code(), "cam": np.array([7.0, 0.02, 0.05])}
+        self.code = torch.nn.Parameter(torch.cat([torch.as_tensor(code[name], dtype=torch.float32).reshape(-1)
+                                                  for name in CODE_SLICES]))
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        return self.code.expand(len(crops), -1)
+
+
+def _deca_adapter(tmp_path, size: int = 128):
+    """The ControlNet adapter with a constant DECA encoder and the synthetic FLAME head (no weight files)."""
+    from caphuman_bench.render.head_condition import HeadConditionRenderer
+
+    card = get_card("arc2face_controlnet")
+    method = get_method(card.adapter)(card, card.resolve_params(None, {"height": size, "width": size}),
+                                      MethodContext(device="cpu", workdir=tmp_path))
+    method.renderer, method.deca, method._codes = HeadConditionRenderer.synthetic(device="cpu"), ConstantDeca(), {}
+    return method
+
+
+def test_head_is_drawn_into_the_ffhq_aligned_reference(tmp_path, bench):
+    """Defect 5: app_controlnet.py run_emoca aligns the pose photo with image_align(ref_img, lmks, output_size=512)
+    (68 FAN landmarks), runs EMOCA on the aligned photo as it is and renders into that frame; the reference
+    stretched to size² (CapHuman's TestData frame) is not it. The identity's shape comes from the reference."""
+    from caphuman_bench.faces.ffhq_align import ffhq_align
+    from caphuman_bench.faces.landmarks import dlib_landmarks
+    from caphuman_bench.models.deca_encoder import deca_crop_square, encode_crops, landmark_square
+    from caphuman_bench.render.head_condition import CropFrame
+
+    size, reference, condition = 128, bench.reference_image("nasa-astronaut"), bench.conditions["yaw-r20"]
+    method = _deca_adapter(tmp_path, size)
+    render = method.head_render("nasa-astronaut", reference, condition, size)
+
+    (points,) = dlib_landmarks([reference])  # no FAN file here: the dlib stand-in, as the adapter picks
+    aligned = ffhq_align(reference, points, size)
+    (aligned_points,) = dlib_landmarks([aligned])
+    assert aligned_points is not None
+    square = landmark_square(aligned_points)
+    (aligned_code,) = encode_crops(method.deca, deca_crop_square(aligned, square)[None])
+    shape_code = method.identity_code("nasa-astronaut", reference)
+    expected = method.renderer.render(shape_code, {**condition.coefficients(), "cam": aligned_code["cam"]},
+                                      "position,pose,expression", size, CropFrame(square.tform, size, size))
+    np.testing.assert_array_equal(render.normal, expected.normal)
+    # the frame CapHuman draws into (the reference stretched to size², TestData) puts the head elsewhere
+    _, stretched = method.photo_code("nasa-astronaut", reference)
+    assert not np.allclose(stretched.tform, square.tform, atol=1e-3)
+    elsewhere = method.renderer.render(shape_code, {**condition.coefficients(), "cam": aligned_code["cam"]},
+                                       "position,pose,expression", size, stretched)
+    head, head_elsewhere = np.abs(render.normal).sum(0) > 0, np.abs(elsewhere.normal).sum(0) > 0
+    assert head.sum() > 0.05 * size * size and (head != head_elsewhere).mean() > 0.02
+    assert method.head_inputs(method.params)["ffhq_align"].startswith("reference (and pose photo) FFHQ-aligned")
+
+
+def test_a_reference_without_landmarks_is_a_clear_error(tmp_path, bench):
+    method = _deca_adapter(tmp_path)
+    with pytest.raises(BenchError, match=r"'blank': no 68 face landmarks \(dlib\) in the photo; Arc2Face's pose demo aligns"):
+        method.head_render("blank", Image.new("RGB", (64, 64), (90, 90, 90)), bench.conditions["yaw-r20"], 128)
+
+
+def test_a_pose_photo_is_aligned_the_same_way(tmp_path, bench):
+    """A condition with a pose photo is the demo's own case: that photo is FFHQ-aligned and DECA frames the aligned photo."""
+    import dataclasses
+
+    from caphuman_bench.faces.ffhq_align import ffhq_align
+    from caphuman_bench.faces.landmarks import dlib_landmarks
+    from caphuman_bench.models.deca_encoder import landmark_square
+
+    pose_photo, reference = bench.reference_image("grace-hopper"), bench.reference_image("nasa-astronaut")
+    pose_photo.save(tmp_path / "pose.png")
+    posed = dataclasses.replace(bench.conditions["yaw-r20"], pose_image=str(tmp_path / "pose.png"))
+    method = _deca_adapter(tmp_path)
+    method.head_render("nasa-astronaut", reference, posed, 128)
+    (points,) = dlib_landmarks([pose_photo])
+    (aligned_points,) = dlib_landmarks([ffhq_align(pose_photo, points, 128)])
+    _, frame = method._codes[f"ffhq-pose-{posed.id}"]
+    np.testing.assert_allclose(frame.tform, landmark_square(aligned_points).tform)
+    assert (frame.width, frame.height) == (128, 128)

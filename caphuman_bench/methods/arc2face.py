@@ -21,12 +21,17 @@ world-space FLAME vertex normals, interpolated over the faces, times the coverag
 so a frontal face is (127, 127, 255) and the background (n = 0) is (127, 127, 127). Our renderer's
 normals are the same quantity (DECA/FLAME world space: x to the image's right, y up, z to the camera),
 so `normals_to_arc2face_image` maps them with the identity axes. The code rendered is the
-reference's DECA code with camera, head pose, expression and jaw from the head condition
+reference's DECA code with head pose, expression and jaw from the head condition
 (`mixing: position,pose,expression`): the demo keeps the pose image's EMOCA code and swaps in only the
-identity's shape (and detail) code. Two differences stay: EMOCA's coarse code there, DECA's here (the
-same FLAME and renderer; EMOCA retrains the expression branch), and the demo renders into the pose
-photo after FFHQ alignment, while here the condition's orthographic camera frames the head, the
-same target CapHuman gets.
+identity's shape (and detail) code. Where the head is drawn follows the demo's `run_emoca`: the pose photo
+— here the reference (`head_frame: reference`), or the condition's `pose_image` — is FFHQ-aligned to the
+output size (`faces/ffhq_align.py`, the demo's `image_align(ref_img, lmks, output_size=512)`) from its 68
+landmarks (the demo: EMOCA's FAN, face_alignment 2DFAN; here `faces/landmarks.py`, FAN when `fan_2dfan4`
+is present, else dlib's 68-point stand-in, same iBUG scheme), DECA's kpt68 crop of the aligned photo gives
+the camera and the frame, and the head is rendered into that aligned frame. The identity's shape comes
+from the reference as it is (the demo encodes the identity photo unaligned). One difference stays:
+EMOCA's coarse code there, DECA's here (the same FLAME and renderer; EMOCA retrains the expression
+branch).
 
 Defaults (README "Usage" and the ControlNet demo): DPMSolverMultistepScheduler from SD-1.5's
 scheduler config, 25 steps, guidance 3.0, no negative prompt, 512 × 512, ControlNet scale 1.0
@@ -232,7 +237,9 @@ class Arc2FaceMethod(MethodAdapter):
         """Extra pipeline arguments of a batch (the ControlNet variant adds its images)."""
         return {}
 
-    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+    def pipeline_call(self, requests: list[GenerationRequest]) -> dict:
+        """The pipeline's arguments for a batch, as README "Usage" / the pose demo call it (the conformance
+        check calls the pipeline with these too)."""
         from caphuman_bench.models.arc2face import arc2face_prompt_embeds
 
         sizes = {(r.height, r.width) for r in requests}
@@ -240,17 +247,18 @@ class Arc2FaceMethod(MethodAdapter):
             raise BenchError(f"{self.card.name}: a batch needs one size, got {sorted(sizes)}")
         height, width = sizes.pop()
         faces = torch.cat([self.face_embedding(r.identity_id, r.reference) for r in requests])
-        output = self.pipe(
+        return dict(
             prompt_embeds=arc2face_prompt_embeds(self.pipe.text_encoder, self.pipe.tokenizer, faces),
             height=height,
             width=width,
             num_inference_steps=int(self.params.get("num_inference_steps", 25)),
             guidance_scale=float(self.params.get("guidance_scale", 3.0)),
             generator=[r.generator for r in requests],
-            output_type="pil",
             **self.pipeline_inputs(requests, (height, width)),
         )
-        return list(output.images)
+
+    def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
+        return list(self.pipe(**self.pipeline_call(requests), output_type="pil").images)
 
 
 @register_method("arc2face_controlnet")
@@ -294,6 +302,30 @@ class Arc2FaceControlNetMethod(HeadRenderMixin, Arc2FaceMethod):
         folder = _folder("arc2face_controlnet", Path(self.context.weights["arc2face_controlnet"]))
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=self.dtype, local_files_only=True)
         return super()._load_pipeline(controlnet)
+
+    @classmethod
+    def head_inputs(cls, params: dict) -> dict:
+        recorded = super().head_inputs(params)
+        if params.get("tiny"):
+            return recorded
+        return {**recorded, "ffhq_align": "reference (and pose photo) FFHQ-aligned to height² from its 68 landmarks "
+                "before DECA, the head drawn in that frame (Arc2Face app_controlnet.py image_align)"}
+
+    def frame_code(self, name: str, photo: Image.Image):
+        """The pose demo's frame: `photo` FFHQ-aligned to the output size from its 68 landmarks, then DECA's code
+        and crop of the aligned photo as it is (the demo's `preprocess_for_emoca` does not resample it)."""
+        if self.deca is None:  # tiny: no DECA, no frame to align
+            return self.photo_code(name, photo)
+        key = f"ffhq-{name}"
+        if key not in self._codes:
+            from caphuman_bench.faces.ffhq_align import ffhq_align
+
+            points = self._landmarks()(photo)
+            if points is None:
+                raise BenchError(f"{self.card.name}: {name!r}: no 68 face landmarks ({self._landmarks().source}) in the "
+                                 "photo; Arc2Face's pose demo aligns it to FFHQ from them")
+            self.photo_code(key, ffhq_align(photo, points, int(self.params.get("height", 512))), resize=False)
+        return self._codes[key]
 
     def control_image(self, request: GenerationRequest) -> Image.Image:
         render = self.head_render(request.identity_id, request.reference, request.condition, request.height)

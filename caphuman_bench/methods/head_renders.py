@@ -166,8 +166,9 @@ class HeadRenderMixin:
         left, top, right, bottom = detection.box
         return bbox2point(left, right, top, bottom, "bbox")
 
-    def photo_code(self, name: str, photo: Image.Image):
+    def photo_code(self, name: str, photo: Image.Image, resize: bool = True):
         """(DECA code, CropFrame) of a photo as CapHuman's inference computes them; cached as `deca/<name>.*.npz`.
+        `resize=False`: the photo is already the frame (size², e.g. FFHQ-aligned) and DECA sees it unresampled.
         Without a DECA encoder (tiny): FLAME's neutral code and no frame, i.e. the condition's explicit camera."""
         from caphuman_bench.models.deca_encoder import deca_crop_square, encode_crops, resize_as_testdata
         from caphuman_bench.render.head_condition import CropFrame, check_code, neutral_identity_code
@@ -181,7 +182,7 @@ class HeadRenderMixin:
         stored = read_cached(path, _load_npz) if path is not None else None  # an unreadable entry is a miss
         if stored is None:
             size = int(self.params.get("height", 512))
-            resized = resize_as_testdata(photo, size)
+            resized = resize_as_testdata(photo, size) if resize else photo.convert("RGB")
             square = self.deca_square(resized)
             code = encode_crops(self.deca, deca_crop_square(resized, square)[None])[0]
             stored = {**code, "frame_tform": square.tform, "frame_size": np.array([size, size])}
@@ -196,14 +197,19 @@ class HeadRenderMixin:
         """The reference's DECA code (FLAME's neutral code in the tiny setting)."""
         return self.photo_code(identity_id, reference)[0]
 
+    def frame_code(self, name: str, photo: Image.Image):
+        """(DECA code, CropFrame) of a photo the head is drawn into (the reference, a pose photo): `photo_code`;
+        a method whose authors re-frame that photo first (Arc2Face's FFHQ alignment) overrides this."""
+        return self.photo_code(name, photo)
+
     def _condition_and_frame(self, identity_id: str, reference: Image.Image, condition):
         """The condition's coefficients (pose, exp, cam, light) and the frame to draw into (see module doc)."""
         from caphuman_bench.images import load_rgb
         from caphuman_bench.render.head_condition import parse_mode
 
-        code, frame = self.photo_code(identity_id, reference)
+        code, frame = self.frame_code(identity_id, reference)
         if condition.pose_image:
-            pose_code, pose_frame = self.photo_code(f"pose-{condition.id}", load_rgb(condition.pose_image))
+            pose_code, pose_frame = self.frame_code(f"pose-{condition.id}", load_rgb(condition.pose_image))
             coefficients = {k: pose_code[k] for k in ("pose", "exp", "cam", "light")}
             if "position" in parse_mode(str(self.params.get("mixing", "position,pose"))):
                 frame = pose_frame
