@@ -16,7 +16,7 @@ from caphuman_bench.pipelines import pipeline_photomaker
 from caphuman_bench.pipelines.pipeline_photomaker import PhotoMakerStableDiffusionXLPipeline
 
 REFERENCE = Path(__file__).parent / "data" / "photomaker"
-SPECS = Path(__file__).parents[1] / "benchmark_data"
+SPECS = Path(__file__).parents[1] / "caphuman_bench" / "benchmark_data"
 CASE = "man_img_2ids"  # start_merge_step 1 of 3 steps: text-only at steps 0 and 1, fused at step 2
 
 
