@@ -227,16 +227,23 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         normalised, and the mean of their face crops' CLIP hidden states."""
         if identity_id not in self._identities:
             detections, embeddings = zip(*self.reference_faces.faces(identity_id, photos))
-            raw = np.mean(embeddings, axis=0)
-            normed = torch.tensor(raw / np.linalg.norm(raw), dtype=self.dtype, device=self.device).view(1, 1, -1)
-            clip = None
+            crops = None
             if self.variant == "plusv2":
                 bgr = self.params.get("face_crop_channels", "bgr") == "bgr"
                 crops = [Image.fromarray(face_crop_for_clip(p, d.landmarks, bgr)) for p, d in zip(photos, detections)]
-                encoded = [self.pipe.encode_image(crop, self.device, 1, output_hidden_states=True) for crop in crops]
-                clip = tuple(torch.stack([e[i] for e in encoded]).mean(dim=0) for i in (0, 1))
-            self._identities[identity_id] = (normed, clip)
+            self.add_identity(identity_id, list(embeddings), crops)
         return self._identities[identity_id]
+
+    @torch.no_grad()
+    def add_identity(self, identity_id: str, embeddings: list[np.ndarray], crops: list[Image.Image] | None) -> None:
+        """An identity's embeddings from its photos' raw ArcFace embeddings and (Plus) face crops as CLIP sees them."""
+        raw = np.mean(embeddings, axis=0)
+        normed = torch.tensor(raw / np.linalg.norm(raw), dtype=self.dtype, device=self.device).view(1, 1, -1)
+        clip = None
+        if self.variant == "plusv2":
+            encoded = [self.pipe.encode_image(crop, self.device, 1, output_hidden_states=True) for crop in crops]
+            clip = tuple(torch.stack([e[i] for e in encoded]).mean(dim=0) for i in (0, 1))
+        self._identities[identity_id] = (normed, clip)
 
     def group_key(self, request: GenerationRequest):
         """diffusers gives every prompt of a call the same IP-Adapter embedding: one identity per call."""
