@@ -187,10 +187,10 @@ def test_plusv2_clip_sees_the_face_crop_in_bgr_as_the_model_card(normals_adapter
     request = generation_request(bench)
     detection = normals_adapter.reference_faces.faces("bgr-check", request.references)[0][0]
     rgb = arcface_align(request.reference, detection.landmarks, 224)
+    seen, real = [], normals_adapter.pipe.encode_image
+    monkeypatch.setattr(normals_adapter.pipe, "encode_image", lambda image, *a, **k: seen.append(image) or real(image, *a, **k))
     for channels, expected in (("bgr", rgb[..., ::-1]), ("rgb", rgb)):
-        seen = []
-        real = normals_adapter.pipe.encode_image
-        monkeypatch.setattr(normals_adapter.pipe, "encode_image", lambda image, *a, **k: seen.append(image) or real(image, *a, **k))
+        seen.clear()
         monkeypatch.setitem(normals_adapter.params, "face_crop_channels", channels)
         normals_adapter.identity_embeds(f"bgr-check-{channels}", request.references)
         (image,) = seen
