@@ -123,8 +123,9 @@ def test_faceid_identity_reaches_the_image_only_through_the_adapter(normals_adap
     base = generated_pixels(normals_adapter, bench)
     assert np.array_equal(generated_pixels(normals_adapter, bench), base)  # same seed, same bytes
     assert not np.array_equal(generated_pixels(normals_adapter, bench, identity_id="grace-hopper"), base)
-    no_identity, same = {"ip_adapter_scale": 0.0}, "a photo of a person"
-    # with scale 0 the ArcFace path is closed: another identity, same prompt, condition and seed, same image
+    no_identity, same = {"ip_adapter_scale": 0.0, "controlnet_sees_image_tokens": False}, "a photo of a person"
+    # with scale 0 and a ControlNet that reads text only, the ArcFace path is closed: another identity, same
+    # prompt, condition and seed, same image (with the authors' ControlNet context, the tokens still reach it)
     assert np.array_equal(generated_pixels(normals_adapter, bench, no_identity, prompt=same),
                           generated_pixels(normals_adapter, bench, no_identity, identity_id="grace-hopper", prompt=same))
     assert not np.array_equal(generated_pixels(normals_adapter, bench, {"shortcut_scale": 0.0}), base)  # Plus v2's shortcut acts
@@ -154,6 +155,46 @@ def test_faceid_batches_never_mix_identities(normals_adapter, bench):
         normals_adapter.params["batch_size"] = 2
     assert np.array_equal(np.asarray(images[1]), base)
     assert np.array_equal(np.asarray(images[0]), np.asarray(images[2]))
+
+
+def test_controlnet_cross_attends_to_text_then_faceid_tokens_as_the_authors(normals_adapter, bench):
+    """IPAdapterFaceID(Plus).generate appends the image tokens to prompt_embeds, and the pipeline hands those
+    to the ControlNet too (tencent-ailab/IP-Adapter ip_adapter_faceid.py @ 62e4af9d); diffusers' native path
+    gives it the 77 text tokens only (`controlnet_sees_image_tokens: false`)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(_module, _args, kwargs, _output):
+        seen["context"] = kwargs["encoder_hidden_states"]
+
+    requests = [generation_request(bench), generation_request(bench, seed=4)]
+    handle = normals_adapter.pipe.controlnet.register_forward_hook(record, with_kwargs=True)
+    try:
+        normals_adapter.generate(requests)
+        with_tokens = seen["context"]
+        embeds = normals_adapter.extra_pipeline_inputs(requests, guided=True)["ip_adapter_image_embeds"][0]
+        (tokens,) = normals_adapter.pipe.unet.encoder_hid_proj([embeds.repeat_interleave(2, dim=0)])
+        assert with_tokens.shape[:2] == (4, 77 + 4)  # [unconditional ×2, conditional ×2], text + 4 FaceID tokens
+        torch.testing.assert_close(with_tokens[:, 77:], tokens.flatten(1, 2))
+        base = generated_pixels(normals_adapter, bench)
+        text_only = generated_pixels(normals_adapter, bench, {"controlnet_sees_image_tokens": False})
+    finally:
+        handle.remove()
+    assert seen["context"].shape[1] == 77 and not np.array_equal(base, text_only)
+
+
+def test_plusv2_clip_sees_the_face_crop_in_bgr_as_the_model_card(normals_adapter, bench, monkeypatch):
+    """The model card crops a cv2.imread (BGR) image with norm_crop and gives it to CLIPImageProcessor as is."""
+    request = generation_request(bench)
+    detection = normals_adapter.reference_faces.faces("bgr-check", request.references)[0][0]
+    rgb = arcface_align(request.reference, detection.landmarks, 224)
+    seen, real = [], normals_adapter.pipe.encode_image
+    monkeypatch.setattr(normals_adapter.pipe, "encode_image", lambda image, *a, **k: seen.append(image) or real(image, *a, **k))
+    for channels, expected in (("bgr", rgb[..., ::-1]), ("rgb", rgb)):
+        seen.clear()
+        monkeypatch.setitem(normals_adapter.params, "face_crop_channels", channels)
+        normals_adapter.identity_embeds(f"bgr-check-{channels}", request.references)
+        (image,) = seen
+        np.testing.assert_array_equal(np.asarray(image), expected)
 
 
 def test_face_crop_for_clip_follows_insightface_norm_crop_at_224():
@@ -203,6 +244,7 @@ def test_faceid_without_onnxruntime_stops_before_any_work_naming_the_extra(monke
     ("controlnet_head", {"height": 64, "width": 128}, "'height' and 'width' must be equal"),
     ("ip_adapter_faceid", {"variant": "plus"}, "parameter 'variant' must be one of faceid, plusv2"),
     ("ip_adapter_faceid", {"arcface_weights": "facenet"}, "parameter 'arcface_weights' must be one of"),
+    ("ip_adapter_faceid_plusv2", {"face_crop_channels": "bgra"}, "parameter 'face_crop_channels' must be one of bgr, rgb"),
 ])
 def test_bad_parameters_are_named(name, override, message):
     card = get_card(name)
@@ -214,6 +256,7 @@ def test_cards_declare_every_parameter_their_adapter_reads():
     for name in CARDS:
         card = get_card(name)
         adapter = get_method(card.adapter)
-        declared = set(adapter.param_types) - ({"shortcut_scale"} if card.params.get("variant") == "faceid" else set())
+        plus_only = {"shortcut_scale", "face_crop_channels"}
+        declared = set(adapter.param_types) - (plus_only if card.params.get("variant") == "faceid" else set())
         assert set(card.params) == declared, name
         assert adapter.validated_params(card, "smoke", {}) == card.resolve_params("smoke", {})

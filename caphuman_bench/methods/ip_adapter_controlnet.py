@@ -116,7 +116,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         self._codes: dict[str, dict[str, np.ndarray]] = {}
         self._ip_embeds: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.params.get("tiny"):
-            self.pipe = build_tiny_ip_adapter_controlnet_pipeline(seed=0)
+            self.pipe = self.build_tiny_pipeline()
             if self.dtype != torch.float32:
                 self.pipe.to(dtype=self.dtype)
             self.renderer = HeadConditionRenderer.synthetic(device=self.device)
@@ -125,6 +125,9 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
             self._load_full()
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+
+    def build_tiny_pipeline(self):
+        return build_tiny_ip_adapter_controlnet_pipeline(seed=0)
 
     def _load_full(self) -> None:
         from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
@@ -180,13 +183,12 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         if len(sizes) != 1 or any(h != w for h, w in sizes):
             raise BenchError(f"ip_adapter_controlnet: a batch needs one square size, got {sorted(sizes)}")
         size = sizes.pop()[0]
-        self.pipe.set_ip_adapter_scale(float(self.params.get("ip_adapter_scale", 0.7)))
         negative = str(self.params.get("negative_prompt", ""))
         guidance_scale = float(self.params.get("guidance_scale", 7.5))
         output = self.pipe(
             [r.prompt for r in requests],
             image=[self.control_image(r) for r in requests],
-            ip_adapter_image_embeds=[self._pipeline_embeds(requests[0], guidance_scale > 1)],
+            **self.identity_inputs(requests[0], guidance_scale > 1),
             negative_prompt=[negative] * len(requests),
             height=size,
             width=size,
@@ -198,7 +200,9 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         )
         return list(output.images)
 
-    def _pipeline_embeds(self, request: GenerationRequest, guided: bool) -> torch.Tensor:
-        """The identity's embedding as the pipeline takes it: [1, 1, T, D]; with guidance [2, ...], unconditional first."""
+    def identity_inputs(self, request: GenerationRequest, guided: bool) -> dict[str, Any]:
+        """The pipeline's IP-Adapter inputs for the request's identity (the card's scale set): its embedding
+        [1, 1, T, D]; with guidance [2, ...], unconditional first."""
+        self.pipe.set_ip_adapter_scale(float(self.params.get("ip_adapter_scale", 0.7)))
         positive, negative = self.identity_embeds(request.identity_id, request.references)
-        return torch.cat([negative, positive]) if guided else positive
+        return {"ip_adapter_image_embeds": [torch.cat([negative, positive]) if guided else positive]}

@@ -11,7 +11,16 @@ and fed precomputed embeddings, as diffusers documents for Face ID:
 - Plus v2 also sets, on the projection layer, the CLIP ViT-H penultimate hidden states of the
   224 px aligned face crop (`norm_crop(image_size=224)`; unconditional: the encoder on an all-zero
   input, as the official code and diffusers' `encode_image`), `shortcut = True` and
-  `shortcut_scale` (the official `s_scale`).
+  `shortcut_scale` (the official `s_scale`). The crop goes to CLIP in BGR order by default
+  (`face_crop_channels: bgr`), as the model card's usage makes it: `face_align.norm_crop` of a
+  `cv2.imread` image, handed to `CLIPImageProcessor` as is (h94/IP-Adapter-FaceID README,
+  "IP-Adapter-FaceID-Plus"); `rgb` is the other reading.
+- With a ControlNet, the ControlNet cross-attends to the text tokens followed by the FaceID image
+  tokens (`controlnet_sees_image_tokens: true`, the default), as in the authors' code, which appends
+  the image tokens to the prompt embeddings and hands those to the pipeline, ControlNet included
+  (tencent-ailab/IP-Adapter ip_adapter/ip_adapter_faceid.py, `IPAdapterFaceID.generate`, commit
+  62e4af9d; its FaceID classes leave the ControlNet's attention as it is). `false` is diffusers'
+  native IP-Adapter path, where the ControlNet sees the text tokens only.
 
 Defaults are the model card's / `IPAdapterFaceID.generate`'s (written in the cards). Where we differ
 from the authors' demo: the base model is SD-1.5 itself (the card's demo uses Realistic Vision
@@ -42,6 +51,7 @@ from caphuman_bench.registry import register_method
 
 VARIANT_WEIGHTS = {"faceid": "ip_adapter_faceid_sd15", "plusv2": "ip_adapter_faceid_plusv2_sd15"}
 ARCFACE_WEIGHTS = ("arcface_buffalo_l", "arcface_antelopev2")
+FACE_CROP_CHANNELS = ("bgr", "rgb")
 ID_EMBED_DIM = 512  # ArcFace
 FACE_CROP = 224  # Plus: the aligned face crop CLIP sees (norm_crop image_size=224)
 
@@ -107,6 +117,14 @@ class TinyArcFaceSession:
         return [(pooled @ self.weight.T).numpy()]
 
 
+def face_crop_for_clip(photo: Image.Image, landmarks: np.ndarray, bgr: bool) -> np.ndarray:
+    """Plus v2's CLIP input: the 224 px aligned face crop, channels reversed when `bgr` (the model card's order)."""
+    from caphuman_bench.faces.arcface import arcface_align
+
+    crop = arcface_align(photo, landmarks, FACE_CROP)
+    return np.ascontiguousarray(crop[..., ::-1]) if bgr else crop
+
+
 # ----------------------------------------------------------------------------------------------
 # the adapter
 
@@ -119,6 +137,8 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         "ip_adapter_scale": float,
         "shortcut_scale": float,
         "arcface_weights": str,
+        "face_crop_channels": str,
+        "controlnet_sees_image_tokens": bool,
     }
     tiny_context_dim = 64
 
@@ -130,6 +150,9 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         if str(params.get("arcface_weights", ARCFACE_WEIGHTS[0])) not in ARCFACE_WEIGHTS:
             raise BenchError(f"{where}: parameter 'arcface_weights' must be one of {', '.join(ARCFACE_WEIGHTS)}, "
                              f"got {params['arcface_weights']!r}")
+        if str(params.get("face_crop_channels", "bgr")) not in FACE_CROP_CHANNELS:
+            raise BenchError(f"{where}: parameter 'face_crop_channels' must be one of {', '.join(FACE_CROP_CHANNELS)}, "
+                             f"got {params['face_crop_channels']!r}")
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
@@ -154,7 +177,17 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
 
     def load(self) -> None:
         self._identities: dict[str, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = {}
+        self._controlnet_image_tokens: torch.Tensor | None = None
         super().load()
+        if self.controlnet != "none":
+            self.pipe.controlnet.register_forward_pre_hook(self._append_image_tokens, with_kwargs=True)
+
+    def _append_image_tokens(self, _controlnet, args, kwargs):
+        """The ControlNet's context: the pipeline's text tokens, then this call's image tokens (the authors' order)."""
+        if self._controlnet_image_tokens is None:
+            return None
+        kwargs["encoder_hidden_states"] = torch.cat([kwargs["encoder_hidden_states"], self._controlnet_image_tokens], dim=1)
+        return args, kwargs
 
     def build_tiny_pipeline(self):
         pipe = build_tiny_sd15_pipeline(self.controlnet != "none", image_encoder=self.variant == "plusv2",
@@ -192,34 +225,47 @@ class IPAdapterFaceIDMethod(StableDiffusion15Method):
         """(normalised ArcFace embedding [1, 1, 512], Plus' (CLIP hidden states, unconditional ones) or None),
         once per identity. Several photos (a `references` split): the mean of their raw ArcFace embeddings,
         normalised, and the mean of their face crops' CLIP hidden states."""
-        from caphuman_bench.faces.arcface import arcface_align
-
         if identity_id not in self._identities:
             detections, embeddings = zip(*self.reference_faces.faces(identity_id, photos))
-            raw = np.mean(embeddings, axis=0)
-            normed = torch.tensor(raw / np.linalg.norm(raw), dtype=self.dtype, device=self.device).view(1, 1, -1)
-            clip = None
+            crops = None
             if self.variant == "plusv2":
-                crops = [Image.fromarray(arcface_align(p, d.landmarks, FACE_CROP)) for p, d in zip(photos, detections)]
-                encoded = [self.pipe.encode_image(crop, self.device, 1, output_hidden_states=True) for crop in crops]
-                clip = tuple(torch.stack([e[i] for e in encoded]).mean(dim=0) for i in (0, 1))
-            self._identities[identity_id] = (normed, clip)
+                bgr = self.params.get("face_crop_channels", "bgr") == "bgr"
+                crops = [Image.fromarray(face_crop_for_clip(p, d.landmarks, bgr)) for p, d in zip(photos, detections)]
+            self.add_identity(identity_id, list(embeddings), crops)
         return self._identities[identity_id]
+
+    @torch.no_grad()
+    def add_identity(self, identity_id: str, embeddings: list[np.ndarray], crops: list[Image.Image] | None) -> None:
+        """An identity's embeddings from its photos' raw ArcFace embeddings and (Plus) face crops as CLIP sees them."""
+        raw = np.mean(embeddings, axis=0)
+        normed = torch.tensor(raw / np.linalg.norm(raw), dtype=self.dtype, device=self.device).view(1, 1, -1)
+        clip = None
+        if self.variant == "plusv2":
+            encoded = [self.pipe.encode_image(crop, self.device, 1, output_hidden_states=True) for crop in crops]
+            clip = tuple(torch.stack([e[i] for e in encoded]).mean(dim=0) for i in (0, 1))
+        self._identities[identity_id] = (normed, clip)
 
     def group_key(self, request: GenerationRequest):
         """diffusers gives every prompt of a call the same IP-Adapter embedding: one identity per call."""
         return request.identity_id
 
+    @torch.no_grad()
     def extra_pipeline_inputs(self, requests: list[GenerationRequest], guided: bool) -> dict[str, Any]:
         identity, clip = self.identity_embeds(requests[0].identity_id, requests[0].references)
         self.pipe.set_ip_adapter_scale(float(self.params.get("ip_adapter_scale", 1.0)))
+        n = len(requests)
         if clip is not None:
             positive, negative = clip  # [1, tokens, width] each
-            n = len(requests)
             layer = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]
             # [batch, images, tokens, width], unconditional rows first as the pipeline stacks the id embeddings
             layer.clip_embeds = torch.cat([negative] * n + [positive] * n if guided else [positive] * n)[:, None]
             layer.shortcut = True  # Plus v2
             layer.shortcut_scale = float(self.params.get("shortcut_scale", 1.0))
         embeds = torch.cat([torch.zeros_like(identity), identity]) if guided else identity
+        self._controlnet_image_tokens = None
+        if self.controlnet != "none" and self.params.get("controlnet_sees_image_tokens", True):
+            # the rows the pipeline hands the UNet (each embedding once per prompt, unconditional ones first)
+            rows = torch.cat([torch.zeros_like(identity)] * n + [identity] * n) if guided else identity.repeat(n, 1, 1)
+            (tokens,) = self.pipe.unet.encoder_hid_proj([rows])  # [rows, 1, tokens, width]
+            self._controlnet_image_tokens = tokens.flatten(1, 2)
         return {"ip_adapter_image_embeds": [embeds]}
