@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import re
 import zipfile
 from dataclasses import dataclass
 from functools import lru_cache
@@ -221,17 +222,16 @@ def fetch(weights_id: str) -> Path:
 
 
 _UNITS = {"KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kKMGT]B)\b")
 
 
 def total_size(rows: list[dict]) -> str:
-    """The sum of the manifest's human sizes ("6.9 GB", "335 MB"); sizes it cannot read are left out."""
+    """The sum of the manifest's human sizes ("6.9 GB", "about 97 MB", "2.7 GB (fp32 …)"): the first size each states."""
     total = 0.0
     for row in rows:
-        number, _, unit = str(row.get("size", "")).strip().partition(" ")
-        try:
-            total += float(number) * _UNITS[unit.strip().upper()]
-        except (ValueError, KeyError):
-            continue
+        found = _SIZE.search(str(row.get("size", "")))
+        if found:
+            total += float(found.group(1)) * _UNITS[found.group(2).upper()]
     return f"{total / 1e9:.1f} GB" if total >= 1e9 else f"{total / 1e6:.0f} MB"
 
 
