@@ -206,6 +206,7 @@ def score(
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/n (default: RANK/WORLD_SIZE).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rescore pairs already in scores.parquet.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per metric batch.")] = 8,
+    diversity_groups: Annotated[Optional[str], typer.Option("--diversity-groups", help="face_diversity compares an image with the other samples of its identity-prompt-condition (default) or identity-prompt.")] = None,
 ):
     """Score the finished images of a run and write scores.parquet and results.json. Exit 1 if an image could not be scored.
 
@@ -217,10 +218,17 @@ def score(
     from caphuman_bench.stages.report import write_run_results
     from caphuman_bench.stages.score import score as score_stage
 
+    options = _score_options(no_face, clip_model, weights_path, protocol)
+    if diversity_groups:
+        from caphuman_bench.metrics.face_diversity import DIVERSITY_GROUPS
+
+        if diversity_groups not in DIVERSITY_GROUPS:
+            raise BenchError(f"--diversity-groups {diversity_groups!r}: expected one of {', '.join(DIVERSITY_GROUPS)}")
+        options["diversity_groups"] = diversity_groups
     run_ = RunDir(run_dir).require()
     with _progress() as progress:
         summary = score_stage(run_, metrics=metrics.split(",") if metrics else None, device=pick_device(device),
-                              options=_score_options(no_face, clip_model, weights_path, protocol), shard=parse_shard(shard),
+                              options=options, shard=parse_shard(shard),
                               force=force, batch_size=batch_size, progress=progress)
     _print_scores(summary, run_.path)
     results = write_run_results(run_)
@@ -299,7 +307,9 @@ def compare(
         tolerances[name] = float(value)
     if not math.isfinite(tolerance):
         raise BenchError(f"--tolerance {tolerance}: expected a finite number >= 0")
-    table, regressed = compare_boards(old, new, tolerance, tolerances)
+    table, regressed, warnings = compare_boards(old, new, tolerance, tolerances)
+    for warning in warnings:
+        console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
     out.print(table.to_string(index=False) if len(table) else "(nothing to compare)", markup=False, highlight=False, soft_wrap=True)
     if regressed:
         console.print("[red]regression beyond tolerance[/]")
