@@ -128,9 +128,8 @@ def test_rows_do_not_depend_on_the_batch_or_the_shard(tmp_path, capsys, monkeypa
         gaps = _largest_differences(by_batch[8], by_batch[size])
         assert max(gaps.values()) <= 1e-6, {k: v for k, v in gaps.items() if v > 1e-6}
 
-    context = mp.get_context("spawn")
-    context_args = (2, str(tmp_path / "gloo-init"), str(run_dir), options, str(tmp_path / "w"))
-    mp.start_processes(_shard_worker, args=context_args, nprocs=2, start_method="spawn", join=True)
+    worker_args = (2, str(tmp_path / "gloo-init"), str(run_dir), options, str(tmp_path / "w"))
+    mp.start_processes(_shard_worker, args=worker_args, nprocs=2, start_method="spawn", join=True)
     gaps = _largest_differences(by_batch[8], _rows(run_dir))
     assert max(gaps.values()) <= 1e-6, {k: v for k, v in gaps.items() if v > 1e-6}
 
@@ -173,7 +172,7 @@ def test_compare_warns_when_two_boards_were_scored_under_different_precision(tmp
     gpu, cpu, old = board("gpu.json", "cuda float16, TF32 off"), board("cpu.json", "cpu float32, TF32 off"), board("old.json", None)
     table, regressed, warnings = compare(gpu, cpu, 0.01)
     assert not regressed and len(table) == 2
-    assert warnings == ["m (full): clip_score, prompt_acc_top1 scored under different precision: cuda float16, TF32 off in OLD, "
-                        "cpu float32, TF32 off in NEW; their differences include the arithmetic's"]
+    assert warnings == [("m (full): clip_score, prompt_acc_top1 scored under different precision: cuda float16, TF32 off in OLD, "
+                         "cpu float32, TF32 off in NEW; their differences include the arithmetic's")]
     assert "unrecorded in OLD" in compare(old, cpu, 0.01)[2][0]
     assert compare(cpu, cpu, 0.01)[2] == []
