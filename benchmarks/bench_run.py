@@ -2,6 +2,7 @@
 
     python benchmarks/bench_run.py generation --out $OUT/gen.json            # per-lever table, MFU, tolerance
     python benchmarks/bench_run.py scoring RUN_DIR --out $OUT/score.json     # images/s of each metric family
+    python benchmarks/bench_run.py scoring RUN_DIR --invariance --out $OUT/inv.json  # GPU vs CPU, batch, processes
     python benchmarks/bench_run.py e2e --weights DIR --runs-dir R --out $OUT/e2e.json -- <run args>
     python benchmarks/bench_run.py scaling --one R1 --many R4 --out $OUT/scaling.json
 
@@ -20,7 +21,10 @@ sync debug mode (each place the host waits for the GPU).
 `e2e`: a whole `caphuman-bench run` as a subprocess; each stderr line is time-stamped as it arrives
 and the stage times come from those lines and the run directory's own `status.jsonl`.
 `scoring`: all metric families together, then each alone, over a finished run's images (fresh scores,
-`force`); `--profile` adds untimed profiled passes and writes where the host time goes.
+`force`); `--profile` adds untimed profiled passes and writes where the host time goes. With
+`--invariance` instead: the same images scored on the device with batch 64, then with batch 7, by
+`--invariance-procs` processes (torchrun), once with PyTorch's default TF32 settings and on the CPU,
+and per value the largest difference of each from the first (`part_scoring_invariance`).
 `scaling`: steady-state images/s of a one-process run and of a torchrun run, from their status lines.
 Every part writes its JSON after every row, so a run stopped at its time limit still reports.
 """
@@ -601,6 +605,83 @@ def part_scoring(args) -> None:
     print(json.dumps({k: v for k, v in report.data.items() if k != "rows"}, indent=1, default=str))
 
 
+INVARIANCE_LIMITS = {"deca": 1e-5, "angles_deg": 1e-3, "device_vs_cpu": 1e-4}  # issue 25's bounds
+
+
+def part_scoring_invariance(args) -> None:
+    """Does a score depend on the device, the batch or the process count? Every family whose weights
+    exist scores the run's images (fresh, `force`) on `--device` with batch 64 — the reference — then
+    with batch 7, with `--invariance-procs` processes sharing the device (torchrun, batch 64), with
+    PyTorch's default TF32 settings instead of strict float32 (what scoring did before), and on the
+    CPU (batch 64). Each row: per value the largest |difference| from the reference, how many rows differ by
+    more than 1e-5, and whether the (task, family) statuses agree. Strict float32 bounds (issue 25):
+    DECA values 1e-5, angles 1e-3 degrees, device against CPU 1e-4."""
+    import numpy as np
+
+    import caphuman_bench.stages.score as score_stage
+    from caphuman_bench.faces.memo import forget_all
+    from caphuman_bench.rundir import RunDir
+    from caphuman_bench.stages.score import KEY_COLUMNS, read_scores, score, select_metrics
+
+    device = torch.device(args.device)
+    options = {"protocol": args.protocol} if args.protocol else {}
+    if args.weights:
+        os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
+    run = RunDir(Path(args.run))
+    if args.perturb:
+        perturb_images(run)
+    ready, skipped = select_metrics(args.metrics or None, options)
+    report = Report(args.out, {"part": "scoring-invariance", **environment(device), "run": str(args.run), "images": len(run.finished_ids()),
+                               "options": options, "families": sorted(ready), "skipped": skipped, "limits": INVARIANCE_LIMITS})
+
+    def scored(device_name: str, batch: int, tf32_default: bool = False) -> tuple:
+        forget_all()
+        start = time.perf_counter()
+        if tf32_default:  # scoring as it was: no strict block, PyTorch's defaults (cuDNN TF32 on, matmul TF32 off)
+            saved = score_stage.strict_float32
+            score_stage.strict_float32 = contextlib.nullcontext
+            torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = True, False
+        try:
+            score(run, metrics=list(ready), device=device_name, options=options, force=True, batch_size=batch)
+        finally:
+            if tf32_default:
+                score_stage.strict_float32 = saved
+        return read_scores(run), round(time.perf_counter() - start, 1)
+
+    def compare_with(reference, label: str, rows, seconds, **extra) -> None:
+        values = [c for c in rows.columns if c not in KEY_COLUMNS and c in reference.columns]
+        joined = reference.merge(rows, on=["task_id", "metric"], suffixes=("", "_other"))
+        joined = joined[joined["metric"].isin(list(ready))]
+        gaps = {c: np.abs(joined[c].to_numpy(float) - joined[f"{c}_other"].to_numpy(float)) for c in values}
+        both = {c: ~np.isnan(g) for c, g in gaps.items()}
+        by_value = {c: {"max_abs": float(g[both[c]].max(initial=0.0)), "rows_over_1e-5": int((g[both[c]] > 1e-5).sum()),
+                        "rows": int(both[c].sum())} for c, g in gaps.items() if both[c].any()}
+        report.add({"comparison": label, "seconds": seconds, "rows_compared": len(joined),
+                    "status_differs": int((joined["status"] != joined["status_other"]).sum()), **extra, "by_value": by_value})
+
+    reference, seconds = scored(str(device), 64)
+    report.data["reference"] = {"device": str(device), "batch_size": 64, "seconds": seconds,
+                                "numerics": {f: e.get("numerics") for f, e in run.scoring().get("metrics", {}).items() if f in ready}}
+    report.flush()
+    compare_with(reference, "batch 64 against 7", *scored(str(device), 7), batch_size=7)
+    if args.invariance_procs > 1:
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.invariance_procs), __file__, "scoring", str(args.run),
+                               "--score-batch", "64", "--warm-repeats", "0", "--out", str(args.out.with_suffix(".procs.json")),
+                               *(["--weights", str(args.weights)] if args.weights else []), *(["--protocol", args.protocol] if args.protocol else []),
+                               *(["--metrics", *args.metrics] if args.metrics else [])], capture_output=True, text=True)
+        if done.returncode != 0:
+            report.add({"comparison": f"1 process against {args.invariance_procs}", "error": done.stderr[-2000:]})
+        else:
+            compare_with(reference, f"1 process against {args.invariance_procs}", read_scores(run), round(time.perf_counter() - start, 1),
+                         processes=args.invariance_procs)
+    if device.type == "cuda":
+        compare_with(reference, "strict float32 against PyTorch's default TF32", *scored(str(device), 64, tf32_default=True))
+    if device.type != "cpu":  # last: the slowest pass
+        compare_with(reference, f"{device.type} against cpu", *scored("cpu", 64), other_device="cpu")
+    print(json.dumps({k: v for k, v in report.data.items() if k != "rows"}, indent=1, default=str))
+
+
 def part_scoring_processes(args) -> None:
     """All families with WORLD_SIZE scoring processes (torchrun) sharing this machine's GPUs.
 
@@ -654,7 +735,7 @@ def part_scoring_processes(args) -> None:
         data = {"part": "scoring-processes", **environment(device), "run": str(args.run), "families": sorted(ready),
                 "batch_size": args.score_batch, "processes": world, "gpus": torch.cuda.device_count() if device.type == "cuda" else 0,
                 "host_threads_env": os.environ.get("CAPHUMAN_BENCH_HOST_THREADS"), "omp_threads": os.environ.get("OMP_NUM_THREADS"),
-                "rows": rows, "all_families_images_per_second": max(r["images_per_second"] for r in rows if r["attempt"] == "warm"),
+                "rows": rows, "all_families_images_per_second": max((r["images_per_second"] for r in rows if r["attempt"] == "warm"), default=None),
                 "vs_one_process": {"rows_compared": len(joined), "rows_one_process": len(before), "same_status": same_status,
                                    "max_abs_value_difference": float(max((g.max(initial=0.0) for g in gaps.values()), default=0.0)),
                                    # per value column: the largest difference and how many rows differ by more than 1e-3
@@ -827,6 +908,9 @@ def main() -> None:
     sc.add_argument("--read-threads", type=int, nargs="*", default=[], help="extra all-families passes with this many reading threads")
     sc.add_argument("--together-only", action="store_true", help="only the all-families passes, not each family alone")
     sc.add_argument("--warm-repeats", type=int, default=1, help="timed all-families passes with the default settings")
+    sc.add_argument("--invariance", action="store_true", help="instead of timings: the rows' differences between device and CPU, "
+                                                              "batch 64 and 7, one process and several, strict float32 and default TF32")
+    sc.add_argument("--invariance-procs", type=int, default=4, help="processes of the invariance's torchrun pass (1: none)")
     scale = sub.add_parser("scaling")
     scale.add_argument("--one", type=Path, required=True)
     scale.add_argument("--many", type=Path, required=True)
@@ -846,6 +930,8 @@ def main() -> None:
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     if args.part == "scoring" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         return part_scoring_processes(args)
+    if args.part == "scoring" and args.invariance:
+        return part_scoring_invariance(args)
     {"generation": part_generation, "scoring": part_scoring, "scaling": part_scaling, "throughput": part_throughput}.get(args.part, lambda a: part_e2e(a, run_args))(args)
 
 

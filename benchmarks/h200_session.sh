@@ -8,6 +8,9 @@
 #   generation: stock diffusers, our eager path, the default fast path and it without the shared
 #               guidance prefix, batch 64, one process; each CapHuman row also profiled once
 #               (kernel time by kind, GPU idle, host waits)
+#   invariance: half the `speed` split's reference images (175, distinct), every family with weights, scored
+#               on the GPU with batch 64 and 7, by INV_PROCS (4) processes, with PyTorch's default TF32 and
+#               on the CPU: per value the largest difference (issue 25) -> $OUT/scoring_invariance.json
 set -u
 PARTS=${PARTS:-scoring generation}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -32,7 +35,9 @@ cp -r caphuman_bench/benchmark_data/humaniphc $S/spec && cat >> $S/spec/splits.y
     conditions: *paper_conditions
     samples: 2
 YAML
-python3 benchmarks/make_random_weights.py --out $S/w --dtype float16 --device cuda > $OUT/weights.log 2>&1
+if has scoring || has e2e; then
+  python3 benchmarks/make_random_weights.py --out $S/w --dtype float16 --device cuda > $OUT/weights.log 2>&1
+fi
 if has scoring; then
   for i in 0 1 2 3 4 5 6 7; do  # the images to score: the reference photos, 8 CPU processes
     python3 -m caphuman_bench.cli run --method reference --spec $S/spec --split speed-score --runs-dir $S/ref --no-score --shard $i/8 > /dev/null 2>&1 &
@@ -43,6 +48,15 @@ if has scoring; then
     OMP_NUM_THREADS=$(( ($(nproc) + n - 1) / n )) timeout ${SCORE_PROCS_LIMIT_S:-150} torchrun --standalone --nproc_per_node $n $B scoring $S/ref/reference-* --weights $S/w --score-batch 64 \
       --warm-repeats 2 --out $OUT/scoring_${n}procs.json 2>&1 | quiet >> $OUT/score.log
   done
+fi
+if has invariance; then
+  [ -d $S/w ] || python3 benchmarks/make_random_weights.py --out $S/w --dtype float16 --device cuda \
+    --only facenet_vggface2 clip_vit_l14_openai deca_model fan_2dfan4 > $OUT/weights.log 2>&1
+  for i in 0 1 2 3; do  # the even shards of 8: half of the split, all conditions and prompts of its identity
+    python3 -m caphuman_bench.cli run --method reference --spec $S/spec --split speed --runs-dir $S/inv --no-score --shard $((2 * i))/8 > /dev/null 2>&1 &
+  done; wait
+  timeout ${INV_LIMIT_S:-450} python3 $B scoring $S/inv/reference-* --invariance --perturb --weights $S/w --invariance-procs ${INV_PROCS:-4} \
+    --out $OUT/scoring_invariance.json 2>&1 | quiet > $OUT/invariance.log
 fi
 if has generation; then
   timeout 480 python3 $B generation --batch 64 --fast-batch 64 --repeats 3 --only stock eager compile no-prefix --kernel-profile --budget-s 300 \
@@ -58,4 +72,4 @@ if has scaling && [ "$(nvidia-smi -L | wc -l)" -ge 4 ]; then  # the fast path al
   timeout 200 torchrun --standalone --nproc_per_node 4 $B throughput --batch 64 --batches 4 \
     --out $OUT/throughput_4gpu.json 2>&1 | quiet >> $OUT/thr.log
 fi
-for f in score gen e2e thr; do [ -f $OUT/$f.log ] && tail -n 14 $OUT/$f.log; done
+for f in score invariance gen e2e thr; do [ -f $OUT/$f.log ] && tail -n 14 $OUT/$f.log; done

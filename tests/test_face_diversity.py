@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -38,12 +39,13 @@ def _item(task_id, image, siblings, reference):
                      reference=reference, prompt="x", siblings=tuple(siblings))
 
 
-def _score(alexnet_file, tmp_path, image, others, reference):
+def _score(alexnet_file, tmp_path, image, others, reference, conditions=None, options=None):
+    """The row of `image` (head condition "c") among `others` (head conditions `conditions`, default all "c")."""
     paths = []
     for k, other in enumerate(others):
-        paths.append((f"t{k}", tmp_path / f"t{k}.png"))
-        other.save(paths[-1][1])
-    metric = FaceDiversity(ScoreContext(weights={"lpips_alexnet": alexnet_file}))
+        paths.append((f"t{k}", (conditions or ["c"] * len(others))[k], tmp_path / f"t{k}.png"))
+        other.save(paths[-1][2])
+    metric = FaceDiversity(ScoreContext(weights={"lpips_alexnet": alexnet_file}, options=options or {}))
     metric.update([_item("me", image, paths, reference)])
     return metric.last_rows[0]
 
@@ -86,8 +88,25 @@ def test_a_wrong_backbone_file_names_the_key(tmp_path):
         lpips_alex(path, "cpu")
 
 
-def test_the_score_stage_groups_samples_by_identity_and_prompt(alexnet_file, tmp_path, capsys, monkeypatch):
-    """The reference method returns the same photo for both head conditions of a prompt: diversity 0."""
+def test_groups_are_one_head_condition_by_default_and_all_of_them_as_an_option(alexnet_file, astronaut, tmp_path):
+    """Two siblings: one of the image's own head condition (another seed, slightly different), one of
+    another condition (very different). By default only the first is compared; `identity-prompt` takes both."""
+    seed = ImageEnhance.Contrast(astronaut).enhance(0.8)
+    other_condition = ImageEnhance.Contrast(astronaut).enhance(0.4)
+    default = _score(alexnet_file, tmp_path, astronaut, [seed, other_condition], astronaut, ["c", "d"])
+    alone = _score(alexnet_file, tmp_path, astronaut, [seed], astronaut)
+    assert default.extra["pairs"] == 1 and default.values["face_diversity"] == pytest.approx(alone.values["face_diversity"])
+    across = _score(alexnet_file, tmp_path, astronaut, [seed, other_condition], astronaut, ["c", "d"],
+                    {"diversity_groups": "identity-prompt"})
+    assert across.extra["pairs"] == 2 and across.values["face_diversity"] > default.values["face_diversity"]
+    with pytest.raises(BenchError, match="diversity_groups"):
+        FaceDiversity(ScoreContext(options={"diversity_groups": "prompt"}))
+
+
+def test_the_score_stage_groups_samples_by_identity_prompt_and_condition(alexnet_file, tmp_path, capsys, monkeypatch):
+    """The smoke split has one sample per head condition: alone in its group by default (NaN, 0 pairs);
+    across conditions (`--diversity-groups identity-prompt`) the reference method's two identical photos
+    of a prompt score 0."""
     import pandas as pd
 
     from tests.cli_helpers import cli, only_run
@@ -96,7 +115,17 @@ def test_the_score_stage_groups_samples_by_identity_and_prompt(alexnet_file, tmp
     code, _, err = cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--runs-dir", runs,
                        "--metrics", "face_diversity", "--weights", f"lpips_alexnet={alexnet_file}")
     assert code == 0, err
-    rows = pd.read_parquet(only_run(runs) / "scores.parquet")
-    assert len(rows) == 12 and set(rows["status"]) == {"ok"}
-    assert np.allclose(rows["face_diversity"], 0.0, atol=1e-6)
-    assert {json_pairs for json_pairs in rows["extra"]} == {'{"pairs": 1}'}
+    run = only_run(runs)
+    rows = pd.read_parquet(run / "scores.parquet")
+    assert len(rows) == 12 and set(rows["status"]) == {"ok"} and rows["face_diversity"].isna().all()
+    assert set(rows["extra"]) == {'{"pairs": 0}'}
+
+    code, _, err = cli(capsys, monkeypatch, "score", run, "--metrics", "face_diversity", "--diversity-groups", "identity-prompt",
+                       "--weights", f"lpips_alexnet={alexnet_file}")
+    assert code == 0, err
+    rows = pd.read_parquet(run / "scores.parquet")
+    assert np.allclose(rows["face_diversity"], 0.0, atol=1e-6) and set(rows["extra"]) == {'{"pairs": 1}'}
+    scored_with = json.loads((run / "results.json").read_text())["scored_with"]["face_diversity"]
+    assert scored_with["options"]["diversity_groups"] == "identity-prompt"
+    code, _, err = cli(capsys, monkeypatch, "score", run, "--diversity-groups", "prompt")
+    assert code == 2 and "--diversity-groups 'prompt'" in err

@@ -333,3 +333,30 @@ def test_half_precision_clip_takes_half_pixels(shared_clip):
     for preprocessing in ("tensor", "pil"):
         vectors = clip.image_embeddings(_images()[:2], preprocessing)
         assert vectors.shape == (2, EMBED) and torch.isfinite(vectors).all()
+
+
+def test_on_a_gpu_every_encoder_call_has_one_shape_and_padding_leaves_the_rows_alone(shared_clip):
+    """cuBLAS picks kernels by matrix size, so on a GPU each call is padded to ENCODE_BATCH rows (repeats
+    of the last); on the CPU nothing is padded. The padded rows do not change the real rows' embeddings."""
+    import dataclasses
+
+    from caphuman_bench.metrics._clip import ENCODE_BATCH
+
+    _, _, checkpoint = shared_clip
+    clip = load_clip(TINY, checkpoint)
+    pixels = torch.stack([clip.preprocess(image) for image in _images()[:3]])
+    assert clip._fixed_batch(pixels) is pixels
+    padded = dataclasses.replace(clip, device="cuda:0")._fixed_batch(pixels)
+    assert padded.shape == (ENCODE_BATCH, *pixels.shape[1:])
+    assert torch.equal(padded[:3], pixels) and torch.equal(padded[3:], pixels[-1:].expand(ENCODE_BATCH - 3, *pixels.shape[1:]))
+    with torch.inference_mode():
+        torch.testing.assert_close(clip.model.encode_image(padded)[:3], clip.model.encode_image(pixels), rtol=0, atol=1e-6)
+
+
+def test_clip_families_name_the_protocol_that_prescribes_fp16(shared_clip):
+    _, _, checkpoint = shared_clip
+    gpu = ClipScore(ScoreContext(device="cuda:0", options={"clip_model": TINY, "clip_checkpoint": str(checkpoint)}))
+    assert gpu.numerics()["dtype"] == "float16" and "fastcomposer" in gpu.numerics()["dtype_from"]
+    own = PromptAccuracy(ScoreContext(device="cuda:0", options={"protocol": "caphuman-bench"}))
+    assert own.numerics() == {"device": "cuda:0", "dtype": "float32"}
+    assert ClipScore(ScoreContext(device="cpu")).numerics() == {"device": "cpu", "dtype": "float32"}

@@ -30,6 +30,11 @@ def test_rows_follow_the_image_and_the_scoring_options(tmp_path, capsys, monkeyp
     assert dlib()["n"] == 11
     results = json.loads((run / "results.json").read_text())
     assert results["scored_with"]["id_sim_dlib"]["options"]["no_face"] == "skip"
+    numerics = results["scored_with"]["id_sim_dlib"]["numerics"]  # how the rows were scored
+    assert numerics["device"] == "cpu" and numerics["dtype"] == "float32" and numerics["batch_size"] == 8
+    assert numerics["tf32"] == {"matmul": False, "cudnn": False, "float32_matmul_precision": "highest"}
+    board = json.loads((run / "leaderboard.json").read_text())["rows"]
+    assert {r["precision"] for r in board if r["metric"] == "id_sim_dlib"} == {"cpu float32, TF32 off"}
 
     assert cli(capsys, monkeypatch, "score", run, "--metrics", "id_sim_dlib")[0] == 0  # back to no_face=zero
     assert dlib()["n"] == 12 and dlib()["mean"] < 0.95  # every row rescored under the new rule

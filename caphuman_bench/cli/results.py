@@ -37,6 +37,7 @@ def score(
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/n (default: RANK/WORLD_SIZE).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rescore pairs already in scores.parquet.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per metric batch.")] = 8,
+    diversity_groups: Annotated[Optional[str], typer.Option("--diversity-groups", help="face_diversity compares an image with the other samples of its identity-prompt-condition (default) or identity-prompt.")] = None,
 ):
     """Score the finished images of a run and write scores.parquet and results.json. Exit 1 if an image could not be scored.
 
@@ -51,6 +52,12 @@ def score(
 
     run_ = RunDir(run_dir).require()
     names, options = metrics.split(",") if metrics else None, score_options(no_face, clip_model, weights_path, protocol)
+    if diversity_groups:
+        from caphuman_bench.metrics.face_diversity import DIVERSITY_GROUPS
+
+        if diversity_groups not in DIVERSITY_GROUPS:
+            raise BenchError(f"--diversity-groups {diversity_groups!r}: expected one of {', '.join(DIVERSITY_GROUPS)}")
+        options["diversity_groups"] = diversity_groups
     metrics_to_run(names, options)  # a named metric that cannot run stops here, before any image is read
     with progress_bar() as progress:
         summary = score_stage(run_, metrics=names, device=pick_device(device), options=options, shard=parse_shard(shard),
@@ -138,7 +145,9 @@ def compare(
         tolerances[name] = float(value)
     if not math.isfinite(tolerance):
         raise BenchError(f"--tolerance {tolerance}: expected a finite number >= 0")
-    table, regressed = compare_boards(old, new, tolerance, tolerances)
+    table, regressed, warnings = compare_boards(old, new, tolerance, tolerances)
+    for warning in warnings:
+        console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
     out.print(table.to_string(index=False) if len(table) else "(nothing to compare)", markup=False, highlight=False, soft_wrap=True)
     if regressed:
         console.print("[red]regression beyond tolerance[/]")

@@ -26,7 +26,11 @@ from caphuman_bench.parallel import thread_map
 
 DEFAULT_CLIP_MODEL = "ViT-L-14"
 CLIP_CHECKPOINTS = {"ViT-L-14": "clip_vit_l14_openai", "ViT-B-32": "clip_vit_b32_openai"}
-ENCODE_BATCH = 32
+ENCODE_BATCH = 32  # images (texts) per encoder call; on a GPU every call has exactly this many (`_fixed_batches`)
+# FastComposer's CLIP precision: OpenAI's `clip.load(name, device)` converts the model to fp16 on a CUDA
+# device; its evaluation keeps it (mit-han-lab/fastcomposer evaluation/clip_eval.py, commit 34c3b59).
+FASTCOMPOSER_FP16 = ("protocol fastcomposer: fp16 on CUDA, as OpenAI clip.load gives there "
+                     "(mit-han-lab/fastcomposer evaluation/clip_eval.py @34c3b59)")
 
 CLIP_CONVENTION = {
     "model": "open_clip, option clip_model (default ViT-L-14, or ViT-B-32) with OpenAI weights, QuickGELU, "
@@ -36,6 +40,8 @@ CLIP_CONVENTION = {
                      "of the shorter side, centre crop, OpenAI mean/std (open_clip's 'openai' tag), fp32",
     "text": "the prompt's subject placeholder filled by the identity's class phrase ('a man', protocol fastcomposer) "
             "or by 'a person' (protocol caphuman-bench); open_clip tokenizer, 77 tokens",
+    "batches": f"on a GPU every encoder call has {ENCODE_BATCH} images (texts), the last call padded with repeats, so "
+               "the kernels and their reductions do not change with the scoring batch; on the CPU calls are not padded",
 }
 
 
@@ -70,9 +76,9 @@ class ClipModel:
                 pixels = fastcomposer_pixels(batch, device=self.device)
             else:  # PIL resizes on the host pool
                 pixels = torch.stack(thread_map(self.preprocess, batch))
-            pixels = pixels.to(self.device, self.dtype)
+            pixels = self._fixed_batch(pixels.to(self.device, self.dtype))
             with torch.inference_mode():
-                vectors = F.normalize(self.model.encode_image(pixels).float(), dim=-1).cpu()
+                vectors = F.normalize(self.model.encode_image(pixels)[: len(positions)].float(), dim=-1).cpu()
             for i, vector in zip(positions, vectors):
                 self._images.put(keys[i], vector)
         return _stack([self._images.get(key) for key in keys])
@@ -82,12 +88,23 @@ class ClipModel:
         todo = list(dict.fromkeys(t for t in texts if t not in self._texts))
         for start in range(0, len(todo), ENCODE_BATCH):
             chunk = todo[start : start + ENCODE_BATCH]
-            tokens = self.tokenizer(chunk).to(self.device)
+            tokens = self._fixed_batch(self.tokenizer(chunk).to(self.device))
             with torch.inference_mode():
-                vectors = F.normalize(self.model.encode_text(tokens).float(), dim=-1).cpu()
+                vectors = F.normalize(self.model.encode_text(tokens)[: len(chunk)].float(), dim=-1).cpu()
             for text, vector in zip(chunk, vectors):
                 self._texts.put(text, vector)
         return _stack([self._texts.get(text) for text in texts])
+
+    def _fixed_batch(self, inputs: torch.Tensor) -> torch.Tensor:
+        """On a GPU, `inputs` padded to ENCODE_BATCH rows by repeating the last one: cuBLAS picks its
+        kernels (tiles, split-K reductions) by the matrix sizes, so an image encoded among 7 others and
+        among 63 went through different reductions (CLIP score moved by up to 1.2e-4 in fp16, batch 64
+        against 7, issue 25). Each call now has one shape; the padded rows are dropped. On the CPU the
+        float32 kernels are batch-invariant already (tests/test_scoring_invariance.py) and padding
+        would only cost time."""
+        if torch.device(self.device).type == "cpu" or len(inputs) == ENCODE_BATCH:
+            return inputs
+        return torch.cat([inputs, inputs[-1:].expand(ENCODE_BATCH - len(inputs), *inputs.shape[1:])])
 
 
 def fastcomposer_pixels(images: list[Image.Image], size: int = 224, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -134,6 +151,18 @@ def clip_weights(options: dict) -> tuple[str, ...]:
     return (CLIP_CHECKPOINTS[name],) if name in CLIP_CHECKPOINTS else ()
 
 
+def clip_precision(context: ScoreContext, fp16_on_cuda: bool) -> str:
+    """"fp16" on a CUDA device when the protocol prescribes it (`FASTCOMPOSER_FP16`), else "fp32"."""
+    return "fp16" if fp16_on_cuda and str(context.device).startswith("cuda") else "fp32"
+
+
+def clip_numerics(context: ScoreContext, fp16_on_cuda: bool) -> dict:
+    """scoring.json's numerics of a CLIP family: the dtype, and the protocol that prescribes fp16."""
+    if clip_precision(context, fp16_on_cuda) == "fp16":
+        return {"device": context.device, "dtype": "float16", "dtype_from": FASTCOMPOSER_FP16}
+    return {"device": context.device, "dtype": "float32"}
+
+
 def clip_for(context: ScoreContext, fp16_on_cuda: bool = False) -> ClipModel:
     """The CLIP model a scoring context asks for (options `clip_model`, `clip_checkpoint`); with
     `fp16_on_cuda`, half precision on a CUDA device as OpenAI's `clip.load` gives there."""
@@ -150,8 +179,7 @@ def clip_for(context: ScoreContext, fp16_on_cuda: bool = False) -> ClipModel:
     else:
         raise BenchError(f"scoring option 'clip_model': {name!r} has no known weights "
                          f"(known: {', '.join(CLIP_CHECKPOINTS)}); give option 'clip_checkpoint' with its file")
-    half = fp16_on_cuda and str(context.device).startswith("cuda")
-    return load_clip(name, checkpoint, context.device, precision="fp16" if half else "fp32")
+    return load_clip(name, checkpoint, context.device, precision=clip_precision(context, fp16_on_cuda))
 
 
 def load_clip(name: str, checkpoint: str | Path, device: str = "cpu", precision: str = "fp32") -> ClipModel:

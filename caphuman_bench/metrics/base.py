@@ -40,7 +40,7 @@ class ScoreItem:
     reference_sha256: str = ""  # of the reference photo's pixels: keys the per-identity feature cache
     target: dict[str, np.ndarray] | None = None  # head-control target coefficients (shape, exp, pose, cam, light)
     references: tuple[Image.Image, ...] = ()  # every photo of a `references` split's "<id>@k" (k > 1); else empty
-    siblings: tuple[tuple[str, Path], ...] = ()  # (task id, image) of the other finished samples of this identity and prompt
+    siblings: tuple[tuple[str, str, Path], ...] = ()  # (task id, head condition, image) of the other finished samples of this identity and prompt
 
 
 @dataclass
@@ -92,6 +92,12 @@ class BenchMetric(Metric):
 
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         raise NotImplementedError
+
+    def numerics(self) -> dict[str, Any]:
+        """Where and in what dtype the family computes (scoring.json `numerics`): the context's device
+        in float32, unless a family says otherwise (CLIP where its protocol prescribes fp16, recognisers
+        that run on the host or under onnxruntime)."""
+        return {"device": self.context.device, "dtype": "float32"}
 
     # -- torchmetrics protocol ------------------------------------------------------------------
     def update(self, items: list[ScoreItem]) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import ClassVar
 
-from caphuman_bench.metrics._clip import CLIP_CONVENTION, clip_for, clip_weights
+from caphuman_bench.metrics._clip import CLIP_CONVENTION, clip_for, clip_numerics, clip_weights
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
 from caphuman_bench.metrics.protocol import PROTOCOL_CONVENTION, scoring_protocol
 from caphuman_bench.registry import register_metric
@@ -33,6 +33,9 @@ class ClipScore(BenchMetric):
     @classmethod
     def required_weights(cls, options: dict) -> tuple[str, ...]:
         return clip_weights(options)
+
+    def numerics(self) -> dict:
+        return clip_numerics(self.context, scoring_protocol(self.context.options).clip_fp16_on_cuda)
 
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         readable = [i for i, item in enumerate(items) if item.image is not None]

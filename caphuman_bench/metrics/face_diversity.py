@@ -9,9 +9,13 @@ torchmetrics wheel) with the AlexNet backbone weights loaded from the weights re
 (torchvision's `alexnet-owt-7be5be79.pth`), because torchvision's own download is not reachable.
 
 An image's row holds the mean LPIPS between its face and the faces of the other finished samples of
-its (identity, prompt) group (`ScoreItem.siblings`), so the mean over images is the mean pairwise
-distance when every image has a face. Higher is more diverse; a method that pastes the reference
-face scores near 0. An image without a face gets `no_face` (NaN); one alone in its group is NaN.
+its group, so the mean over images is the mean pairwise distance when every image has a face.
+Groups (scoring option `diversity_groups`): by default one identity × prompt × head condition — the
+images that differ only by their seed, as PhotoMaker measures diversity (one identity and prompt,
+different seeds); a split with one sample per condition leaves every image alone (NaN). With
+`identity-prompt` the group spans the head conditions too, so a method that follows the head
+conditions scores as diverse for that alone. Higher is more diverse; a method that pastes the
+reference face scores near 0. An image without a face gets `no_face` (NaN); one alone in its group is NaN.
 A row is rescored when its own image changes; regenerating a sibling alone does not rescore it
 (`score --force --metrics face_diversity` does).
 """
@@ -27,11 +31,17 @@ import torch
 from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.detection import DETECTOR_CONVENTION, aligned_crops_160, detect_faces, mtcnn_weights_dir
 from caphuman_bench.images import ImageError, load_rgb
-from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
+from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
 from caphuman_bench.registry import register_metric
 from caphuman_bench.weights import load_torch_file
 
 _LPIPS_NETS: dict[tuple[str, str], torch.nn.Module] = {}
+# scoring option `diversity_groups`: which other samples an image is compared with
+DIVERSITY_GROUPS = {
+    "identity-prompt-condition": "the other samples (seeds) of the same identity, prompt and head condition",
+    "identity-prompt": "the other samples of the same identity and prompt, across all head conditions",
+}
+DEFAULT_DIVERSITY_GROUPS = "identity-prompt-condition"
 
 
 def lpips_alex(alexnet_path: str | Path, device: str) -> torch.nn.Module:
@@ -65,23 +75,34 @@ def lpips_alex(alexnet_path: str | Path, device: str) -> torch.nn.Module:
 
 @register_metric("face_diversity", higher_is_better=True, weights=("mtcnn", "lpips_alexnet"))
 class FaceDiversity(BenchMetric):
-    """Mean LPIPS (AlexNet) between an image's face and the faces of the other samples of its (identity, prompt)."""
+    """Mean LPIPS (AlexNet) between an image's face and the faces of the other samples of its group
+    (identity × prompt × head condition by default; option `diversity_groups`)."""
 
     convention: ClassVar[dict] = {
         "value": "LPIPS (torchmetrics _LPIPS, AlexNet, LPIPS v0.1 linear layers), mean over the other finished samples "
-        "of the same (identity, prompt); mean over images = mean pairwise distance (PhotoMaker's face diversity)",
+        "of the image's group; mean over images = mean pairwise distance (PhotoMaker's face diversity)",
         "faces": "MTCNN 160 x 160 crops of the most confident face, (pixel - 127.5) / 128 as LPIPS's [-1, 1] input",
-        "groups": "all head conditions and samples of one identity and prompt",
+        "groups": f"scoring option diversity_groups (default {DEFAULT_DIVERSITY_GROUPS}): "
+                  + "; ".join(f"{name}: {text}" for name, text in DIVERSITY_GROUPS.items())
+                  + "; PhotoMaker compares images of one identity and prompt made from different seeds",
         "no_face": "an image without a face is not scored (no_face, NaN); siblings without a face are left out",
         **DETECTOR_CONVENTION,
     }
+
+    def __init__(self, context: ScoreContext | None = None) -> None:
+        super().__init__(context)
+        self.groups = self.option("diversity_groups", DEFAULT_DIVERSITY_GROUPS)
+        if self.groups not in DIVERSITY_GROUPS:
+            raise BenchError(f"scoring option 'diversity_groups': {self.groups!r} is not one of {', '.join(DIVERSITY_GROUPS)}")
 
     def _faces(self, images) -> list[torch.Tensor | None]:
         return aligned_crops_160(images, detect_faces(images, self.device_name, mtcnn_weights_dir(self.context.weights)))
 
     def _sibling_faces(self, item: ScoreItem) -> list[torch.Tensor]:
         images = []
-        for _, path in item.siblings:
+        for _, condition, path in item.siblings:
+            if self.groups == "identity-prompt-condition" and condition != item.condition_id:
+                continue
             try:
                 images.append(load_rgb(path))
             except ImageError:
@@ -98,7 +119,7 @@ class FaceDiversity(BenchMetric):
                 continue
             others = self._sibling_faces(item)
             if not others:
-                rows.append(ItemScore({self.metric_name: math.nan}, "ok", "no other sample of this identity and prompt has a face",
+                rows.append(ItemScore({self.metric_name: math.nan}, "ok", f"no other sample of its group ({self.groups}) has a face",
                                       {"pairs": 0}))
                 continue
             batch = torch.stack(others).to(self.device_name)

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.faces.arcface import arcface_embeddings, load_arcface
+from caphuman_bench.faces.arcface import arcface_embeddings, arcface_runtime, load_arcface
 from caphuman_bench.faces.detection import DETECTOR_CONVENTION, FaceDetection, aligned_crops_160, mtcnn_weights_dir
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
 from caphuman_bench.metrics.protocol import PROTOCOL_CONVENTION, scoring_protocol
@@ -190,6 +190,9 @@ class ArcFaceIdentity(IdentitySimilarity):
         **PROTOCOL_CONVENTION,
     }
 
+    def numerics(self) -> dict:
+        return {**super().numerics(), "recogniser": arcface_runtime(self.device_name)}
+
     def embed(self, images, detections):
         session = load_arcface(self.context.weights["arcface_antelopev2"], self.device_name)
         present = [i for i, d in enumerate(detections) if d is not None]
@@ -220,6 +223,9 @@ class DlibIdentity(IdentitySimilarity):
         **_NO_FACE_CONVENTION,
         **PROTOCOL_CONVENTION,
     }
+
+    def numerics(self) -> dict:
+        return {**super().numerics(), "recogniser": "dlib on the host (float32), whatever --device; MTCNN on --device"}
 
     def no_face_values(self) -> dict[str, float]:
         values = super().no_face_values()

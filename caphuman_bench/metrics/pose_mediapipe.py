@@ -181,6 +181,9 @@ class PoseMediaPipe(BenchMetric):
             self._reader = FaceMeshReader()
         return self._reader
 
+    def numerics(self) -> dict:
+        return {"device": "cpu", "dtype": "float32", "runtime": "MediaPipe face mesh (TFLite) on the host, whatever --device"}
+
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         scorable = [i for i, item in enumerate(items) if item.image is not None and item.target is not None and "pose" in item.target]
         generated = dict(zip(scorable, self._generated_landmarks([items[i].image for i in scorable])))

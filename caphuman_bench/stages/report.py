@@ -18,6 +18,7 @@ import pandas as pd
 
 from caphuman_bench.atomic import write_json_atomic, write_text_atomic
 from caphuman_bench.errors import BenchError
+from caphuman_bench.numerics import precision_label
 from caphuman_bench.registry import all_metrics
 from caphuman_bench.report.breakdowns import breakdowns_json, per_image, run_spec
 from caphuman_bench.report.numbers import fmt_interval, rounded
@@ -131,10 +132,16 @@ def board_labels(results: list[dict]) -> list[str]:
                              if len(by_label[(res["method"], res["split"])]) > 1 else "") for res in results]
 
 
+def precisions(res: dict) -> dict[str, str]:
+    """Metric family → the arithmetic its rows were scored with (`numerics.precision_label`)."""
+    return {family: precision_label(entry.get("numerics")) for family, entry in res.get("scored_with", {}).items()}
+
+
 def leaderboard(results: list[dict]) -> pd.DataFrame:
     """Long table: one row per method × split × metric value."""
     rows = []
     for res, label in zip(results, board_labels(results)):
+        precision = precisions(res)
         for name, m in res["metrics"].items():
             rows.append({"method": label, "split": res["split"], "benchmark_version": res["benchmark_version"],
                          "metric": name, "mean": m["mean"], "std": m["std"], "n": m["n"],
@@ -142,6 +149,7 @@ def leaderboard(results: list[dict]) -> pd.DataFrame:
                          "higher_is_better": m["higher_is_better"], "images_ok": res["images"]["ok"],
                          "head_input": res.get("head_input", "none"),
                          "protocol": protocols(res).get(m.get("family", ""), ""),
+                         "precision": precision.get(m.get("family", ""), precision_label(None)),
                          "config_hash": res["provenance"].get("config_hash", "")[:12]})
     return pd.DataFrame(rows)
 
@@ -303,10 +311,12 @@ def _number(value) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
 
 
-def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[str, float] | None = None) -> tuple[pd.DataFrame, bool]:
+def compare(old_path: Path, new_path: Path, tolerance: float,
+            per_metric: dict[str, float] | None = None) -> tuple[pd.DataFrame, bool, list[str]]:
     """Differences NEW − OLD per (method, split, metric). A regression is a change for the worse
     beyond the tolerance (absolute, in the metric's own units), or a number OLD has and NEW lacks
-    (missing, or not a number): a gate must not pass because a metric stopped being computed."""
+    (missing, or not a number): a gate must not pass because a metric stopped being computed.
+    Also returns warnings for the values OLD and NEW scored under different arithmetic."""
     per_metric = per_metric or {}
     loaded = []
     for path in (old_path, new_path):
@@ -336,7 +346,19 @@ def compare(old_path: Path, new_path: Path, tolerance: float, per_metric: dict[s
         regressed |= verdict.startswith("REGRESSION")
         rows.append({"method": key[0], "split": key[1], "metric": key[2], "old": o_mean, "new": n_mean,
                      "delta": delta, "tolerance": tol, "verdict": verdict})
-    return pd.DataFrame(rows), regressed
+    return pd.DataFrame(rows), regressed, precision_warnings(old, new)
+
+
+def precision_warnings(old: dict, new: dict) -> list[str]:
+    """One line per (method, split) and pair of arithmetics where the two boards' values were scored
+    differently (device kind, dtype, TF32; `unrecorded` before scoring.json recorded it)."""
+    differing: dict[tuple[str, str, str, str], list[str]] = {}
+    for key in sorted(set(old) & set(new)):
+        was, now = (row.get("precision") or precision_label(None) for row in (old[key], new[key]))
+        if was != now:
+            differing.setdefault((key[0], key[1], was, now), []).append(key[2])
+    return [f"{method} ({split}): {', '.join(values)} scored under different precision: {was} in OLD, {now} in NEW; "
+            "their differences include the arithmetic's" for (method, split, was, now), values in differing.items()]
 
 
 def same_tasks(a: RunDir, b: RunDir) -> None:

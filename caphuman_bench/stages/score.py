@@ -9,6 +9,9 @@ Images are read (and their pixels hashed for the metrics' memos) by a thread poo
 while the metrics run on the current batch. Re-scoring is incremental: (task, metric) pairs already in the file are kept unless `force`.
 scores.parquet is derived: a damaged one (unreadable, wrong schema, duplicate rows) is rebuilt by
 rescoring, with a warning.
+The pass computes in strict float32 (`numerics.strict_float32`: no TF32, no reduced-precision
+reductions; a protocol's prescribed fp16 is kept and named), so a score does not depend on the GPU, the
+batch or the shard; scoring.json records per family the device, dtype, TF32 state and batch size.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from caphuman_bench.faces.memo import image_digest
 from caphuman_bench.images import ImageError, load_rgb
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
 from caphuman_bench.metrics.protocol import scoring_protocol
+from caphuman_bench.numerics import device_kind, device_label, strict_float32, tf32_state
 from caphuman_bench.provenance import config_hash
 from caphuman_bench.registry import all_metrics, get_metric
 from caphuman_bench.rundir import RunDir
@@ -107,7 +111,7 @@ def metrics_to_run(names: list[str] | None, options: dict) -> dict[str, tuple[ty
 
 def score(run: RunDir, *, metrics: list[str] | None = None, device: str = "cpu", options: dict | None = None,
           shard: Shard = Shard(0, 1), force: bool = False, batch_size: int = 8, progress=None) -> ScoreSummary:
-    with prompt_gil_handover():
+    with prompt_gil_handover(), strict_float32():
         return _score(run, metrics, device, options, shard, force, batch_size, progress)
 
 
@@ -145,14 +149,14 @@ def _score(run: RunDir, metrics: list[str] | None, device: str, options: dict | 
         groups.setdefault((t.identity_id, t.prompt_id), []).append(t)
     with ThreadPoolExecutor(READ_THREADS, thread_name_prefix="score-read") as pool:
         digests = dict(zip((t.task_id for t in tasks), pool.map(sha256_of, [run.image_path(t.task_id) for t in tasks])))
-        signatures = {name: scoring_signature(name, options, found) for name, (_, found) in ready.items()}
-        done = set() if force else _up_to_date(run, signatures, digests)
-
         prompts = [p.fill(NEUTRAL_SUBJECT) for p in bench.prompts.values()]
         instances: dict[str, BenchMetric] = {}
         for name, (cls, found) in ready.items():
             context = ScoreContext(device=device, cache_dir=run.cache_dir / "metrics", options=options, weights=found, prompts=prompts)
             instances[name] = cls(context)
+        numerics = {name: scoring_numerics(metric, batch_size) for name, metric in instances.items()}
+        signatures = {name: scoring_signature(name, options, found, numerics[name]) for name, (_, found) in ready.items()}
+        done = set() if force else _up_to_date(run, signatures, digests)
 
         todo = [t for t in tasks if any((t.task_id, name) not in done for name in instances)]
         bar = progress.add_task("score", total=len(todo)) if progress and todo else None
@@ -182,7 +186,8 @@ def _score(run: RunDir, metrics: list[str] | None, device: str, options: dict | 
             if bar is not None:
                 progress.advance(bar, len(batch))
         flushes.merge(run)
-    _record_scoring(run, {name: (options, found, signatures[name]) for name, (_, found) in ready.items()}, skipped)
+    _record_scoring(run, {name: (options, found, signatures[name], numerics[name]) for name, (_, found) in ready.items()}, skipped,
+                    kept_earlier=not force)
     return summary
 
 
@@ -270,17 +275,26 @@ def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> Score
         reference=bench.reference_image(task.identity_id), reference_sha256=bench.reference_sha256(task.identity_id),
         references=tuple(photos) if len(photos := bench.reference_images(task.identity_id)) > 1 else (),
         prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
-        siblings=tuple((t.task_id, run.image_path(t.task_id)) for t in group if t.task_id != task.task_id),
+        siblings=tuple((t.task_id, t.condition_id, run.image_path(t.task_id)) for t in group if t.task_id != task.task_id),
         subject_prompt=bench.prompts[task.prompt_id].fill(bench.identities[task.identity_id].subject),
     )
 
 
-def scoring_signature(metric: str, options: dict, found_weights: dict) -> str:
-    """What a score depends on besides the image: the metric, the scoring options and its weights
-    files. A stored row is reused only while this and the image's sha256 are unchanged."""
+def scoring_numerics(metric: BenchMetric, batch_size: int) -> dict:
+    """What a family's rows are computed with: device (and GPU model), dtype, the TF32 state inside the
+    pass, the batch size, and whatever the family adds (a protocol's fp16, a host library)."""
+    found = metric.numerics()
+    return {**found, "device": device_label(found["device"]), "tf32": tf32_state(), "batch_size": batch_size}
+
+
+def scoring_signature(metric: str, options: dict, found_weights: dict, numerics: dict) -> str:
+    """What a score depends on besides the image: the metric, the scoring options, its weights files
+    and the arithmetic (device kind, dtype; not the batch size or the GPU model, which must not
+    matter). A stored row is reused only while this and the image's sha256 are unchanged."""
     files = {wid: [str(path), path.stat().st_size] for wid, path in sorted(found_weights.items())}
     relevant = {k: v for k, v in options.items() if k != "weights_paths"}
-    return config_hash({"metric": metric, "options": relevant, "weights": files})[:16]
+    arithmetic = {"device": device_kind(numerics["device"]), "dtype": numerics["dtype"]}
+    return config_hash({"metric": metric, "options": relevant, "weights": files, "arithmetic": arithmetic})[:16]
 
 
 def _row(task: Task, metric: str, score: ItemScore, image_sha256: str, signature: str) -> dict:
@@ -363,9 +377,11 @@ def _merge_scores(run: RunDir, rows: list[dict]) -> None:
         atomic_write(run.scores_file, lambda fh: new.to_parquet(fh, index=False))
 
 
-def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str]], skipped: dict[str, str]) -> None:
-    """Per metric, what its rows were scored with (options, weights files, signature), and the
-    metrics the last pass skipped. Metrics not in this pass keep their earlier entry."""
+def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str, dict]], skipped: dict[str, str],
+                    kept_earlier: bool = True) -> None:
+    """Per metric, what its rows were scored with (options, weights files, signature, numerics), and
+    the metrics the last pass skipped. Metrics not in this pass keep their earlier entry; a family
+    whose stored rows were kept from an earlier pass (same signature) lists every batch size used."""
     with run.lock("scoring"):
         try:
             previous = run.scoring()
@@ -373,8 +389,13 @@ def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str]], skip
             log.warning("%s; rewriting it", exc)
             previous = {}
         metrics = previous.get("metrics", {})
-        for name, (options, found, signature) in scored.items():
+        for name, (options, found, signature, numerics) in scored.items():
+            earlier = metrics.get(name) or {}
+            if kept_earlier and earlier.get("signature") == signature:  # rows of the earlier pass are kept beside this one's
+                sizes = (earlier.get("numerics") or {}).get("batch_size", [])
+                sizes = sorted({*(sizes if isinstance(sizes, list) else [sizes]), numerics["batch_size"]})
+                numerics = {**numerics, "batch_size": sizes[0] if len(sizes) == 1 else sizes}
             metrics[name] = {"signature": signature, "protocol": scoring_protocol(options).name,
                              "weights": {wid: str(path) for wid, path in sorted(found.items())},
-                             "options": {k: v for k, v in options.items() if k != "weights_paths"}}
+                             "options": {k: v for k, v in options.items() if k != "weights_paths"}, "numerics": numerics}
         write_json_atomic(run.scoring_file, {"metrics": dict(sorted(metrics.items())), "skipped_metrics": skipped})
