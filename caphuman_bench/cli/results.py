@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,6 +19,7 @@ from caphuman_bench.cli.common import (
     out,
     parse_pairs,
     print_results,
+    print_rows,
     print_scores,
     progress_bar,
     score_options,
@@ -114,6 +116,7 @@ def compare(
     metric_tolerance: Annotated[Optional[list[str]], typer.Option("--metric-tolerance", help="Per-metric tolerance: NAME=VALUE.")] = None,
     paired: Annotated[bool, typer.Option("--paired", help="Compare two runs image by image: paired bootstrap interval and Wilcoxon p of A − B.")] = False,
     metrics: Annotated[Optional[str], typer.Option("--metrics", help="With --paired: comma-separated values to compare (default: all both runs scored).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output (rows, verdict, warnings).")] = False,
 ):
     """Leaderboard gate for CI: exit 1 when a metric got worse beyond tolerance; --paired compares two runs per image.
 
@@ -122,19 +125,35 @@ def compare(
     Example: caphuman-bench compare reports/leaderboard.json runs/new/leaderboard.json --tolerance 0.02
     Example: caphuman-bench compare --paired runs/caphuman-full-… runs/ip_adapter_controlnet-full-…
     """
+    from caphuman_bench.report.numbers import fmt, rounded
+
     if paired:
         from caphuman_bench.report.stats import paired_sentence
         from caphuman_bench.rundir import RunDir
-        from caphuman_bench.stages.report import compare_paired, paired_table
+        from caphuman_bench.stages.report import compare_paired
 
         run_a, run_b = RunDir(old), RunDir(new)
         results = compare_paired(run_a, run_b, metrics.split(",") if metrics else None)
         name_a, name_b = run_a.info()["label"], run_b.info()["label"]
         if name_a == name_b:
             name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
-        out.print(paired_table(results).to_string(index=False), markup=False, highlight=False, soft_wrap=True)
+        significant = [r.metric for r in results if r.to_dict().get("significant")]
+        verdict = (f"A = {name_a}, B = {name_b}: {len(significant)} of {len(results)} values differ significantly"
+                   + (f" ({', '.join(significant)})" if significant else ""))
+        if as_json:
+            out.print_json(json.dumps({"a": name_a, "b": name_b, "rows": [rounded(r.to_dict()) for r in results],
+                                       "verdict": verdict}, default=str))
+            return
+        rows = []
+        for r in results:
+            d = r.to_dict()
+            ci = d.get("ci95") or [None, None]
+            rows.append([d["metric"], str(d["n"]), fmt(d["mean_a"]), fmt(d["mean_b"]), fmt(d["difference"]),
+                         f"[{fmt(ci[0])}, {fmt(ci[1])}]", fmt(d["p_wilcoxon"]), "yes" if d["significant"] else "no"])
+        print_rows(["metric", "n", "mean A", "mean B", "A − B", "95 % CI", "p (Wilcoxon)", "significant"], rows)
         for result in results:
             out.print(paired_sentence(result, name_a, name_b), markup=False, highlight=False, soft_wrap=True)
+        out.print(verdict, markup=False, highlight=False, soft_wrap=True)
         return
     from caphuman_bench.stages.report import compare as compare_boards
 
@@ -146,9 +165,22 @@ def compare(
     if not math.isfinite(tolerance):
         raise BenchError(f"--tolerance {tolerance}: expected a finite number >= 0")
     table, regressed, warnings = compare_boards(old, new, tolerance, tolerances)
-    for warning in warnings:
-        console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
-    out.print(table.to_string(index=False) if len(table) else "(nothing to compare)", markup=False, highlight=False, soft_wrap=True)
+    rows = rounded(table.to_dict("records"))
+    worse = [f"{r['metric']} of {r['method']}" for r in rows if r["verdict"].startswith("REGRESSION")]
+    counts = {v: sum(r["verdict"] == v for r in rows) for v in ("same", "improved", "new")}
+    verdict = (f"REGRESSION: {len(worse)} of {len(rows)} values worse beyond tolerance: {', '.join(worse)}" if regressed else
+               f"OK: {len(rows)} values, none worse beyond tolerance ({counts['same']} same, {counts['improved']} improved, "
+               f"{counts['new']} new)")
+    if as_json:
+        out.print_json(json.dumps({"rows": rows, "regressed": regressed, "verdict": verdict, "warnings": warnings}, default=str))
+    else:
+        for warning in warnings:
+            console.print(f"[yellow]warning[/]: {escape(warning)}", soft_wrap=True)
+        colour = {"improved": "green", "same": "", "new": "cyan"}
+        print_rows(["metric", "method", "split", "old", "new", "new − old", "tolerance", "verdict"],
+                   [[r["metric"], r["method"], r["split"], fmt(r["old"]), fmt(r["new"]), fmt(r["delta"]), fmt(r["tolerance"]),
+                     f"[{colour.get(r['verdict']) or 'red'}]{r['verdict']}[/]" if colour.get(r["verdict"], "red") else r["verdict"]]
+                    for r in rows], ids=3)
+        (console if regressed else out).print(f"[red]{verdict}[/]" if regressed else verdict, soft_wrap=True)
     if regressed:
-        console.print("[red]regression beyond tolerance[/]")
         raise typer.Exit(1)
