@@ -110,10 +110,12 @@ def _execute(card, bench, split, runs_dir, preset, overrides, seed, device, shar
     from caphuman_bench.runner import pick_device, plan_run
     from caphuman_bench.stages.generate import generate
     from caphuman_bench.stages.report import write_run_results
-    from caphuman_bench.stages.score import score
+    from caphuman_bench.stages.score import check_reference_faces, score
 
     device = pick_device(device)
     _preflight(card, bench, split, preset, overrides, options["weights_paths"])  # before any file is written
+    if not generate_only:
+        check_reference_faces(bench, bench.split(split).identities, metrics, options)
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
     with _progress() as progress:
@@ -283,6 +285,8 @@ def compare(
 
         run_a, run_b = RunDir(old), RunDir(new)
         results = compare_paired(run_a, run_b, metrics.split(",") if metrics else None)
+        if not results:
+            raise BenchError(f"{old} and {new}: no value is scored in both runs; `caphuman-bench score RUN` scores a run")
         name_a, name_b = run_a.info()["label"], run_b.info()["label"]
         if name_a == name_b:
             name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"
@@ -591,12 +595,14 @@ def main() -> None:
     """Entry point: user errors and environment faults become one line on stderr and exit code 2;
     no user error or fault prints a traceback."""
     from caphuman_bench.atomic import environment_fault
+    from caphuman_bench.launch import check_environment
 
     def fail(message: str, code: int = 2) -> None:
         console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(code)
 
     try:
+        check_environment()  # before torchmetrics' import reads LOCAL_RANK
         code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except BenchError as exc:
         fail(str(exc))
