@@ -76,6 +76,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
         raise
 
 
+def check_writable(folder: str | os.PathLike) -> None:
+    """Stop before long work whose results could not be saved: `folder` is made and a small file is
+    written, synced and removed in it. A read-only folder, a missing permission or a full disk is one
+    `EnvironmentFault` naming the folder."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".probe.{_temp_tag()}.", suffix=TEMP_SUFFIX, dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(bytes(4096))
+                fh.flush()
+                os.fsync(fh.fileno())
+        finally:
+            Path(probe).unlink(missing_ok=True)
+    except OSError as exc:
+        raise environment_fault(exc, folder) from None
+
+
 def append_line(path: str | os.PathLike, line: str) -> None:
     """Append one complete line with a single `write`, checked: a short write (full disk) is an
     error, never a silently torn record. The caller serialises writers (see RunDir.append_status)."""

@@ -141,6 +141,21 @@ class Benchmark:
         return cls(root, version, prompts, conditions, identities, splits,
                    Path(identities_dir) if identities_dir else None)
 
+    @classmethod
+    def load_planned(cls, planned: dict, run_json: str | os.PathLike) -> "Benchmark":
+        """The spec a run was planned with (its run.json's `benchmark` entry), refused when it no longer
+        loads or its hash changed: what a run derives from the spec (tasks, scores, breakdowns) stays
+        the spec's as the run was planned."""
+        try:
+            bench = cls.load(planned["spec_root"], identities_dir=planned.get("identities_dir"))
+        except BenchError as exc:
+            raise BenchError(f"the benchmark spec {run_json} was planned with does not load any more: {exc}") from None
+        if bench.spec_hash != planned["spec_hash"]:
+            raise BenchError(f"{bench.root}: the benchmark spec changed since {run_json} was written "
+                             f"(field 'benchmark.spec_hash' {planned['spec_hash'][:12]} != {bench.spec_hash[:12]}); "
+                             "restore the spec the run was planned with")
+        return bench
+
     @cached_property
     def spec_hash(self) -> str:
         """sha256 over the spec files: two runs share a benchmark only if this matches."""
@@ -277,8 +292,10 @@ def _read(path: Path) -> str:
 def _yaml(path: Path):
     try:
         return yaml.safe_load(_read(path))
-    except yaml.YAMLError as exc:
-        raise BenchError(f"{path}: not valid YAML: {exc}") from None
+    except yaml.YAMLError as exc:  # its own message spans several lines: the place and the problem only
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise BenchError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or ' '.join(str(exc).split())}") from None
 
 
 def _check_id(path: Path, value, what: str) -> str:
@@ -321,9 +338,16 @@ def _vector(where: str, name: str, value, size: int) -> np.ndarray:
     return arr.reshape(-1)
 
 
+# The range in which yaw, pitch and roll name each head rotation once (YXZ Euler angles, pitch within ±90°):
+# yaw 720 would be rendered frontal but binned as |yaw| ≥ 60°.
+ANGLE_LIMITS = {"yaw": 180.0, "pitch": 90.0, "roll": 180.0}
+
+
 def _degrees(where: str, name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         raise BenchError(f"{where}: field {name!r} must be a finite number (degrees), got {value!r}")
+    if abs(value) > ANGLE_LIMITS[name]:
+        raise BenchError(f"{where}: field {name!r} {value!r} is outside -{ANGLE_LIMITS[name]:g}..{ANGLE_LIMITS[name]:g} degrees")
     return float(value)
 
 
@@ -420,7 +444,7 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
             elif isinstance(value, str) and value.split(":")[0] == "prepared" and key == "identities":
                 prepared = [k for k, v in pool.items() if v.source != "package"]  # CelebA or a folder of faces
                 count = value.partition(":")[2]
-                if count and not count.isdigit():
+                if count and not re.fullmatch(r"[0-9]+", count):
                     raise BenchError(f"{where}: field {key!r}: {value!r} must be prepared or prepared:N")
                 chosen[key] = tuple(prepared[: int(count)] if count else prepared)
             elif isinstance(value, list):
@@ -429,6 +453,7 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
                 unknown = [v for v in value if v not in pool]
                 if unknown:
                     raise BenchError(f"{where}: field {key!r} names unknown id(s) {', '.join(map(str, unknown))}")
+                _check_unique(where, key, value)
                 chosen[key] = tuple(value)
             else:
                 raise BenchError(f"{where}: field {key!r} must be 'all', 'prepared', 'prepared:N' or a list of ids")
@@ -438,9 +463,15 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
         counts = row.get("references", [])
         if not isinstance(counts, list) or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in counts):
             raise BenchError(f"{where}: field 'references' must be a list of positive integers (photos per identity)")
+        _check_unique(where, "references", counts)
         if counts:  # each identity once per count, as "<id>@k" with its first k photos
             expanded = []  # identities with fewer photos than the largest k are left out of this split
-            for iid in [i for i in chosen["identities"] if len(identities[i].files) >= max(counts)]:
+            enough = [i for i in chosen["identities"] if len(identities[i].files) >= max(counts)]
+            if chosen["identities"] and not enough:
+                few = ", ".join(f"{i} ({len(identities[i].files)})" for i in chosen["identities"][:5])
+                raise BenchError(f"{where}: field 'references' asks for {max(counts)} photos per identity, and no identity "
+                                 f"of the split has that many (photos: {few}{', …' if len(chosen['identities']) > 5 else ''})")
+            for iid in enough:
                 for k in counts:
                     made[f"{iid}@{k}"] = identities[iid].with_references(k)
                     expanded.append(f"{iid}@{k}")
@@ -448,3 +479,10 @@ def _load_splits(path, prompts, conditions, identities) -> dict[str, Split]:
         splits[name] = Split(name, chosen["identities"], chosen["prompts"], chosen["conditions"], samples, tuple(counts))
     identities.update(made)  # after every split chose from the rows of identities.csv
     return splits
+
+
+def _check_unique(where: str, key: str, values: list) -> None:
+    """A split lists each id (and each photo count) once: a repeat would plan one task twice."""
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise BenchError(f"{where}: field {key!r} lists {', '.join(repeated)} more than once")

@@ -15,9 +15,10 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Iterable, TypeVar
 
+from caphuman_bench.launch import THREADS_ENV, env_number
+
 T = TypeVar("T")
 R = TypeVar("R")
-THREADS_ENV = "CAPHUMAN_BENCH_HOST_THREADS"  # threads for per-image host work (default: `host_threads`)
 
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
@@ -29,12 +30,9 @@ def host_threads() -> int:
     when torchrun starts several processes on this machine ($LOCAL_WORLD_SIZE): twice each one's share,
     since a process's threads also wait on its GPU (8 scoring processes on 16 cores: 4 threads each,
     the setting measured in reports/perf/h200_2026-11-29_s3)."""
-    value = os.environ.get(THREADS_ENV, "")
-    if value:
-        try:
-            return max(1, int(value))
-        except ValueError:
-            raise ValueError(f"${THREADS_ENV}={value!r}: expected a whole number of threads") from None
+    threads = env_number(THREADS_ENV, 0)
+    if threads:
+        return threads
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = os.environ.get("LOCAL_WORLD_SIZE", "1")
     processes = int(local) if local.isdigit() and int(local) > 0 else 1

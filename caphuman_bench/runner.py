@@ -5,7 +5,6 @@ The stages only talk through the run directory; this module just calls them in o
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.errors import BenchError
+from caphuman_bench.launch import env_number
 from caphuman_bench.plugins import outside_code_sha256
 from caphuman_bench.provenance import config_hash, environment
 from caphuman_bench.registry import get_method
@@ -30,11 +30,9 @@ def pick_device(device: str) -> str:
     if device == "auto":
         if not torch.cuda.is_available():
             return "cpu"
-        local = os.environ.get("LOCAL_RANK") or os.environ.get("SLURM_LOCALID") or "0"
-        if not local.isdigit():
-            raise BenchError(f"environment LOCAL_RANK / SLURM_LOCALID {local!r}: expected a number")
+        local = env_number("LOCAL_RANK", env_number("SLURM_LOCALID", 0))
         # modulo: srun with --gpus-per-task shows each task only its own GPU as cuda:0
-        return f"cuda:{int(local) % max(1, torch.cuda.device_count())}"
+        return f"cuda:{local % max(1, torch.cuda.device_count())}"
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):

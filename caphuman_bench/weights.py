@@ -178,13 +178,42 @@ def load_torch_file(path: str | os.PathLike, what: str):
 
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise BenchError(f"{path}: {what} not found") from None
     except pickle.UnpicklingError:
         raise BenchError(f"{path}: cannot read {what}: not a file of tensors only (torch.load with weights_only=True refused it)") from None
     except Exception as exc:  # torch's readers fail on junk with KeyError, EOFError, RuntimeError, …
         raise BenchError(f"{path}: cannot read {what} ({type(exc).__name__}: {exc})") from None
+    if not isinstance(loaded, dict):  # every weights file read here is a mapping of names to tensors (or to such mappings)
+        raise BenchError(f"{path}: not {what}: it holds a {type(loaded).__name__}, not a mapping of named tensors")
+    return loaded
+
+
+def tensor_state_dict(loaded: dict, path: str | os.PathLike, what: str) -> dict:
+    """`loaded` (or its 'state_dict' entry) checked to be a flat mapping of names to tensors."""
+    import torch
+
+    state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise BenchError(f"{path}: not {what}: not a mapping of names to tensors (nor one under 'state_dict')")
+    return state
+
+
+def load_safetensors(path: str | os.PathLike, what: str, *, header_only: bool = False):
+    """A safetensors file's tensors on the CPU, or with `header_only` just their names (the header is
+    read and checked against the file's size; no tensor is loaded). A missing, truncated or foreign
+    file is one line naming the file and what it should be."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as fh:
+            return list(fh.keys()) if header_only else {key: fh.get_tensor(key) for key in fh.keys()}
+    except FileNotFoundError:
+        raise BenchError(f"{path}: {what} not found") from None
+    except Exception as exc:  # SafetensorError on a truncated or foreign file, OSError, …
+        raise BenchError(f"{path}: cannot read {what} as safetensors ({type(exc).__name__}: {exc})") from None
 
 
 _LOADED: dict[tuple, object] = {}

@@ -245,13 +245,14 @@ def test_an_artefact_counts_only_for_its_photo_subject_and_bytes(tmp_path):
     assert store.root.parent == tmp_path / "finetune" and store.root.name.startswith("lora-")
     assert store.verify("ada", "photo-sha", "a woman", full=True) == (None, f"no artefact ({store.folder('ada')}/finetune.json missing)")
     store.file("ada").parent.mkdir(parents=True)
-    store.file("ada").write_bytes(b"weights")
+    weights = safetensors.torch.save({"w": torch.ones(2)})
+    store.file("ada").write_bytes(weights)
     store.write_record("ada", "photo-sha", "a woman", "a sks woman", {})
     artefact, _ = store.verify("ada", "photo-sha", "a woman", full=True)
-    assert artefact.sha256 == hashlib.sha256(b"weights").hexdigest() == artefact.record["sha256"]
+    assert artefact.sha256 == hashlib.sha256(weights).hexdigest() == artefact.record["sha256"]
     assert store.verify("ada", "other-photo", "a woman", full=True)[0] is None
     assert "subject phrase" in store.verify("ada", "photo-sha", "a man", full=True)[1]
-    store.file("ada").write_bytes(b"weighTs")  # same size: planning's cheap check passes, the full one does not
+    store.file("ada").write_bytes(weights[:-1] + bytes([weights[-1] ^ 0xFF]))  # same size: planning's cheap check passes, the full one does not
     assert store.verify("ada", "photo-sha", "a woman", full=False)[0] is not None
     assert "sha256 differs" in store.verify("ada", "photo-sha", "a woman", full=True)[1]
     # another training setting is another folder; the _controlnet_head card shares this one

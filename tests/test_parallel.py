@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from caphuman_bench.errors import BenchError
 from caphuman_bench.parallel import THREADS_ENV, host_threads, thread_map
 
 
@@ -41,7 +42,7 @@ def test_one_thread_runs_on_the_caller(monkeypatch):
 
 def test_bad_thread_count_names_the_variable(monkeypatch):
     monkeypatch.setenv(THREADS_ENV, "many")
-    with pytest.raises(ValueError, match=THREADS_ENV):
+    with pytest.raises(BenchError, match=THREADS_ENV):
         host_threads()
 
 

@@ -601,9 +601,9 @@ def test_a_damaged_head_target_is_an_error_for_score_and_rebuilt_by_generate(tmp
 
 
 @pytest.mark.parametrize("world, rank, message", [
-    ("two", "0", "environment WORLD_SIZE='two': expected a non-negative whole number"),
+    ("two", "0", "environment WORLD_SIZE 'two': expected a whole number written with the digits 0-9"),
     ("2", "5", r"process rank 5 is outside 0\.\.1 \(RANK/WORLD_SIZE"),
-    ("2", "-1", "environment RANK='-1': expected a non-negative whole number"),
+    ("2", "-1", "environment RANK '-1': expected a whole number written with the digits 0-9"),
 ])
 def test_a_bad_torchrun_environment_is_one_line(world, rank, message, monkeypatch):
     from caphuman_bench.stages.plan import parse_shard

@@ -134,6 +134,8 @@ def compare(
 
         run_a, run_b = RunDir(old), RunDir(new)
         results = compare_paired(run_a, run_b, metrics.split(",") if metrics else None)
+        if not results:
+            raise BenchError(f"{old} and {new}: no value is scored in both runs; `caphuman-bench score RUN` scores a run")
         name_a, name_b = run_a.info()["label"], run_b.info()["label"]
         if name_a == name_b:
             name_a, name_b = f"{name_a} (A)", f"{name_b} (B)"

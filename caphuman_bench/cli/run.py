@@ -55,10 +55,12 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
     from caphuman_bench.runner import pick_device, plan_run
     from caphuman_bench.stages.generate import generate
     from caphuman_bench.stages.report import write_run_results
-    from caphuman_bench.stages.score import score
+    from caphuman_bench.stages.score import check_reference_faces, score
 
     device = pick_device(device)
     preflight(card, bench, split, preset, overrides, options, metrics, scoring=not generate_only)  # before any file is written
+    if not generate_only:
+        check_reference_faces(bench, bench.split(split).identities, metrics, options)
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
     with progress_bar() as progress:

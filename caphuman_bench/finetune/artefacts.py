@@ -9,8 +9,9 @@
 The training hash covers the recipe, every `train_*` parameter and `tiny`, so the plain and the
 `_controlnet_head` card of one recipe share their artefacts, and a changed training setting trains anew
 into another folder. An artefact counts only when its record is complete, was made from the same
-reference photo and subject phrase ("a woman": its noun is in the training prompt), and its file has
-the recorded sha256; anything else is trained again, never used.
+reference photo and subject phrase ("a woman": its noun is in the training prompt), records the identity
+phrase this configuration makes, and its file has the recorded sha256 and opens as safetensors;
+anything else is trained again, never used.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from caphuman_bench.atomic import write_json_atomic
+from caphuman_bench.errors import BenchError
+from caphuman_bench.finetune.training import identity_phrase
 from caphuman_bench.provenance import config_hash, package_versions
-from caphuman_bench.weights import sha256_of
+from caphuman_bench.weights import load_safetensors, sha256_of
 
 ARTEFACT_FILES = {"textual_inversion": "learned_embeds.safetensors", "dreambooth": "unet.safetensors",
                   "lora": "pytorch_lora_weights.safetensors"}
@@ -84,11 +87,18 @@ class ArtefactStore:
             return None, f"{record_path}: unreadable record ({type(exc).__name__}: {exc})"
         if expected != (self.recipe, self.training_hash, reference_sha256, subject):
             return None, f"{record_path}: made for another recipe, training configuration, reference photo or subject phrase"
+        phrase = identity_phrase(self.recipe, subject, self.params)
+        if record.get("identity_phrase") != phrase:  # `run` puts the recorded phrase into every prompt
+            return None, f"{record_path}: field 'identity_phrase' {record.get('identity_phrase')!r} is not {phrase!r}"
         path = self.file(identity_id)
         if not path.exists() or path.stat().st_size != size:
             return None, f"{path}: missing or not the recorded size ({size} bytes)"
         if full and sha256_of(path) != sha256:
             return None, f"{path}: sha256 differs from the record (corrupt or replaced)"
+        try:  # opened, not only hashed: a record rewritten over junk bytes must not count
+            load_safetensors(path, f"{self.recipe} weights", header_only=True)
+        except BenchError as exc:
+            return None, str(exc)
         return Artefact(identity_id, path, sha256, record), ""
 
     def clear(self, identity_id: str) -> None:

@@ -29,8 +29,6 @@ the same machine; no validation images or intermediate checkpoints.
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,20 +82,21 @@ class TrainedArtefact:
     seconds: float = 0.0
 
     def save(self, path: Path) -> None:
-        """Written atomically: LoRA through diffusers' `save_lora_weights`, the others as one safetensors file."""
+        """One safetensors file, written atomically (a killed save leaves only a temp file, which the next
+        `finetune` removes); LoRA's laid out by diffusers' `save_lora_weights`."""
         import safetensors.torch
 
+        def write(tensors: dict[str, torch.Tensor], target) -> None:
+            payload = safetensors.torch.save(tensors, metadata={"format": "pt"})
+            atomic_write(target, lambda fh: fh.write(payload))
+
         if self.recipe != "lora":
-            payload = safetensors.torch.save(self.tensors, metadata={"format": "pt"})
-            atomic_write(path, lambda fh: fh.write(payload))
+            write(self.tensors, path)
             return
         from diffusers import StableDiffusionPipeline
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".lora.") as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=self.tensors, weight_name=path.name,
-                                                      safe_serialization=True)
-            os.replace(Path(tmp) / path.name, path)
+        StableDiffusionPipeline.save_lora_weights(path.parent, unet_lora_layers=self.tensors, weight_name=path.name,
+                                                  save_function=write)
 
     def details(self) -> dict[str, Any]:
         return {"steps": len(self.losses), "loss_first": self.losses[0] if self.losses else None,

@@ -36,6 +36,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisio
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.models.capface import CapFaceModel
+from caphuman_bench.weights import load_safetensors, tensor_state_dict
 
 PREFIXES = {
     "unet": ("model.diffusion_model.",),
@@ -478,18 +479,12 @@ def load_checkpoint_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.exists():
         raise BenchError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path), device="cpu")
+        return load_safetensors(path, "checkpoint")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file for the user
         raise BenchError(f"{path}: cannot load with torch.load(weights_only=True): {exc}") from None
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise BenchError(f"{path}: not a state dict of tensors (nor one under 'state_dict')")
-    return obj
+    return tensor_state_dict(obj, path, "a checkpoint")
 
 
 def clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:

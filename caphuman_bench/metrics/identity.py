@@ -56,6 +56,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def photos_without_face(photos: dict[str, Image.Image], options: dict, weights: dict[str, Path]) -> list[str]:
+    """The keys of `photos` in which the identity metrics find no face (MTCNN under the scoring protocol,
+    on the CPU): checked before generation, since each such identity's every image would go unscored."""
+    found = scoring_protocol(options).detect(list(photos.values()), "cpu", mtcnn_weights_dir(weights))
+    return [key for key, face in zip(photos, found) if face is None]
+
+
 class IdentitySimilarity(BenchMetric):
     """Shared measuring loop: detect, embed, compare with the cached reference embedding."""
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.weights import load_torch_file
+from caphuman_bench.weights import load_torch_file, tensor_state_dict
 
 IR101_STAGES = ((64, 3), (128, 13), (256, 30), (512, 3))  # (channels, units) per stage
 
@@ -62,9 +62,8 @@ class IRBackbone(nn.Module):
 def load_curricularface(path: str | Path, stages=None) -> IRBackbone:
     """The IR-101 at `path`, strictly (a missing, unexpected or mis-shaped key is named)."""
     model = IRBackbone(stages)
-    state = load_torch_file(path, "the CurricularFace IR-101 weights")
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
+    what = "the CurricularFace IR-101 weights"
+    state = tensor_state_dict(load_torch_file(path, what), path, what)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from caphuman_bench.benchmark import Benchmark
-from caphuman_bench.errors import BenchError
 from caphuman_bench.report.stats import summarise
 from caphuman_bench.rundir import RunDir
 
@@ -22,13 +21,10 @@ AXIS_TITLES = {"condition": "head condition", "abs_yaw": "|yaw| bin", "category"
                "identity": "identity"}
 
 
-def run_spec(run: RunDir) -> Benchmark | None:
-    """The benchmark spec a run names, or None when it cannot be read any more (moved, edited)."""
-    spec = run.info()["benchmark"]
-    try:
-        return Benchmark.load(spec.get("spec_root"), identities_dir=spec.get("identities_dir"))
-    except BenchError:
-        return None
+def run_spec(run: RunDir) -> Benchmark:
+    """The benchmark spec a run was planned with: a spec edited or broken since is refused, never read
+    as it is now (an edited category or yaw would move the same scores to other groups)."""
+    return Benchmark.load_planned(run.info()["benchmark"], run.run_json)
 
 
 def yaw_bin(yaw: float) -> str | None:

@@ -50,13 +50,18 @@ def save_png(fig) -> bytes:
 
 
 def save_files(fig, stem) -> list:
-    """`stem`.png and `stem`.svg (for papers), then close; returns the paths."""
+    """`stem`.png and `stem`.svg (for papers), each written atomically (a full disk names the file), then
+    close; returns the paths."""
     from pathlib import Path
 
+    from caphuman_bench.atomic import atomic_write
+
     stem = Path(stem)
-    fig.savefig(stem.with_suffix(".png"), format="png", dpi=DPI, metadata={"Software": None})
-    fig.savefig(stem.with_suffix(".svg"), format="svg", metadata={"Date": None, "Creator": None})
-    _plt().close(fig)
+    try:
+        atomic_write(stem.with_suffix(".png"), lambda fh: fig.savefig(fh, format="png", dpi=DPI, metadata={"Software": None}))
+        atomic_write(stem.with_suffix(".svg"), lambda fh: fig.savefig(fh, format="svg", metadata={"Date": None, "Creator": None}))
+    finally:
+        _plt().close(fig)
     return [stem.with_suffix(".png"), stem.with_suffix(".svg")]
 
 

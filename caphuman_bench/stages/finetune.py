@@ -3,7 +3,9 @@
 Resumable like generation: an identity whose artefact verifies (record complete, same reference photo,
 subject phrase and training configuration, file sha256 as recorded) is skipped; one that does not is trained again
 from the base model, never used. Identities are sharded like tasks (`--shard`, RANK / WORLD_SIZE).
-A failure is reported with its reason and the other identities go on.
+A failure is reported with its reason and the other identities go on; a destination that cannot be
+written (read-only, full) stops the stage before training, or at the first save that fails. Temp files
+of a killed `finetune` are removed when the next one starts.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import hashlib
 from dataclasses import dataclass, field
 
 from caphuman_bench import weights
+from caphuman_bench.atomic import EnvironmentFault, check_writable, remove_stale_temps
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.errors import BenchError
@@ -48,6 +51,8 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
     resolved = weights.require(adapter_cls.training_weights(params), weights_paths)
     store = ArtefactStore(runs_dir, adapter_cls.recipe, params)
     summary = FinetuneSummary(root=str(store.root))
+    if store.root.exists():
+        remove_stale_temps(store.root)  # half-written weights of a killed finetune (1.7 GB each for DreamBooth)
     # The planned tasks' identities: an empty split stops here with plan_tasks' message on how to prepare it.
     identities = shard.select(list(dict.fromkeys(t.identity_id for t in plan_tasks(bench, split))))
     references = {i: bench.reference_sha256(i) for i in identities}
@@ -63,6 +68,7 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
         todo.append(identity_id)
     if not todo:
         return summary
+    check_writable(store.root)  # a read-only or full destination stops before any training, not at each save
 
     trainer = Trainer(adapter_cls.recipe, load_sd15(resolved.get("stable_diffusion_v1_5"), tiny=bool(params.get("tiny"))),
                       params, device)
@@ -76,6 +82,8 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
             store.write_record(identity_id, references[identity_id], subject,
                                identity_phrase(adapter_cls.recipe, subject, params), artefact.details())
             summary.trained.append(identity_id)
+        except EnvironmentFault:
+            raise  # the disk, not the identity: every later save would fail the same way
         except (RuntimeError, ValueError, BenchError) as exc:
             summary.failures[identity_id] = f"{type(exc).__name__}: {exc}"
         if progress:

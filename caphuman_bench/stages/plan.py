@@ -18,6 +18,7 @@ import numpy as np
 
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.errors import BenchError
+from caphuman_bench.launch import env_number
 from caphuman_bench.tasks import Task
 
 
@@ -70,17 +71,14 @@ def parse_shard(text: str | None, env: dict[str, str] | None = None) -> Shard:
     shards a·n … a·n + n − 1 of A·n, so every job of the array and every process in it gets its own.
     """
     if text:
-        match = re.fullmatch(r"(\d+)/(\d+)", text.strip())
+        match = re.fullmatch(r"([0-9]+)/([0-9]+)", text.strip())
         if not match or not int(match[2]) or int(match[1]) >= int(match[2]):
             raise BenchError(f"--shard {text!r}: expected i/n with 0 <= i < n, e.g. 0/2")
         return Shard(int(match[1]), int(match[2]))
     env = os.environ if env is None else env
 
     def number(name: str, default: int) -> int:
-        value = env.get(name) or str(default)
-        if not value.isdigit():
-            raise BenchError(f"environment {name}={value!r}: expected a non-negative whole number")
-        return int(value)
+        return env_number(name, default, env)
 
     if number("WORLD_SIZE", 1) > 1:
         index, count = number("RANK", 0), number("WORLD_SIZE", 1)

@@ -67,10 +67,7 @@ class ScoreSummary:
 def open_benchmark(run: RunDir) -> Benchmark:
     """The benchmark spec a run was planned with; refuses a spec that changed since."""
     spec = run.info()["benchmark"]
-    bench = Benchmark.load(spec["spec_root"], identities_dir=spec.get("identities_dir"))
-    if bench.spec_hash != spec["spec_hash"]:
-        raise BenchError(f"{bench.root}: the benchmark spec changed since {run.run_json} was written "
-                         f"(field 'benchmark.spec_hash' {spec['spec_hash'][:12]} != {bench.spec_hash[:12]})")
+    bench = Benchmark.load_planned(spec, run.run_json)
     references = spec.get("reference_sha256") or {}
     if not isinstance(references, dict):
         raise BenchError(f"{run.run_json}: field 'benchmark.reference_sha256' must be a JSON object")
@@ -340,6 +337,9 @@ def _checked_scores(where) -> pd.DataFrame:
     for column in values:
         if not pd.api.types.is_float_dtype(df[column]):
             raise DamagedScores(f"{where}: value column {column!r} is not floating point")
+        infinite = df[column].abs() == math.inf  # NaN means "no value"; an infinity is no score any metric gives
+        if infinite.any():
+            raise DamagedScores(f"{where}: value column {column!r} holds an infinite value (task {df['task_id'][infinite].iloc[0]!r})")
     return df
 
 
@@ -399,3 +399,22 @@ def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str, dict]]
                              "weights": {wid: str(path) for wid, path in sorted(found.items())},
                              "options": {k: v for k, v in options.items() if k != "weights_paths"}, "numerics": numerics}
         write_json_atomic(run.scoring_file, {"metrics": dict(sorted(metrics.items())), "skipped_metrics": skipped})
+
+
+def check_reference_faces(bench: Benchmark, identity_ids, metrics: list[str] | None, options: dict) -> None:
+    """Before generation: the identity metrics among `metrics` need a face in every reference photo
+    (else each image of that identity is an error row and scoring stops on a misleading cause)."""
+    from caphuman_bench.metrics.identity import IdentitySimilarity, photos_without_face
+
+    ready, _ = select_metrics(metrics, options)
+    identity_metrics = {name: found for name, (cls, found) in ready.items() if issubclass(cls, IdentitySimilarity)}
+    if not identity_metrics:
+        return
+    owners = {bench.identities[i].photo_owner: i for i in identity_ids}  # "<id>@k" shares <id>'s first photo
+    faceless = photos_without_face({owner: bench.reference_image(i) for owner, i in owners.items()}, options,
+                                   next(iter(identity_metrics.values())))
+    if faceless:
+        named = ", ".join(f"{i} ({bench.identities[i].files[0]})" for i in faceless[:5])
+        raise BenchError(f"no face found (MTCNN) in the reference photo of {len(faceless)} identit{'y' if len(faceless) == 1 else 'ies'}: "
+                         f"{named}; {', '.join(identity_metrics)} need(s) one: replace the photo, leave the identity out "
+                         "of the split, or leave these metrics out with --metrics")
