@@ -20,8 +20,9 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "outside_method"
 @pytest.fixture(autouse=True)
 def forget_outside_modules(monkeypatch):
     """Each test sees only the plugins it sets up."""
-    monkeypatch.delenv(plugins.INCLUDE_ENV, raising=False)
-    monkeypatch.delenv(plugins.CARDS_ENV, raising=False)
+    for name in (plugins.INCLUDE_ENV, plugins.CARDS_ENV):  # set, then removed: the teardown restores the variable
+        monkeypatch.setenv(name, "")  # even after --include wrote it for child processes
+        monkeypatch.delenv(name)
     monkeypatch.setattr(plugins, "_loaded", {})
     yield
     METHODS.pop("head_overlay", None)

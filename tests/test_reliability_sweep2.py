@@ -262,7 +262,7 @@ def test_a_reference_photo_without_a_face_stops_the_run_before_generation(spec, 
     identities = root / "identities.csv"
     identities.write_text(identities.read_text().replace("skimage:astronaut", "skimage:coins", 1))
     dummy = tmp_path / "facenet.pt"
-    dummy.write_bytes(b"never loaded: the check needs the detector only")
+    torch.save({}, dummy)  # opens (pre-flight reads every named weights file) but is never loaded: the check needs the detector only
     result = invoke("run", "--method", "reference", "--preset", "smoke", "--split", "tiny", "--spec", root, "--runs-dir",
                     tmp_path / "runs", "--metrics", "face_detection,id_sim_facenet", "--device", "cpu",
                     "--weights", f"facenet_vggface2={dummy}")

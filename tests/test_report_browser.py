@@ -80,3 +80,23 @@ def test_every_figure_gives_its_plot_a_real_share_of_the_image(pages, name):
     for data in figures:
         area, width = plot_fraction(base64.b64decode(data))
         assert area > 0.3 and width > 0.45, (area, width)
+
+
+def test_leaderboard_sorts_by_a_clicked_column_without_network(pages, browser):
+    """Ranked by ID similarity at first; a click on another metric's title sorts by it (best first
+    in its direction), a second click reverses; unscored rows stay last."""
+    page = browser.open(pages["report"], 1400)
+    names = "Array.from(document.querySelectorAll('table.board tbody tr')).map(r => r.cells[0].dataset.sort)"
+    values = ("Array.from(document.querySelectorAll('table.board tbody tr')).map(r => r.cells[{}].dataset.sort)"
+              ".filter(v => v !== '').map(Number)")
+    heads = page.evaluate("Array.from(document.querySelectorAll('table.board thead tr:nth-child(2) th')).map(h => h.title)")
+    column = heads.index("id_sim_dlib")
+    facenet = heads.index("id_sim_facenet")
+    ranked = page.evaluate(values.format(facenet))
+    assert ranked == sorted(ranked, reverse=True)
+    page.evaluate(f"document.querySelectorAll('table.board thead tr:nth-child(2) th')[{column}].click()")
+    first = page.evaluate(values.format(column))
+    assert first == sorted(first, reverse=True) and page.evaluate(names)[0] == "reference (smoke)"  # 0.99
+    page.evaluate(f"document.querySelectorAll('table.board thead tr:nth-child(2) th')[{column}].click()")
+    assert page.evaluate(values.format(column)) == sorted(first)
+    assert page.errors() == []
