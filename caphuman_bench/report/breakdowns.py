@@ -7,10 +7,13 @@ weighted by n, the groups' means sum back to the overall mean (every image is in
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from caphuman_bench.benchmark import Benchmark
+from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, SPEC_ENV, Benchmark, spec_files_hash
 from caphuman_bench.errors import BenchError
 from caphuman_bench.report.stats import summarise
 from caphuman_bench.rundir import RunDir
@@ -22,13 +25,24 @@ AXIS_TITLES = {"condition": "head condition", "abs_yaw": "|yaw| bin", "category"
                "identity": "identity"}
 
 
+_SPECS: dict[tuple, Benchmark] = {}  # parsed once per process for the 22 runs that name the same spec
+
+
 def run_spec(run: RunDir) -> Benchmark | None:
-    """The benchmark spec a run names, or None when it cannot be read any more (moved, edited)."""
+    """The benchmark spec a run names, or None when it cannot be read any more (moved, edited).
+    Parsed specs are kept under the hash of their files' bytes, so an edited spec is parsed again."""
     spec = run.info()["benchmark"]
     try:
-        return Benchmark.load(spec.get("spec_root"), identities_dir=spec.get("identities_dir"))
-    except BenchError:
+        root = Path(spec.get("spec_root") or os.environ.get(SPEC_ENV, DEFAULT_SPEC_DIR))
+        key = (str(root), spec.get("identities_dir"), spec_files_hash(root))
+    except OSError:
         return None
+    if key not in _SPECS:
+        try:
+            _SPECS[key] = Benchmark.load(root, identities_dir=spec.get("identities_dir"))
+        except BenchError:
+            return None
+    return _SPECS[key]
 
 
 def yaw_bin(yaw: float) -> str | None:
