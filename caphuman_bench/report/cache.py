@@ -1,5 +1,6 @@
-"""Per-run aggregates and paired comparisons kept between `report` calls, under the hash of every
-input they were computed from, so a number is never shown from inputs that changed since.
+"""Per-run aggregates, paired comparisons and figures kept between `report` calls, under the hash of
+every input they were computed from, so a number is never shown from inputs that changed since.
+(A figure's key is its drawing function's arguments and figures.py's bytes: `pages._drawn`.)
 
 The key of a run is the sha256 of its run.json, tasks.jsonl, status.jsonl, scores.parquet and
 scoring.json, of the spec files it names, of the metrics' directions and of `FORMAT` (raise it when

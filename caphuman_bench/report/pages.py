@@ -9,8 +9,10 @@ Nothing on a page depends on the time it was written.
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
+import json
 from functools import lru_cache
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from PIL import Image
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.report import figures
 from caphuman_bench.report.breakdowns import AXIS_TITLES, run_spec
+from caphuman_bench.report.cache import AggregateCache
 from caphuman_bench.report.numbers import fmt, fmt_interval, fmt_p
 from caphuman_bench.report.paper import paper_table
 from caphuman_bench.report.stats import PairedResult, paired_sentence, recogniser_agreement, recogniser_means, win_tie_loss
@@ -66,6 +69,20 @@ def run_protocol(res: dict) -> str:
 
 def _b64(data: bytes, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(data).decode()}"
+
+
+def _drawn(cache: AggregateCache | None, draw, *args) -> bytes:
+    """The PNG of `figures.draw(*args)`, from `cache` when the same figure (same inputs, same
+    figures.py) was drawn before: matplotlib takes most of a warm report's time."""
+    key = hashlib.sha256(json.dumps([draw.__name__, args], default=str).encode()
+                         + Path(figures.__file__).read_bytes()).hexdigest()
+    entry = cache.get("figures", key) if cache else None
+    if entry is not None:
+        return base64.b64decode(entry["png"])
+    png = figures.save_png(draw(*args))
+    if cache:
+        cache.put("figures", key, {"png": base64.b64encode(png).decode()})
+    return png
 
 
 def _figure(png: bytes, alt: str, caption: str = "") -> str:
@@ -133,7 +150,7 @@ def leaderboard_table(results: list[dict], labels: list[str], order: list[str]) 
                   show_split=len({res["split"] for res in results}) > 1)
 
 
-def metric_figures(results: list[dict], labels: list[str], names: list[str]) -> list[str]:
+def metric_figures(results: list[dict], labels: list[str], names: list[str], cache: AggregateCache | None = None) -> list[str]:
     higher = _directions(results)
     out = []
     for name in names:
@@ -141,7 +158,7 @@ def metric_figures(results: list[dict], labels: list[str], names: list[str]) -> 
         means = [m.get("mean") for m in ms]
         lows = [(m.get("ci95") or [None, None])[0] for m in ms]
         highs = [(m.get("ci95") or [None, None])[1] for m in ms]
-        png = figures.save_png(figures.metric_bars(labels, means, lows, highs, title(name), higher.get(name)))
+        png = _drawn(cache, figures.metric_bars, labels, means, lows, highs, title(name), higher.get(name))
         out.append(_figure(png, name, "mean and 95 % bootstrap interval over images"))
     return out
 
@@ -175,7 +192,7 @@ def breakdown_table(results: list[dict], labels: list[str], axis: str, name: str
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def breakdown_section(results: list[dict], labels: list[str], names: list[str]) -> list[str]:
+def breakdown_section(results: list[dict], labels: list[str], names: list[str], cache: AggregateCache | None = None) -> list[str]:
     """Per axis one heatmap per value (methods × groups, in the leaderboard's order), tables on click.
     Axes with many groups (the full split's 10 conditions) get the page's whole width."""
     higher = _directions(results)
@@ -193,7 +210,7 @@ def breakdown_section(results: list[dict], labels: list[str], names: list[str]) 
                 continue
             rows = [labels[i] for i in order if labels[i] in series]
             means = [series[label][0] for label in rows]
-            png = figures.save_png(figures.heatmap(rows, groups, means, title(name), higher.get(name), AXIS_TITLES[axis]))
+            png = _drawn(cache, figures.heatmap, rows, groups, means, title(name), higher.get(name), AXIS_TITLES[axis])
             figures_html.append(_figure(png, f"{name} by {AXIS_TITLES[axis]}"))
             tables.append(f"<h4>{html.escape(title(name, higher.get(name)))}</h4>" + breakdown_table(results, labels, axis, name))
         if not figures_html:
@@ -398,7 +415,8 @@ def paper_section(results: list[dict], labels: list[str]) -> list[str]:
 
 
 def report_page(results: list[dict], runs: list[RunDir], labels: list[str], order: list[str],
-                paired: dict[tuple[int, int], list[PairedResult]], grid_tasks: int = 6) -> str:
+                paired: dict[tuple[int, int], list[PairedResult]], grid_tasks: int = 6,
+                cache: AggregateCache | None = None) -> str:
     names = _metric_names(results, order)
     headline = [n for n in names if n in HEADLINE] or names
     others = [n for n in names if n not in headline]
@@ -417,11 +435,11 @@ def report_page(results: list[dict], runs: list[RunDir], labels: list[str], orde
             "<h2 id='leaderboard'>Leaderboard</h2>", leaderboard_table(results, labels, order)]
     if headline:
         body += ["<h2 id='figures'>Figures</h2><div class='figs'>",
-                 *metric_figures(ranked_results, ranked_labels, headline), "</div>"]
+                 *metric_figures(ranked_results, ranked_labels, headline, cache), "</div>"]
     if others:
         body += ["<details><summary>Every other reported value</summary><div class='figs'>",
-                 *metric_figures(ranked_results, ranked_labels, others), "</div></details>"]
-    body += breakdown_section(results, labels, headline)
+                 *metric_figures(ranked_results, ranked_labels, others, cache), "</div></details>"]
+    body += breakdown_section(results, labels, headline, cache)
     body += recogniser_section(results, labels)
     body += matrix_section(results, labels, paired)
     body += sample_grid([runs[i] for i in by_rank], ranked_labels, bench, grid_tasks)
@@ -492,7 +510,7 @@ def ablation_page(results: list[dict], labels: list[str], order: list[str], out_
             lines = {FEATURE_NAMES[f]: ([t for t in taus], *map(list, zip(*[cell(t, f, name) for t in taus]))) for f in features}
             panels.append((title(name), higher.get(name), lines))
         written += figures.save_files(figures.tau_curves(panels), out_dir / "ablation_tau")
-        body += ["<h2>τ: identity against head control</h2><div class='figs one'>",
+        body += [f"<h2>τ: identity against head control</h2><div class='figs {'one' if len(panels) > 1 else 'wide'}'>",
                  _figure(written[-2].read_bytes(), "tau sweep", "one line per identity-feature setting"), "</div>"]
         body += ["<h2>Identity features</h2><div class='figs wide'>"]
         for name in panels_for:

@@ -273,7 +273,7 @@ def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, grid_task
     labels = board_labels(results)
     out = out_dir / "report.html"
     write_text_atomic(out, report_page(results, runs, labels, value_order(), paired_pairs(results, runs, labels, cache),
-                                       grid_tasks=grid_tasks))
+                                       grid_tasks=grid_tasks, cache=cache))
     return out
 
 
