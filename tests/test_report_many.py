@@ -81,6 +81,9 @@ def test_report_page_ranks_groups_titles_and_marks_the_best(many):
     best_marks = [re.findall(r"<td([^>]*)data-sort='[^']*'>", row)[column].count("class='best'")
                   for row in board.split("<tbody>")[1].split("</tr>")[:-1]]
     assert best_marks == [1, 0, 0, 0]  # only the first row's ID similarity is the column's best
+    heat = text.split("<h3>By head condition</h3>")[1].split("</figure>")[0]  # breakdowns: HTML heatmaps, ranked rows
+    assert "<b>Face detected (MTCNN rate)</b>" in heat and "<th>frontal</th><th>yaw-r20</th>" in heat
+    assert re.findall(r"<tr><td class='l'>([^<]+)</td>", heat) == names
     assert "aria-sort='descending' title='id_sim_facenet'" in board and "<script>" in text and "http" not in \
         text.split("<script>")[1].split("</script>")[0]  # sorting needs no network
 

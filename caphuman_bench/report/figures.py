@@ -162,38 +162,3 @@ def tau_curves(panels: list[tuple[str, bool | None, dict[str, tuple[list, list, 
                    frameon=False, title="identity features")
     return fig
 
-
-def heatmap(rows: list[str], groups: list[str], means: list[list], metric: str, higher: bool | None,
-            xlabel: str = ""):
-    """Methods (rows) × groups (columns) of one value, each cell coloured and written; darker is
-    better in the value's direction, an unscored cell is left blank. Sized by its content (0.34 in a
-    row, 0.8 in a column), so 22 methods × 10 conditions keep 9-pt text; the cells are separated by
-    lines of the axes' face colour."""
-    import numpy as np
-
-    plt = _plt()
-    grid = np.array([[np.nan if v is None else float(v) for v in row] for row in means], dtype=np.float64).reshape(
-        len(rows), len(groups))
-    label_width = 0.075 * max((len(wrap(r, 30).split("\n")[0]) for r in rows), default=8)
-    fig, ax = plt.subplots(figsize=(max(5.6, 1.0 + label_width + 0.8 * len(groups)), 1.6 + 0.34 * len(rows)),
-                           layout="constrained")
-    cmap = plt.get_cmap("Blues" if higher is not False else "Blues_r").with_extremes(bad=AXES_FACE)
-    finite = grid[np.isfinite(grid)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-    if high == low:
-        low, high = low - 0.5, high + 0.5
-    ax.pcolormesh(np.ma.masked_invalid(grid), cmap=cmap, vmin=low, vmax=high, edgecolors=AXES_FACE, linewidth=2)
-    for (r, c), value in np.ndenumerate(grid):
-        if np.isfinite(value):
-            shade = (value - low) / (high - low)
-            dark = shade > 0.55 if higher is not False else shade < 0.45
-            ax.text(c + 0.5, r + 0.5, f"{value:.3g}", ha="center", va="center", fontsize=9,
-                    color="white" if dark else "#1d232a")
-    ax.set_xticks([c + 0.5 for c in range(len(groups))], [wrap(g, 12) for g in groups], fontsize=9)
-    ax.set_yticks([r + 0.5 for r in range(len(rows))], [wrap(r, 30) for r in rows], fontsize=9)
-    ax.invert_yaxis()  # first method on top, as in the leaderboard
-    ax.tick_params(length=0)
-    ax.set_title(f"{metric}\n{direction(higher)}", loc="left")
-    if xlabel:
-        ax.set_xlabel(xlabel, labelpad=6)
-    return fig

@@ -192,31 +192,58 @@ def breakdown_table(results: list[dict], labels: list[str], axis: str, name: str
             f"</thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
-def breakdown_section(results: list[dict], labels: list[str], names: list[str], cache: AggregateCache | None = None) -> list[str]:
-    """Per axis one heatmap per value (methods × groups, in the leaderboard's order), tables on click.
-    Axes with many groups (the full split's 10 conditions) get the page's whole width."""
+def _shade(value: float | None, low: float, high: float, higher: bool | None) -> tuple[str, str]:
+    """(background, text colour) of a heatmap cell: matplotlib's Blues, darker is better."""
+    from matplotlib import colormaps
+    from matplotlib.colors import to_hex
+
+    if value is None:
+        return "#f3f5f8", "#6b7280"
+    t = 0.5 if high == low else (value - low) / (high - low)
+    t = 0.1 + 0.8 * (t if higher is not False else 1.0 - t)  # the palest and darkest blues stay readable
+    return to_hex(colormaps["Blues"](t)), "#ffffff" if t > 0.55 else "#1d232a"
+
+
+def breakdown_heatmap(results: list[dict], labels: list[str], order: list[int], axis: str, name: str,
+                      higher: bool | None) -> str | None:
+    """Methods (rows, leaderboard order) × groups of one axis as an HTML table coloured by the mean:
+    text at the page's size however many methods, each cell's interval and n on hover."""
+    groups, series = _series(results, labels, axis, name)
+    if not series:
+        return None
+    table = {labels[i]: results[i].get("breakdowns", {}).get(axis, {}) for i in order}
+    scored = [m for label in table for g in groups if (m := (table[label].get(g, {}).get(name) or {}).get("mean")) is not None]
+    low, high = min(scored), max(scored)
+    rows = []
+    for label in (labels[i] for i in order):
+        if label not in series:
+            continue
+        cells = []
+        for g in groups:
+            m = table[label].get(g, {}).get(name) or {}
+            background, color = _shade(m.get("mean"), low, high, higher)
+            tip = f"{label}, {g}: {fmt_interval(m['mean'], m.get('ci95'))}, n = {m['n']}" if m.get("mean") is not None else ""
+            cells.append({"text": fmt(m.get("mean"), 3), "background": background, "color": color, "tip": tip})
+        rows.append({"label": label, "cells": cells})
+    return render("heatmap.html", title=title(name), direction=figures.direction(higher), groups=groups, rows=rows)
+
+
+def breakdown_section(results: list[dict], labels: list[str], names: list[str]) -> list[str]:
+    """Per axis one heatmap per value (methods × groups, in the leaderboard's order), tables on click."""
     higher = _directions(results)
     parts = ["<h2 id='breakdowns'>Breakdowns</h2>",
              "<p class='note'>The benchmark's splits: per head condition, per |yaw| bin, per prompt category, per "
-             "identity. Each cell is a group's mean (darker is better); the tables give each mean with its 95 % "
-             "interval and n. Weighted by n, the groups give back the overall mean.</p>"]
+             "identity. Each cell is a group's mean, darker is better (hover for its 95 % interval and n; the tables "
+             "give them too). Weighted by n, the groups give back the overall mean.</p>"]
     order = ranked(results)
     for axis in ("condition", "abs_yaw", "category"):
-        figures_html, tables = [], []
-        groups = []
-        for name in names:
-            groups, series = _series(results, labels, axis, name)
-            if not series:
-                continue
-            rows = [labels[i] for i in order if labels[i] in series]
-            means = [series[label][0] for label in rows]
-            png = _drawn(cache, figures.heatmap, rows, groups, means, title(name), higher.get(name), AXIS_TITLES[axis])
-            figures_html.append(_figure(png, f"{name} by {AXIS_TITLES[axis]}"))
-            tables.append(f"<h4>{html.escape(title(name, higher.get(name)))}</h4>" + breakdown_table(results, labels, axis, name))
-        if not figures_html:
+        maps = [(name, breakdown_heatmap(results, labels, order, axis, name, higher.get(name))) for name in names]
+        maps = [(name, m) for name, m in maps if m]
+        if not maps:
             continue
-        layout = "one" if len(groups) > 5 else "wide"
-        parts += [f"<h3>By {AXIS_TITLES[axis]}</h3><div class='figs {layout}'>", *figures_html, "</div>",
+        tables = [f"<h4>{html.escape(title(name, higher.get(name)))}</h4>" + breakdown_table(results, labels, axis, name)
+                  for name, _ in maps]
+        parts += [f"<h3>By {AXIS_TITLES[axis]}</h3><div class='figs'>", *(m for _, m in maps), "</div>",
                   f"<details><summary>Tables by {AXIS_TITLES[axis]}</summary>{''.join(tables)}</details>"]
     tables = [f"<h4>{html.escape(title(n, higher.get(n)))}</h4>" + breakdown_table(results, labels, "identity", n)
               for n in names]
@@ -418,7 +445,7 @@ def report_page(results: list[dict], runs: list[RunDir], labels: list[str], orde
                 paired: dict[tuple[int, int], list[PairedResult]], grid_tasks: int = 6,
                 cache: AggregateCache | None = None) -> str:
     names = _metric_names(results, order)
-    headline = [n for n in names if n in HEADLINE] or names
+    headline = [n for _, members in grouped([n for n in names if n in HEADLINE] or names) for n in members]
     others = [n for n in names if n not in headline]
     bench = run_spec(runs[0]) if runs else None
     versions = sorted({res["benchmark_version"] for res in results})
@@ -439,7 +466,7 @@ def report_page(results: list[dict], runs: list[RunDir], labels: list[str], orde
     if others:
         body += ["<details><summary>Every other reported value</summary><div class='figs'>",
                  *metric_figures(ranked_results, ranked_labels, others, cache), "</div></details>"]
-    body += breakdown_section(results, labels, headline, cache)
+    body += breakdown_section(results, labels, headline)
     body += recogniser_section(results, labels)
     body += matrix_section(results, labels, paired)
     body += sample_grid([runs[i] for i in by_rank], ranked_labels, bench, grid_tasks)
