@@ -88,3 +88,25 @@ def test_every_figure_gives_its_plot_a_real_share_of_the_image(pages, name):
     for data in figures:
         area, width = plot_fraction(base64.b64decode(data))
         assert area > 0.3 and width > 0.45, (area, width)
+
+
+def test_leaderboard_sorts_by_a_clicked_column_without_network(pages, browser):
+    """Ranked by ID similarity at first; a click on another metric's title sorts by it (best first
+    in its direction), a second click reverses; unscored rows stay last."""
+    page = browser.open(pages["report"], 1400)
+    heads = "document.querySelectorAll('table.board thead tr:nth-child(2) th')"
+    names = "Array.from(document.querySelectorAll('table.board tbody tr')).map(r => r.cells[0].dataset.sort)"
+    values = ("Array.from(document.querySelectorAll('table.board tbody tr')).map(r => r.cells[{}].dataset.sort)"
+              ".filter(v => v !== '').map(Number)")
+    titles = page.evaluate(f"Array.from({heads}).map(h => h.title)")
+    dlib, facenet = titles.index("id_sim_dlib"), titles.index("id_sim_facenet")
+    ranked = page.evaluate(values.format(facenet))
+    assert len(ranked) == 21 and ranked == sorted(ranked, reverse=True)  # the reference run has no FaceNet score
+    page.evaluate(f"{heads}[{dlib}].click()")
+    first = page.evaluate(values.format(dlib))
+    assert first == sorted(first, reverse=True) and page.evaluate(names)[0] == "reference (smoke)"  # 0.99
+    page.evaluate(f"{heads}[{dlib}].click()")
+    assert page.evaluate(values.format(dlib)) == sorted(first)
+    page.evaluate(f"{heads}[{facenet}].click()")
+    assert page.evaluate(names)[-1] == "reference (smoke)"  # unscored last
+    assert page.errors() == []
