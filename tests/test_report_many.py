@@ -10,8 +10,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from caphuman_bench.report.stats import PairedResult, holm_adjust, paired_comparison, win_tie_loss
-from caphuman_bench.stages.report import aggregate_runs, board_labels, find_runs, paired_pairs, write_html
+from caphuman_bench.report.stats import (
+    PairedResult,
+    holm_adjust,
+    paired_comparison,
+    win_tie_loss,
+)
+from caphuman_bench.stages.report import (
+    aggregate_runs,
+    board_labels,
+    find_runs,
+    paired_pairs,
+    write_html,
+)
 from tests.cli_helpers import cli
 from tests.report_helpers import make_run, smoke_like_values
 
@@ -143,7 +154,7 @@ def test_aggregates_are_cached_and_recomputed_when_an_input_changes(tmp_path, ca
     scores = pd.read_parquet(run.scores_file)
     scores.loc[scores["metric"] == "id_sim_facenet", "id_sim_facenet"] = 0.25
     scores.to_parquet(run.scores_file, index=False)
-    code, printed, _ = cli(capsys, monkeypatch, "report", "--runs-dir", tmp_path / "runs", "--out", out)
+    code, _, _ = cli(capsys, monkeypatch, "report", "--runs-dir", tmp_path / "runs", "--out", out)
     assert code == 0 and len(calls) == 1  # scores.parquet changed: aggregated again
     assert "0.2500 [0.2500, 0.2500]" in (out / "leaderboard.md").read_text()
     (run.path / "status.jsonl").write_text((run.path / "status.jsonl").read_text().splitlines(keepends=True)[0])

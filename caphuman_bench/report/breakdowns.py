@@ -13,7 +13,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, SPEC_ENV, Benchmark, spec_files_hash
+from caphuman_bench.benchmark import (
+    DEFAULT_SPEC_DIR,
+    SPEC_ENV,
+    Benchmark,
+    spec_files_hash,
+)
 from caphuman_bench.errors import BenchError
 from caphuman_bench.report.stats import summarise
 from caphuman_bench.rundir import RunDir

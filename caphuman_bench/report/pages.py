@@ -26,7 +26,13 @@ from caphuman_bench.report.breakdowns import AXIS_TITLES, run_spec
 from caphuman_bench.report.cache import AggregateCache
 from caphuman_bench.report.numbers import fmt, fmt_interval, fmt_p
 from caphuman_bench.report.paper import paper_table
-from caphuman_bench.report.stats import PairedResult, paired_sentence, recogniser_agreement, recogniser_means, win_tie_loss
+from caphuman_bench.report.stats import (
+    PairedResult,
+    paired_sentence,
+    recogniser_agreement,
+    recogniser_means,
+    win_tie_loss,
+)
 from caphuman_bench.report.titles import best_index, grouped, ranked, sort_value, title
 from caphuman_bench.rundir import RunDir
 

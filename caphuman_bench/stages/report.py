@@ -25,7 +25,13 @@ from caphuman_bench.report.breakdowns import breakdowns_json, per_image, run_spe
 from caphuman_bench.report.cache import AggregateCache, run_key
 from caphuman_bench.report.numbers import fmt_interval, rounded
 from caphuman_bench.report.pages import protocols
-from caphuman_bench.report.stats import PairedResult, paired_comparison, recogniser_agreement, recogniser_means, summarise
+from caphuman_bench.report.stats import (
+    PairedResult,
+    paired_comparison,
+    recogniser_agreement,
+    recogniser_means,
+    summarise,
+)
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.score import read_scores
 
