@@ -24,6 +24,7 @@ from caphuman_bench.errors import BenchError
 
 DEFAULT_SPEC_DIR = Path(__file__).resolve().parent / "benchmark_data" / "humaniphc"
 SPEC_ENV = "CAPHUMAN_BENCH_SPEC"
+SPEC_FILES = ("VERSION", "prompts.yaml", "head_conditions.yaml", "identities.csv", "splits.yaml")
 NEUTRAL_SUBJECT = "a person"  # what scoring puts in the placeholder (CLIP score, prompt accuracy)
 PLACEHOLDER = "{subject}"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -159,10 +160,7 @@ class Benchmark:
     @cached_property
     def spec_hash(self) -> str:
         """sha256 over the spec files: two runs share a benchmark only if this matches."""
-        h = hashlib.sha256()
-        for name in ("VERSION", "prompts.yaml", "head_conditions.yaml", "identities.csv", "splits.yaml"):
-            h.update(name.encode() + b"\0" + (self.root / name).read_bytes())
-        return h.hexdigest()
+        return spec_files_hash(self.root)
 
     def split(self, name: str) -> Split:
         if name not in self.splits:
@@ -287,6 +285,14 @@ def _read(path: Path) -> str:
         return path.read_text()
     except FileNotFoundError:
         raise BenchError(f"{path}: file missing from the benchmark spec") from None
+
+
+def spec_files_hash(root: Path) -> str:
+    """sha256 over a spec folder's files, read without parsing them (`Benchmark.spec_hash`)."""
+    h = hashlib.sha256()
+    for name in SPEC_FILES:
+        h.update(name.encode() + b"\0" + (Path(root) / name).read_bytes())
+    return h.hexdigest()
 
 
 def _yaml(path: Path):

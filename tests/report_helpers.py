@@ -8,6 +8,7 @@ import pandas as pd
 from PIL import Image
 
 from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark
+from caphuman_bench.registry import all_metrics
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.tasks import Task
 
@@ -33,6 +34,10 @@ def make_run(root, name: str, values: dict[str, np.ndarray] | None = None, *, sp
     run = RunDir(root / name.replace(" ", "_"))
     run.initialise(info, tasks)
     run.images_dir.mkdir(parents=True, exist_ok=True)
+    family_of = {value: family for family, cls in all_metrics().items() for value in cls.info.higher_is_better}
+    families: dict[str, list[str]] = {}
+    for value in values:
+        families.setdefault(family_of[value], []).append(value)
     rows = []
     for n, task in enumerate(tasks):
         shade = int(40 + 200 * n / max(len(tasks), 1))
@@ -41,7 +46,21 @@ def make_run(root, name: str, values: dict[str, np.ndarray] | None = None, *, sp
         base = {"task_id": task.task_id, "image_sha256": "0" * 64, "scored_with": "s", "identity_id": task.identity_id,
                 "prompt_id": task.prompt_id, "condition_id": task.condition_id, "sample": task.sample,
                 "status": "ok", "reason": "", "extra": "{}"}
-        rows.append(base | {"metric": "face_detection", "face_detection": values["face_detection"][n]})
-        rows.append(base | {"metric": "id_sim_dlib", "id_sim_dlib": values["id_sim_dlib"][n]})
+        for family, members in families.items():  # one row per image per metric family, as scoring writes
+            rows.append(base | {"metric": family} | {v: values[v][n] for v in members})
     pd.DataFrame(rows).to_parquet(run.scores_file, index=False)
     return run
+
+
+def smoke_like_values(tasks: int, seed: int) -> dict[str, np.ndarray]:
+    """Planted scores of the headline values a smoke run of the paper's metrics reports, one method
+    a little better or worse than another (seeded)."""
+    rng = np.random.default_rng(seed)
+    skill = rng.uniform(-0.1, 0.1)
+    return {"face_detection": (rng.random(tasks) < 0.85).astype(float),
+            "id_sim_facenet": np.clip(rng.normal(0.6 + skill, 0.08, tasks), -1, 1),
+            "id_sim_dlib": np.clip(rng.normal(0.8 + skill, 0.05, tasks), -1, 1),
+            "clip_score": rng.normal(0.22 - skill / 10, 0.02, tasks),
+            "prompt_acc_top1": (rng.random(tasks) < 0.7 - skill).astype(float),
+            "pose_error_deg": np.abs(rng.normal(8 - 20 * skill, 3, tasks)),
+            "rmse_pose": np.abs(rng.normal(0.1, 0.03, tasks))}

@@ -94,9 +94,12 @@ def test_numbers_are_written_rounded_and_reruns_are_byte_identical(tmp_path, cap
     written = []
     for out in ("r1", "r2"):
         assert cli(capsys, monkeypatch, "report", "--runs-dir", runs, "--out", tmp_path / out, "--html")[0] == 0
-        written.append({p.name: p.read_bytes() for p in sorted((tmp_path / out).iterdir())})
+        written.append({p.name: p.read_bytes() for p in sorted((tmp_path / out).iterdir()) if p.is_file()})
     assert written[0] == written[1] and set(written[0]) == {"leaderboard.md", "leaderboard.csv", "leaderboard.json",
                                                            "breakdowns.csv", "recognisers.csv", "report.html"}
+    # The same again from the aggregates cached in r1: the same bytes.
+    assert cli(capsys, monkeypatch, "report", "--runs-dir", runs, "--out", tmp_path / "r1", "--html")[0] == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "r1").iterdir() if p.is_file()} == written[0]
     rows = json.loads(written[0]["leaderboard.json"])["rows"]
     for row in rows:
         for key in ("mean", "std", "ci95_low", "ci95_high"):
@@ -135,9 +138,14 @@ def test_ablation_page_reads_each_variant_from_its_parameters(tmp_path):
         results.append(aggregate_run(run))
         variant_runs.append(run)
     page = write_ablation(results, tmp_path / "ablation", variant_runs)
-    text = page.read_text()  # each variant against the first, image by image
-    assert "caphuman[tau=0,local=True] (smoke) beats caphuman[tau=500,local=False] (smoke) on id_sim_dlib" in text
+    text = page.read_text()  # each variant against the first, image by image, named by what was swept
+    assert "τ = 0 · global + local features beats τ = 500 · global feature only on id_sim_dlib" in text
     assert "by 0.30 [0.30, 0.30], p &lt; 0.001, n = 12" in text
+    assert "<h2 id='samples-tau-0'>Images at τ = 0</h2>" in text and "<h2 id='samples-tau-500'>Images at τ = 500</h2>" in text
+    grid = text.split("Images at τ = 500")[1].split("</section>")[0]  # that τ's two variants side by side
+    assert grid.count("<figcaption>global + local features</figcaption>") == 1
+    assert grid.count("<figcaption>global feature only</figcaption>") == 1
+    assert "<code>caphuman[tau=500,local=False] (smoke)</code>" in text  # the run label, one click away
     names = sorted(p.name for p in page.parent.iterdir())
     assert names == ["ablation.html", "ablation_features_id_sim_dlib.png", "ablation_features_id_sim_dlib.svg",
                      "ablation_tau.png", "ablation_tau.svg"]

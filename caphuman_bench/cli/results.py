@@ -78,29 +78,35 @@ def report(
     out_dir: Annotated[Path, typer.Option("--out", help="Where leaderboard.{md,csv,json} (and report.html) go.")] = Path("reports"),
     html_report: Annotated[bool, typer.Option("--html", help="Also write a self-contained report.html with plots and samples.")] = False,
     grid_tasks: Annotated[int, typer.Option("--grid-tasks", help="Tasks shown across methods in report.html's sample grid.")] = 6,
+    latex: Annotated[bool, typer.Option("--latex", help="Also write leaderboard.tex: a booktabs table (mean ± CI) for a paper.")] = False,
 ):
     """Aggregate runs into a leaderboard (Markdown, CSV, JSON); the run directories are only read.
 
     Example: caphuman-bench report runs/ --out reports/smoke --html
     """
+    from caphuman_bench.report.cache import AggregateCache
     from caphuman_bench.stages.report import (
-        aggregate_run,
+        aggregate_runs,
         find_runs,
         write_html,
+        write_latex,
         write_leaderboard,
     )
 
     found = find_runs(runs or [runs_dir])
     if not found:
         raise BenchError(f"no run directories under {', '.join(map(str, runs or [runs_dir]))}")
-    results = [aggregate_run(r) for r in found]
+    cache = AggregateCache(out_dir / ".cache")  # per-run aggregates under the hash of their inputs
+    results = aggregate_runs(found, cache)
     unscored = [str(r.path) for r, res in zip(found, results) if not res["metrics"]]
     if unscored:
         console.print(f"[yellow]no scores yet[/] in {escape(', '.join(unscored))}: `caphuman-bench score RUN` scores them",
                       soft_wrap=True)
     wide = write_leaderboard(results, out_dir)
     if html_report:
-        console.print(f"wrote {write_html(results, found, out_dir, grid_tasks=grid_tasks)}")
+        console.print(f"wrote {write_html(results, found, out_dir, grid_tasks=grid_tasks, cache=cache)}")
+    if latex:
+        console.print(f"wrote {write_latex(results, out_dir)}")
     from caphuman_bench.stages.report import to_markdown
 
     out.print(to_markdown(wide), markup=False, highlight=False, soft_wrap=True)

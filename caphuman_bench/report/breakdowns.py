@@ -7,10 +7,13 @@ weighted by n, the groups' means sum back to the overall mean (every image is in
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
-from caphuman_bench.benchmark import Benchmark
+from caphuman_bench.benchmark import Benchmark, spec_files_hash
 from caphuman_bench.report.stats import summarise
 from caphuman_bench.rundir import RunDir
 
@@ -21,10 +24,21 @@ AXIS_TITLES = {"condition": "head condition", "abs_yaw": "|yaw| bin", "category"
                "identity": "identity"}
 
 
+_SPECS: dict[tuple, Benchmark] = {}  # parsed once per process for the runs that name the same spec
+
+
 def run_spec(run: RunDir) -> Benchmark:
     """The benchmark spec a run was planned with: a spec edited or broken since is refused, never read
-    as it is now (an edited category or yaw would move the same scores to other groups)."""
-    return Benchmark.load_planned(run.info()["benchmark"], run.run_json)
+    as it is now (an edited category or yaw would move the same scores to other groups). Parsed once per
+    process for the runs that share it, keyed by the hash of its files' bytes, so an edit is always seen."""
+    planned = run.info()["benchmark"]
+    try:
+        key = (planned["spec_root"], planned.get("identities_dir"), spec_files_hash(Path(planned["spec_root"])))
+    except OSError:  # moved or unreadable: load_planned says so
+        return Benchmark.load_planned(planned, run.run_json)
+    if key[2] != planned["spec_hash"] or key not in _SPECS:
+        _SPECS[key] = Benchmark.load_planned(planned, run.run_json)  # refuses a changed spec
+    return _SPECS[key]
 
 
 def yaw_bin(yaw: float) -> str | None:

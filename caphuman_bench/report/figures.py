@@ -74,7 +74,7 @@ def metric_bars(labels: list[str], means: list, lows: list, highs: list, metric:
     """Horizontal bars, one per method, with the 95 % interval; the value is written at each bar."""
     plt = _plt()
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(5.6, 1.5 + 0.5 * n), layout="constrained")
+    fig, ax = plt.subplots(figsize=(4.4, 1.3 + 0.42 * n), layout="constrained")
     y = list(range(n))[::-1]
     values = [0.0 if m is None else m for m in means]
     scored = [i for i, m in enumerate(means) if m is not None]  # an unscored method gets no bar, only its label
@@ -83,7 +83,7 @@ def metric_bars(labels: list[str], means: list, lows: list, highs: list, metric:
                 xerr=_errors(*([seq[i] for i in scored] for seq in (means, lows, highs))),
                 color=[PALETTE[i % len(PALETTE)] for i in scored], height=0.6, capsize=4,
                 error_kw={"elinewidth": 1.2, "ecolor": "#222"})
-    ax.set_yticks(y, [wrap(label) for label in labels])
+    ax.set_yticks(y, [wrap(label, 20) for label in labels])
     finite = [v for v in (list(values) + [h for h in highs if h is not None]) if v is not None]
     top = max(finite + [0.0]) or 1.0
     bottom = min(finite + [0.0])
@@ -166,3 +166,4 @@ def tau_curves(panels: list[tuple[str, bool | None, dict[str, tuple[list, list, 
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(len(handles), 3),
                    frameon=False, title="identity features")
     return fig
+

@@ -92,12 +92,15 @@ def paired_comparison(a: np.ndarray, b: np.ndarray, metric: str, higher_is_bette
                         bootstrap_ci95(d, seed), p_wilcoxon, p_sign)
 
 
-def paired_sentence(result: PairedResult, name_a: str, name_b: str) -> str:
-    """'A beats B on id_sim_facenet by 0.031 [0.018, 0.044], p < 0.001' or 'no significant difference'."""
+def paired_sentence(result: PairedResult, name_a: str, name_b: str, decided: bool | None = None,
+                    p_holm: float | None = None) -> str:
+    """'A beats B on id_sim_facenet by 0.031 [0.018, 0.044], p < 0.001' or 'no significant difference'.
+    Among many pairs, `decided` and `p_holm` (Holm-adjusted p) replace the single test's verdict."""
     from caphuman_bench.report.numbers import fmt, fmt_p
 
     if result.n == 0:
         return f"{name_a} vs {name_b} on {result.metric}: no image scored in both runs"
+    significant = result.significant if decided is None else decided
 
     def interval(scale: float) -> str:
         if result.ci95 is None:
@@ -105,8 +108,8 @@ def paired_sentence(result: PairedResult, name_a: str, name_b: str) -> str:
         low, high = sorted(scale * v for v in result.ci95)
         return f"[{fmt(low, 2)}, {fmt(high, 2)}]"
 
-    tail = f"{fmt_p(result.p_wilcoxon)}, n = {result.n}"
-    if not result.significant:
+    tail = f"{fmt_p(result.p_wilcoxon)}" + (f", Holm-adjusted {fmt_p(p_holm)}" if p_holm is not None else "") + f", n = {result.n}"
+    if not significant:
         return (f"{name_a} and {name_b} do not differ significantly on {result.metric}: "
                 f"{name_a} − {name_b} = {fmt(result.difference, 2)} {interval(1.0)}, {tail}")
     # The improvement of the winner over the loser, positive in the metric's good direction.
@@ -152,3 +155,49 @@ def recogniser_agreement(means: dict[str, dict[str, float]]) -> list[dict]:
                     tau, p = float(result.statistic), float(result.pvalue)
             rows.append({"recogniser_a": a, "recogniser_b": b, "methods": len(methods), "kendall_tau": tau, "p_value": p})
     return rows
+
+
+def holm_adjust(p_values: list[float | None]) -> list[float | None]:
+    """Holm's step-down adjusted p-values (Holm 1979, "A simple sequentially rejective multiple test
+    procedure", Scand. J. Statist. 6:65–70), in the input's order; None stays None and is not counted.
+
+    Sorted ascending p_(1) ≤ … ≤ p_(m): adjusted p_(i) = max over j ≤ i of min(1, (m − j + 1) · p_(j)),
+    the convention of statsmodels' `multipletests(method="holm")` and R's `p.adjust(method="holm")`.
+    Rejecting where the adjusted p < α controls the family-wise error rate at α over the m tests.
+    """
+    present = [(p, i) for i, p in enumerate(p_values) if p is not None]
+    m = len(present)
+    adjusted: list[float | None] = [None] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(sorted(present)):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+@dataclass
+class Verdict:
+    """One cell of the win/tie/loss matrix: row run against column run on one value."""
+
+    outcome: str  # "win", "loss" or "tie" for the row's run
+    result: PairedResult  # row − column
+    p_holm: float | None
+
+
+def win_tie_loss(pairs: dict[tuple[int, int], PairedResult], alpha: float = 0.05) -> dict[tuple[int, int], Verdict]:
+    """Every ordered cell (i, j) of the matrix from the pairs (i < j, result = i − j) of one value.
+
+    The Wilcoxon p-values of all pairs are Holm-adjusted together (one family per value); a pair is
+    decided when its adjusted p < `alpha` and its paired-bootstrap interval excludes 0, else a tie.
+    """
+    keys = list(pairs)
+    adjusted = holm_adjust([pairs[k].p_wilcoxon for k in keys])
+    cells = {}
+    for (i, j), p_holm in zip(keys, adjusted):
+        r = pairs[(i, j)]
+        decided = (p_holm is not None and p_holm < alpha and r.ci95 is not None and (r.ci95[0] > 0 or r.ci95[1] < 0))
+        outcome = ("win" if r.a_is_better() else "loss") if decided else "tie"
+        mirrored = {"win": "loss", "loss": "win", "tie": "tie"}[outcome]
+        cells[(i, j)] = Verdict(outcome, r, p_holm)
+        cells[(j, i)] = Verdict(mirrored, r, p_holm)
+    return cells

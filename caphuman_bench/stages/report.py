@@ -9,6 +9,8 @@ pages live in `caphuman_bench/report/`.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -21,13 +23,21 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.numerics import precision_label
 from caphuman_bench.registry import all_metrics
 from caphuman_bench.report.breakdowns import breakdowns_json, per_image, run_spec
+from caphuman_bench.report.cache import AggregateCache, run_key
 from caphuman_bench.report.numbers import fmt_interval, rounded
 from caphuman_bench.report.pages import protocols
-from caphuman_bench.report.stats import PairedResult, paired_comparison, recogniser_agreement, recogniser_means, summarise
+from caphuman_bench.report.stats import (
+    PairedResult,
+    paired_comparison,
+    recogniser_agreement,
+    recogniser_means,
+    summarise,
+)
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.score import read_scores
 
 IDENTITY_FAMILIES = ("id_sim_facenet", "id_sim_arcface", "id_sim_dlib")
+PAIRED_FIELDS = [f.name for f in dataclasses.fields(PairedResult)]
 
 
 def value_order() -> list[str]:
@@ -222,49 +232,91 @@ def breakdowns_table(results: list[dict]) -> pd.DataFrame:
                                        "ci95_high"])
 
 
-def paired_pairs(results: list[dict], runs: list[RunDir], labels: list[str]) -> list[tuple[str, str, list[PairedResult]]]:
-    """Paired comparisons of every two runs planned on the same tasks, on the headline values."""
+def aggregate_runs(runs: list[RunDir], cache: AggregateCache | None = None) -> list[dict]:
+    """Each run's results, read from `cache` where its inputs are unchanged (`report/cache.py`)."""
+    cache = cache or AggregateCache(None)
+    results = []
+    for run in runs:
+        key = run_key(run.require())
+        res = cache.get("aggregates", key)
+        if res is None:
+            res = json.loads(json.dumps(aggregate_run(run)))  # as a cached copy reads: tuples are lists
+            cache.put("aggregates", key, res)
+        results.append(res)
+    return results
+
+
+def paired_pairs(results: list[dict], runs: list[RunDir], labels: list[str],
+                 cache: AggregateCache | None = None) -> dict[tuple[int, int], list[PairedResult]]:
+    """(i, j) → the paired comparisons (run i − run j, i < j) on the headline values, for every two
+    runs planned on the same tasks. Each run's per-image table is read once; pairs are cached under
+    both runs' keys."""
     from caphuman_bench.report.pages import HEADLINE
 
-    pairs = []
+    cache = cache or AggregateCache(None)
+    keys = [run_key(r) for r in runs]
+    tables: dict[int, tuple] = {}
+    pairs = {}
     for i in range(len(runs)):
         for j in range(i + 1, len(runs)):
             try:
                 same_tasks(runs[i], runs[j])
             except BenchError:
                 continue
-            compared = [r for r in compare_paired(runs[i], runs[j]) if r.metric in HEADLINE]
+            pair_key = hashlib.sha256(f"{keys[i]} {keys[j]} {','.join(HEADLINE)}".encode()).hexdigest()
+            cached = cache.get("paired", pair_key)
+            if cached is not None:
+                compared = [PairedResult(**{f: r[f] for f in PAIRED_FIELDS}) for r in cached]
+            else:
+                for k in (i, j):
+                    if k not in tables:
+                        tables[k] = per_image_scores(runs[k])
+                compared = [r for r in paired_from_tables(tables[i], tables[j]) if r.metric in HEADLINE]
+                cache.put("paired", pair_key, [r.to_dict() for r in compared])
             if compared:
-                pairs.append((labels[i], labels[j], compared))
+                pairs[(i, j)] = compared
     return pairs
 
 
-def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, grid_tasks: int = 6) -> Path:
+def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, grid_tasks: int = 6,
+               cache: AggregateCache | None = None) -> Path:
     """report.html: leaderboard with intervals, figures, breakdowns, paired comparisons, samples, the paper."""
     from caphuman_bench.report.pages import report_page
 
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = board_labels(results)
     out = out_dir / "report.html"
-    write_text_atomic(out, report_page(results, runs, labels, value_order(), paired_pairs(results, runs, labels),
-                                       grid_tasks=grid_tasks))
+    write_text_atomic(out, report_page(results, runs, labels, value_order(), paired_pairs(results, runs, labels, cache),
+                                       grid_tasks=grid_tasks, cache=cache))
+    return out
+
+
+def write_latex(results: list[dict], out_dir: Path) -> Path:
+    """leaderboard.tex: the headline values as a booktabs table (mean ± half the 95 % interval)."""
+    from caphuman_bench.report.latex import latex_table
+    from caphuman_bench.report.pages import HEADLINE
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "leaderboard.tex"
+    write_text_atomic(out, latex_table(results, board_labels(results), [v for v in value_order() if v in HEADLINE]))
     return out
 
 
 def write_ablation(results: list[dict], out_dir: Path, runs: list[RunDir] | None = None) -> Path:
     """ablation.html with ablation_tau.{png,svg} and ablation_features_<metric>.{png,svg} beside it;
     with the variants' `runs`, each variant is also compared image by image with the first one."""
-    from caphuman_bench.report.pages import HEADLINE, ablation_page
+    from caphuman_bench.report.pages import HEADLINE, ablation_page, variant_names
 
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = [v for v in value_order() if v.startswith("id_sim")]
     head = [v for v in ("rmse_pose", "pose_error_deg", "mp_pose_error_deg") if any(v in r["metrics"] for r in results)]
     labels = board_labels(results)
+    names = variant_names(results)
     paired = []
-    for run, label in zip((runs or [])[1:], labels[1:]):
+    for run, name in zip((runs or [])[1:], names[1:]):
         if run.path != runs[0].path:  # variants with the same parameters share a run
-            paired.append((label, labels[0], [r for r in compare_paired(run, runs[0]) if r.metric in HEADLINE]))
-    page, _ = ablation_page(results, labels, value_order(), out_dir, identity, head, paired)
+            paired.append((name, names[0], [r for r in compare_paired(run, runs[0]) if r.metric in HEADLINE]))
+    page, _ = ablation_page(results, labels, value_order(), out_dir, identity, head, paired, runs)
     out = out_dir / "ablation.html"
     write_text_atomic(out, page)
     return out
@@ -389,8 +441,13 @@ def compare_paired(a: RunDir, b: RunDir, metrics: list[str] | None = None) -> li
     """A − B per image on every value both runs scored (or `metrics`), paired over the same tasks."""
     a.require(), b.require()
     same_tasks(a, b)
-    table_a, found_a = per_image_scores(a)
-    table_b, found_b = per_image_scores(b)
+    return paired_from_tables(per_image_scores(a), per_image_scores(b), metrics)
+
+
+def paired_from_tables(a: tuple[pd.DataFrame, dict], b: tuple[pd.DataFrame, dict],
+                       metrics: list[str] | None = None) -> list[PairedResult]:
+    """A − B per image from two runs' `per_image_scores` (runs already checked to share their tasks)."""
+    (table_a, found_a), (table_b, found_b) = a, b
     names = [v for v in value_order() if v in found_a and v in found_b]
     if metrics:
         unknown = [m for m in metrics if m not in names]
