@@ -128,6 +128,7 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
             self.pipe = StableDiffusionPipeline(**components)
         self.pipe.to(self.device, dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe, fuse_qkv=False)  # fused copies would miss each identity's swapped-in weights
         self._active: str | None = None
         self._verified: set[str] = set()
 

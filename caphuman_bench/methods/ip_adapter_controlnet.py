@@ -125,6 +125,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
             self._load_full()
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
 
     def _load_full(self) -> None:
         from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
