@@ -27,7 +27,8 @@ baseline row, then the same pipeline with the default levers on this device
 inputs; images/s at `--batch`, ms per image-step, and the output difference.
 `compile-cache`: the fast row of `--method` (caphuman included) in two processes, one after the other,
 sharing a fresh compile cache folder: the first compiles (cold), the second loads (warm); each reports
-its first batch and its steady batch, and the warm first batch's excess over the steady one.
+its first batch and its steady batch, and the warm first batch's excess over the steady one
+(`--with-stock`: the cold process times stock diffusers first, so its JSON is also the card's row).
 
 `e2e`: a whole `caphuman-bench run` as a subprocess; each stderr line is time-stamped as it arrives
 and the stage times come from those lines and the run directory's own `status.jsonl`.
@@ -374,7 +375,7 @@ def part_generation(args) -> None:
     args.steps, args.size = args.steps or 20, args.size or 512
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     report = Report(args.out, {"part": "generation", **environment(device), "dtype": args.dtype, "size": args.size,
-                               "steps": args.steps, "guidance": 7.0, "repeats": args.repeats})
+                               "steps": args.steps, "guidance": 7.0, "repeats": args.repeats, "tiny": args.tiny})
     report.data["matmul_bf16_tflops_measured"] = matmul_ceiling(device)
     base, stock = build_pipelines(device, dtype, args.tiny)
     flops = flops_per_image(base, device, dtype, args.size, args.steps)
@@ -492,10 +493,11 @@ def part_compile_cache(args) -> None:
                                "cache_dir": str(folder)})
     for attempt in ("cold", "warm"):
         out = args.out.with_name(f"{args.out.stem}.{attempt}.json")
+        stock = ["stock"] if args.with_stock and attempt == "cold" else []  # the cold process doubles as the stock-vs-ours row
         if args.method == "caphuman":
-            rows = ["--only", "compile", "--batch", str(args.batch), "--fast-batch", str(args.batch), "--budget-s", "1e9"]
+            rows = ["--only", *stock, "compile", "--batch", str(args.batch), "--fast-batch", str(args.batch), "--budget-s", "1e9"]
         else:
-            rows = ["--method", args.method, "--only", "ours", "--batch", str(args.batch)]
+            rows = ["--method", args.method, "--only", *stock, "ours", "--batch", str(args.batch)]
         command = [sys.executable, str(Path(__file__).resolve()), "generation", *rows, "--repeats", str(args.repeats), "--device", args.device,
                    "--dtype", args.dtype, "--out", str(out), *(["--tiny"] if args.tiny else []), *(["--levers", args.levers] if args.levers else []),
                    *(["--steps", str(args.steps)] if args.steps else [])]
@@ -950,6 +952,7 @@ def main() -> None:
     cache.add_argument("--steps", type=int, help="default: the card's")
     cache.add_argument("--cache-dir", type=Path, help="default: a fresh temporary folder")
     cache.add_argument("--tiny", action="store_true")
+    cache.add_argument("--with-stock", action="store_true", help="the cold process also times stock diffusers first (<out>.cold.json)")
     for p in (gen, e2e, sc, scale, thr, cache):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

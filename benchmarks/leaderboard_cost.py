@@ -33,7 +33,7 @@ def measurements(paths: list[Path]) -> tuple[dict[str, dict], str]:
     devices = set()
     for path in paths:
         data = json.loads(path.read_text())
-        rows = {r["label"]: r for r in data.get("rows", []) if "images_per_second" in r}
+        rows = {r.get("label"): r for r in data.get("rows", []) if "images_per_second" in r}
         if data.get("part") == "generation-method":
             card, steps = data["method"], data["steps"]
             stock, ours = rows.get("stock"), rows.get("ours")
@@ -98,7 +98,7 @@ def markdown(rows: list[dict], device: str) -> str:
     for r in rows:
         ratio = r["ours"] / r["stock"] if r["ours"] and r["stock"] else None
         lines.append(f"| `{r['card']}`{'¹' if r['card'] in TABLE1 else ''} | {r['steps']} | {fmt(r['stock'])} | {fmt(r['ours'])} | "
-                     f"{fmt(ratio)}× | {fmt(hours(r['stock']), 1)} | {fmt(hours(r['ours']), 1)} | {r['estimate'] or 'measured'} |")
+                     f"{fmt(ratio) + '×' if ratio else '—'} | {fmt(hours(r['stock']), 1)} | {fmt(hours(r['ours']), 1)} | {r['estimate'] or 'measured'} |")
     lines.append("")
     for title, cards in (("paper's Table 1 rows (¹)", TABLE1), ("all 22 cards (`reference` costs nothing)", [r["card"] for r in rows])):
         chosen = [r for r in rows if r["card"] in cards]

@@ -144,3 +144,17 @@ def test_the_run_records_its_levers(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     info = json.loads((only_run(tmp_path) / "run.json").read_text())
     assert info["acceleration"]["cpu"] == EAGER.with_(channels_last=True).as_dict()
+
+
+def test_attention_order_is_set_for_the_process():
+    from torch.nn.attention import SDPBackend
+
+    import caphuman_bench.pipelines.acceleration as acceleration
+
+    before = torch._C._get_sdp_priority_order()
+    try:
+        acceleration.set_attention_order(DIFFUSERS_FAST)  # cudnn first, as under `attention_backend`
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+    finally:
+        acceleration._PROCESS_ATTENTION_ORDER.close()
+    assert torch._C._get_sdp_priority_order() == before

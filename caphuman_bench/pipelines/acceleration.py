@@ -324,13 +324,15 @@ def _sdpa_order(levers: Levers) -> list:
     }[levers.sdpa]
 
 
-def set_attention_order(levers: Levers) -> None:
-    """The SDPA backends in the lever's order of priority for the whole process (`auto`: untouched).
-    `sdpa_kernel`'s own setter: torch offers the order only as a context manager's body."""
-    if levers.sdpa != "auto":
-        from torch.nn.attention import _sdpa_kernel
+_PROCESS_ATTENTION_ORDER = contextlib.ExitStack()
 
-        _sdpa_kernel(_sdpa_order(levers), set_priority=True)
+
+def set_attention_order(levers: Levers) -> None:
+    """The SDPA backends in the lever's order of priority for the rest of the process (`auto`: untouched).
+    torch offers the order only as a context manager (`sdpa_kernel`), so one is entered and kept open."""
+    if levers.sdpa != "auto":
+        _PROCESS_ATTENTION_ORDER.close()
+        _PROCESS_ATTENTION_ORDER.enter_context(attention_backend(levers))
 
 
 def attention_backend(levers: Levers):
