@@ -158,3 +158,18 @@ def test_attention_order_is_set_for_the_process():
     finally:
         acceleration._PROCESS_ATTENTION_ORDER.close()
     assert torch._C._get_sdp_priority_order() == before
+
+
+@pytest.mark.parametrize("name, compiled", [("lora", False), ("dreambooth_controlnet_head", True)])
+def test_fine_tuned_methods_keep_what_survives_their_weight_swaps(name, compiled, tmp_path, monkeypatch):
+    """Per identity, DreamBooth copies weights into the same modules (compiled graphs stay valid); LoRA adds
+    and removes modules (each identity would recompile), so it runs uncompiled. Neither fuses q/k/v."""
+    import caphuman_bench.methods.base as base
+
+    monkeypatch.setattr(base, "resolve_levers", lambda *args, **kwargs: DIFFUSERS_FAST)  # as on CUDA
+    card = get_card(name)
+    params = get_method(card.adapter).validated_params(card, "smoke", {})
+    adapter = get_method(card.adapter)(card, params, MethodContext(device="cpu", workdir=tmp_path))
+    adapter.load()
+    assert adapter.levers == DIFFUSERS_FAST.with_(fuse_qkv=False, compile="default" if compiled else "off")
+    assert _fused(adapter.pipe) == 0
