@@ -1,6 +1,8 @@
 """Where the time of a HumanIPHC run goes, and what each speed lever buys, on one device.
 
     python benchmarks/bench_run.py generation --out $OUT/gen.json            # per-lever table, MFU, tolerance
+    python benchmarks/bench_run.py generation --method instantid --batch 4 --out $OUT/instantid.json  # stock vs ours
+    python benchmarks/bench_run.py compile-cache --method controlnet_head --batch 8 --out $OUT/cache.json  # cold vs warm
     python benchmarks/bench_run.py scoring RUN_DIR --out $OUT/score.json     # images/s of each metric family
     python benchmarks/bench_run.py scoring RUN_DIR --invariance --out $OUT/inv.json  # GPU vs CPU, batch, processes
     python benchmarks/bench_run.py e2e --weights DIR --runs-dir R --out $OUT/e2e.json -- <run args>
@@ -17,6 +19,17 @@ device's bf16 dense peak), and the difference of its final latents from the eage
 inputs (relative L2, and max |Δ| over max |latent|). `--kernel-profile` adds one call of each CapHuman row
 under the CUDA profiler (kernel time by kind, the GPU's idle time and largest gaps) and one under CUDA's
 sync debug mode (each place the host waits for the GPU).
+
+`generation --method NAME` (any generating card but caphuman, whose rows are the above): the card's
+family pipeline at full size with random weights (`benchmarks/method_pipelines.py`: SD-1.5 or SDXL, with
+or without ControlNet) at the card's steps, size and guidance — stock diffusers (eager) as the
+baseline row, then the same pipeline with the default levers on this device
+(`acceleration.accelerate_diffusers_pipeline`, `--levers` changes them), in one process on the same
+inputs; images/s at `--batch`, ms per image-step, and the output difference.
+`compile-cache`: the fast row of `--method` (caphuman included) in two processes, one after the other,
+sharing a fresh compile cache folder: the first compiles (cold), the second loads (warm); each reports
+its first batch and its steady batch, and the warm first batch's excess over the steady one
+(`--with-stock`: the cold process times stock diffusers first, so its JSON is also the card's row).
 
 `e2e`: a whole `caphuman-bench run` as a subprocess; each stderr line is time-stamped as it arrives
 and the stage times come from those lines and the run directory's own `status.jsonl`.
@@ -52,6 +65,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # method_pipelines
 
 H200_BF16_DENSE_FLOPS = 989e12  # datasheet, SXM; the measured matmul ceiling is reported beside it
 PROMPT = "a photo of a person wearing a red hat"
@@ -360,9 +374,12 @@ def lever_plan(batches: list[int], fast_batches: list[int], large_batches: list[
 def part_generation(args) -> None:
     from caphuman_bench.pipelines.acceleration import accelerate_pipeline
 
+    if args.method and args.method != "caphuman":
+        return part_method_generation(args)
+    args.steps, args.size = args.steps or 20, args.size or 512
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     report = Report(args.out, {"part": "generation", **environment(device), "dtype": args.dtype, "size": args.size,
-                               "steps": args.steps, "guidance": 7.0, "repeats": args.repeats})
+                               "steps": args.steps, "guidance": 7.0, "repeats": args.repeats, "tiny": args.tiny})
     report.data["matmul_bf16_tflops_measured"] = matmul_ceiling(device)
     base, stock = build_pipelines(device, dtype, args.tiny)
     flops = flops_per_image(base, device, dtype, args.size, args.steps)
@@ -420,6 +437,92 @@ def part_generation(args) -> None:
             for variant in ("pil", "pil+writer"):
                 report.add(in_run_conditions(pipe, inputs, args.steps, levers, device, batch, variant, args.repeats))
     print_table(report.data)
+
+
+def part_method_generation(args) -> None:
+    """Stock diffusers vs our fast path for one card's family pipeline, one process, same inputs."""
+    from method_pipelines import build_family_pipeline, card_setting, family_call
+
+    from caphuman_bench.pipelines.acceleration import DIFFUSERS_FAST, accelerate_diffusers_pipeline, resolve_levers
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    setting = card_setting(args.method)
+    family = setting["family"]
+    size = 64 if args.tiny else (args.size or setting["size"])
+    steps, batch = args.steps or setting["steps"], args.batch[-1]
+    levers = resolve_levers(device, args.levers or "", fast=DIFFUSERS_FAST)
+    report = Report(args.out, {"part": "generation-method", **environment(device), "method": args.method, "family": family.base,
+                               "controlnet": family.controlnet, "not_modelled": family.extras, "dtype": args.dtype, "size": size,
+                               "steps": steps, "card_steps": setting["steps"], "guidance": setting["guidance"], "batch": batch,
+                               "repeats": args.repeats, "tiny": args.tiny})
+    started = time.perf_counter()
+    stock = build_family_pipeline(family, device, dtype, args.tiny)
+    report.data["build_s"] = round(time.perf_counter() - started, 1)
+    outputs = {}
+    for key in ("stock", "ours"):
+        if args.only and key not in args.only:
+            continue
+        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        try:
+            pipe = stock if key == "stock" else accelerate_diffusers_pipeline(copy.deepcopy(stock), levers)
+            first, times, outputs[key] = timed_calls(family_call(pipe, family, batch, size, steps, setting["guidance"]), device, args.repeats)
+        except Exception as exc:  # a failing row is a result, not the end of the report
+            report.add({"label": key, "batch": batch, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+            continue
+        median = statistics.median(times)
+        row = {"label": key, "levers": "stock diffusers, eager" if key == "stock" else levers.as_dict(), "batch": batch,
+               "first_call_s": round(first, 2), "seconds_per_batch": round(median, 4), "spread_s": round(max(times) - min(times), 4),
+               "images_per_second": round(batch / median, 3), "ms_per_image_step": round(median / batch / steps * 1e3, 3),
+               "images_per_second_at_card_steps": round(batch / median * steps / setting["steps"], 3),
+               "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None}
+        if key == "ours" and "stock" in outputs:
+            stock_row = next(r for r in report.data["rows"] if r["label"] == "stock" and "images_per_second" in r)
+            row["speedup_vs_stock"] = round(row["images_per_second"] / stock_row["images_per_second"], 3)
+            row["vs_stock"] = difference(outputs["ours"], outputs["stock"])
+        if key == "ours":
+            del pipe
+        report.add(row)
+
+
+def part_compile_cache(args) -> None:
+    """The fast row of `--method` in two processes sharing one fresh compile cache: cold, then warm."""
+    from caphuman_bench.pipelines.acceleration import COMPILE_CACHE_ENV
+
+    device = torch.device(args.device)
+    folder = Path(args.cache_dir or tempfile.mkdtemp(prefix="caphuman-compile-"))
+    report = Report(args.out, {"part": "compile-cache", **environment(device), "method": args.method, "batch": args.batch,
+                               "cache_dir": str(folder)})
+    for attempt in ("cold", "warm"):
+        out = args.out.with_name(f"{args.out.stem}.{attempt}.json")
+        stock = ["stock"] if args.with_stock and attempt == "cold" else []  # the cold process doubles as the stock-vs-ours row
+        if args.method == "caphuman":
+            rows = ["--only", *stock, "compile", "--batch", str(args.batch), "--fast-batch", str(args.batch), "--budget-s", "1e9"]
+        else:
+            rows = ["--method", args.method, "--only", *stock, "ours", "--batch", str(args.batch)]
+        command = [sys.executable, str(Path(__file__).resolve()), "generation", *rows, "--repeats", str(args.repeats), "--device", args.device,
+                   "--dtype", args.dtype, "--out", str(out), *(["--tiny"] if args.tiny else []), *(["--levers", args.levers] if args.levers else []),
+                   *(["--steps", str(args.steps)] if args.steps else [])]
+        env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+        env[COMPILE_CACHE_ENV] = str(folder)
+        started = time.perf_counter()
+        done = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True)
+        wall = time.perf_counter() - started
+        fast = [r for r in json.loads(out.read_text())["rows"] if "images_per_second" in r] if out.exists() else []
+        row = {"attempt": attempt, "process_wall_s": round(wall, 1), "returncode": done.returncode}
+        if fast:
+            r = fast[-1]
+            row.update(first_batch_s=r["first_call_s"], steady_batch_s=r["seconds_per_batch"], images_per_second=r["images_per_second"],
+                       first_batch_excess_s=round(r["first_call_s"] - r["seconds_per_batch"], 2))
+        else:
+            row["error"] = (done.stderr or done.stdout)[-800:]
+        report.add(row)
+    warm = report.data["rows"][-1]
+    if "first_batch_excess_s" in warm:
+        report.data["warm_steady_within_20s_of_first_batch"] = warm["first_batch_excess_s"] <= 20
+        report.flush()
 
 
 def in_run_conditions(pipe, inputs: dict, steps: int, levers, device, batch: int, variant: str, repeats: int) -> dict:
@@ -880,15 +983,17 @@ def main() -> None:
     gen.add_argument("--fast-batch", type=int, nargs="+", default=[32])
     gen.add_argument("--large-batch", type=int, nargs="*", default=[], help="batch sizes of the large-batch rows")
     gen.add_argument("--dtype", default="bfloat16")
-    gen.add_argument("--steps", type=int, default=20)
-    gen.add_argument("--size", type=int, default=512)
+    gen.add_argument("--steps", type=int, help="default: 20 (caphuman), the card's (--method)")
+    gen.add_argument("--size", type=int, help="default: 512 (caphuman), the card's (--method)")
+    gen.add_argument("--method", help="a card: its family pipeline, stock diffusers vs ours (default: caphuman's lever table)")
+    gen.add_argument("--levers", help="--method: changes to this device's default levers, e.g. compile=off,fuse_qkv=1")
     gen.add_argument("--repeats", type=int, default=2)
     gen.add_argument("--budget-s", type=float, default=480, help="no new row starts after this many seconds")
     gen.add_argument("--tiny", action="store_true", help="the tiny CapHuman (CPU dry run)")
     gen.add_argument("--tolerance-fp32", action="store_true")
     gen.add_argument("--kernel-profile", action="store_true", help="one more call of each CapHuman row under the CUDA profiler: time by kernel kind")
     gen.add_argument("--in-run", action="store_true", help="after the default fast path's row, the same pipeline with PIL output, then also with the PNG writer")
-    gen.add_argument("--only", nargs="*", help="row groups: stock eager single compile tolerance compile-nchw cudagraphs tuning autotune benchmark freeze "
+    gen.add_argument("--only", nargs="*", help="row groups (--method: stock ours): stock eager single compile tolerance compile-nchw cudagraphs tuning autotune benchmark freeze "
                                                     "freeze-benchmark large-batch sdpa-efficient sdpa-flash sdpa-auto epilogue aggressive no-prefix gemm-autotune")
     e2e = sub.add_parser("e2e")
     e2e.add_argument("--weights", type=Path)
@@ -922,7 +1027,17 @@ def main() -> None:
     thr.add_argument("--steps", type=int, default=20)
     thr.add_argument("--size", type=int, default=512)
     thr.add_argument("--tiny", action="store_true")
-    for p in (gen, e2e, sc, scale, thr):
+    cache = sub.add_parser("compile-cache")
+    cache.add_argument("--method", default="caphuman")
+    cache.add_argument("--batch", type=int, default=8)
+    cache.add_argument("--repeats", type=int, default=2)
+    cache.add_argument("--dtype", default="bfloat16")
+    cache.add_argument("--levers")
+    cache.add_argument("--steps", type=int, help="default: the card's")
+    cache.add_argument("--cache-dir", type=Path, help="default: a fresh temporary folder")
+    cache.add_argument("--tiny", action="store_true")
+    cache.add_argument("--with-stock", action="store_true", help="the cold process also times stock diffusers first (<out>.cold.json)")
+    for p in (gen, e2e, sc, scale, thr, cache):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     argv = sys.argv[1:]
@@ -932,7 +1047,8 @@ def main() -> None:
         return part_scoring_processes(args)
     if args.part == "scoring" and args.invariance:
         return part_scoring_invariance(args)
-    {"generation": part_generation, "scoring": part_scoring, "scaling": part_scaling, "throughput": part_throughput}.get(args.part, lambda a: part_e2e(a, run_args))(args)
+    {"generation": part_generation, "scoring": part_scoring, "scaling": part_scaling, "throughput": part_throughput,
+     "compile-cache": part_compile_cache}.get(args.part, lambda a: part_e2e(a, run_args))(args)
 
 
 if __name__ == "__main__":

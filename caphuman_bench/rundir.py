@@ -96,6 +96,14 @@ class RunDir:
         else:
             write_text_atomic(self.tasks_file, lines)
 
+    def record_levers(self, device: str, levers: dict) -> None:
+        """Note in run.json the speed levers a generating process used on `device` (`acceleration` field,
+        one entry per device; outside the configuration hash: they change kernels, not the model)."""
+        info = self.info()
+        if info.get("acceleration", {}).get(device) != levers:
+            info["acceleration"] = {**info.get("acceleration", {}), device: levers}
+            write_json_atomic(self.run_json, info)
+
     def remove_stale_temps(self) -> None:
         removed = remove_stale_temps(self.path)
         if removed:

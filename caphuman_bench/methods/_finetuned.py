@@ -37,6 +37,7 @@ SCHEDULERS = ("pndm", "dpm_solver_multistep", "ddim")  # pndm: SD-1.5's own sche
 
 class FineTunedMethod(HeadRenderMixin, MethodAdapter):
     recipe: ClassVar[str]  # the `caphuman_bench.finetune.training` recipe
+    swap_adds_modules: ClassVar[bool] = False  # apply_artefact adds modules (LoRA layers): no torch.compile then
     param_types = {
         **MethodAdapter.param_types,
         "num_inference_steps": int,
@@ -128,6 +129,8 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
             self.pipe = StableDiffusionPipeline(**components)
         self.pipe.to(self.device, dtype=self.dtype)
         self.pipe.set_progress_bar_config(disable=True)
+        # fused copies would miss each identity's swapped-in weights; swapped-in modules would recompile per identity
+        self.pipe = self.accelerate(self.pipe, fuse_qkv=False, **({"compile": "off"} if self.swap_adds_modules else {}))
         self._active: str | None = None
         self._verified: set[str] = set()
 

@@ -198,6 +198,7 @@ class Arc2FaceMethod(MethodAdapter):
         self.arcface = load_arcface(arcface_path, str(self.device))
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
 
     def _load_pipeline(self, controlnet=None):
         from diffusers import (DPMSolverMultistepScheduler, StableDiffusionControlNetPipeline, StableDiffusionPipeline,

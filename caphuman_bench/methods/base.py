@@ -7,6 +7,7 @@ on its task, never on batch size, shard or order.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,6 +19,8 @@ from PIL import Image
 from caphuman_bench.benchmark import Benchmark, HeadCondition
 from caphuman_bench.errors import BenchError
 from caphuman_bench.cards import COMMAND_LINE, MethodCard, ParamTypes
+from caphuman_bench.pipelines.acceleration import (LEVERS_ENV, DIFFUSERS_FAST, Levers, accelerate_diffusers_pipeline, parse_lever_changes,
+                                                   resolve_levers)
 
 
 @dataclass
@@ -96,6 +99,8 @@ class MethodAdapter:
     # Every parameter a card may set, and its type (an int is a fine float; a bool is no int).
     # The generate stage itself reads height, width and batch_size, so every adapter has them.
     param_types: ClassVar[ParamTypes] = {"height": int, "width": int, "batch_size": int}
+    fast_levers: ClassVar[Levers] = DIFFUSERS_FAST  # this adapter's default on CUDA
+    levers: Levers | None = None  # the levers `accelerate` applied, recorded in run.json by the generate stage
 
     def __init__(self, card: MethodCard, params: dict[str, Any], context: MethodContext) -> None:
         self.card = card
@@ -108,6 +113,10 @@ class MethodAdapter:
         Subclasses extend it (calling super); the generate stage runs it once before any work."""
         if "dtype" in params and str(params["dtype"]) not in TORCH_DTYPES:
             raise BenchError(f"{where}: parameter 'dtype' must be one of {', '.join(TORCH_DTYPES)}, got {params['dtype']!r}")
+        try:  # the speed levers' switch is checked with the parameters: one error before any work
+            parse_lever_changes(os.environ.get(LEVERS_ENV, ""))
+        except ValueError as exc:
+            raise BenchError(f"${LEVERS_ENV}: {exc}") from None
 
     def compute_dtype(self, device: torch.device) -> torch.dtype:
         """The card's `dtype` on CUDA; float32 elsewhere (half precision on a CPU is slow and lossy)."""
@@ -145,6 +154,17 @@ class MethodAdapter:
 
     def load(self) -> None:
         """Build or load the models once, before the first `generate` call."""
+
+    def accelerate(self, pipe, **fixed):
+        """The CUDA fast path for this adapter's stock diffusers pipeline: one call at the end of `load`.
+
+        The levers come from the device (`fast_levers` on CUDA, eager elsewhere and for tiny models),
+        then $CAPHUMAN_BENCH_LEVERS, e.g. "compile=off,fuse_qkv=0" (`acceleration.resolve_levers`); they
+        change kernels, not the model, so they stay out of the run's configuration hash. `fixed` are
+        levers this adapter cannot use (e.g. fuse_qkv=False where weights are swapped after loading)."""
+        levers = resolve_levers(self.context.device, fast=self.fast_levers, tiny=bool(self.params.get("tiny")))
+        self.levers = levers.with_(**fixed)
+        return accelerate_diffusers_pipeline(pipe, self.levers)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         raise NotImplementedError

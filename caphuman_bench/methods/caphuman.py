@@ -39,7 +39,7 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.memo import BoundedMemo
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
 from caphuman_bench.methods.head_renders import HeadRenderMixin
-from caphuman_bench.pipelines.acceleration import EAGER, accelerate_pipeline, attention_backend, default_levers
+from caphuman_bench.pipelines.acceleration import FAST, accelerate_pipeline, attention_backend, resolve_levers
 from caphuman_bench.registry import register_method
 
 log = logging.getLogger(__name__)
@@ -119,7 +119,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         self.pipe.set_progress_bar_config(disable=True)
         # the fast path (compile, channels-last, fused QKV, cuDNN attention) on CUDA for the full model;
         # the tiny smoke model would spend longer compiling than generating
-        self.levers = EAGER if self.params.get("tiny") else default_levers(self.device)
+        self.levers = resolve_levers(self.device, fast=FAST, tiny=bool(self.params.get("tiny")))
         accelerate_pipeline(self.pipe, self.levers)
         self._tokens: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._codes: dict[str, dict[str, np.ndarray]] = {}

@@ -90,6 +90,7 @@ class FastComposerMethod(MethodAdapter):
             self.pipe = FastComposerPipeline(**components)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
         from caphuman_bench.pipelines.pipeline_fastcomposer import TRIGGER_WORD

@@ -95,6 +95,7 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
             self._load_full()
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
 
     def _load_full(self) -> None:
         from caphuman_bench.faces.arcface import load_arcface

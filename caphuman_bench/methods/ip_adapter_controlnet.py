@@ -125,6 +125,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
             self._load_full()
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
 
     def build_tiny_pipeline(self):
         return build_tiny_ip_adapter_controlnet_pipeline(seed=0)

@@ -17,6 +17,7 @@ from caphuman_bench.registry import register_method
 @register_method("lora")
 class LoRAMethod(FineTunedMethod):
     recipe = "lora"
+    swap_adds_modules = True  # each identity's LoRA layers are loaded after the previous one's are unloaded
     param_types = {**FineTunedMethod.param_types, "train_max_grad_norm": float, "train_identifier": str,
                    "train_rank": int}
 

@@ -142,6 +142,7 @@ class PhotoMakerMethod(MethodAdapter):
             arcface_path = self.context.weights.get(ARCFACE_WEIGHTS)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
         if self.version == "v2":
             from caphuman_bench.faces.arcface import load_arcface
 

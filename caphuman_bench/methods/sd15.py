@@ -149,6 +149,7 @@ class StableDiffusion15Method(HeadRenderMixin, MethodAdapter):
             self.pipe.to(dtype=self.dtype)
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
         if self.controlnet != "none":
             self._load_head(tiny)
 

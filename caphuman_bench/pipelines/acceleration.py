@@ -23,6 +23,13 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
 * `share_guidance_prefix`: the UNet's modules before the text first enters run once for both halves
   of classifier-free guidance (`GuidancePrefix`): the same arithmetic on half the rows.
 
+`accelerate_diffusers_pipeline` applies the same levers to any stock diffusers SD-1.5 / SDXL pipeline
+(UNet, ControlNet(s), VAE decoder; text encoders compiled only with `compile_text_encoders`); adapters
+call `MethodAdapter.accelerate(pipe)` once at the end of `load`, which resolves the levers from the
+device and $CAPHUMAN_BENCH_LEVERS (`resolve_levers`); the generate stage records them in run.json. Compiled graphs
+go to a persistent cache folder (`compile_cache_dir`), so a second process of the same configuration
+skips inductor's code generation.
+
 None of them changes the arithmetic beyond floating-point reordering: on CPU in float32 the
 conformance vectors pass with every lever that runs there, and the bf16 difference from the eager
 path is measured and reported (`bench_run.py --part tolerance`). Compilation costs a first call of
@@ -34,7 +41,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -42,6 +50,8 @@ log = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
 SDPA_ORDERS = ("auto", "cudnn", "flash", "efficient", "math")
 EAGER_ENV = "CAPHUMAN_BENCH_EAGER"  # =1: run CUDA eagerly (no lever), e.g. to compare or debug
+LEVERS_ENV = "CAPHUMAN_BENCH_LEVERS"  # "compile=off,fuse_qkv=0": changes to the device's default levers
+COMPILE_CACHE_ENV = "CAPHUMAN_BENCH_COMPILE_CACHE"  # the persistent compile cache folder (see compile_cache_dir)
 
 
 @dataclass(frozen=True)
@@ -57,7 +67,8 @@ class Levers:
     freeze: bool = False
     epilogue_fusion: bool = False  # inductor fuses pointwise epilogues into its GEMM templates
     aggressive_fusion: bool = False  # inductor also fuses kernels that share no input (fewer, larger kernels)
-    share_guidance_prefix: bool = False  # see GuidancePrefix
+    share_guidance_prefix: bool = False  # see GuidancePrefix (CapHumanPipeline only)
+    compile_text_encoders: bool = False  # they run once per batch, not per step: compiling costs more than it saves
 
     def __post_init__(self):
         if self.compile not in COMPILE_MODES:
@@ -76,21 +87,90 @@ EAGER = Levers()
 FAST = Levers(channels_last=True, fuse_qkv=True, sdpa="cudnn", compile="default", share_guidance_prefix=True)
 
 
-def default_levers(device: torch.device | str) -> Levers:
-    """FAST on CUDA (unless $CAPHUMAN_BENCH_EAGER=1), EAGER elsewhere."""
+# Stock diffusers pipelines: the same levers but the shared guidance prefix, which needs the pipeline's
+# cooperation (CapHumanPipeline enters it only where both guidance halves share their latents).
+DIFFUSERS_FAST = FAST.with_(share_guidance_prefix=False)
+
+
+def default_levers(device: torch.device | str, fast: Levers = FAST) -> Levers:
+    """`fast` on CUDA (unless $CAPHUMAN_BENCH_EAGER=1), EAGER elsewhere."""
     device = torch.device(device)
     if device.type != "cuda" or os.environ.get(EAGER_ENV, "") not in ("", "0"):
         return EAGER
-    return FAST
+    return fast
+
+
+_TRUE, _FALSE = ("1", "true", "on", "yes"), ("0", "false", "off", "no")
+
+
+def parse_lever_changes(text: str) -> dict:
+    """'compile=off,fuse_qkv=0' -> {"compile": "off", "fuse_qkv": False}; ValueError naming the bad item."""
+    kinds = {f.name: f.type for f in fields(Levers)}
+    changes: dict = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, value = item.partition("=")
+        name, value = name.strip(), value.strip().lower()
+        if name not in kinds:
+            raise ValueError(f"lever {name!r} is not one of {', '.join(kinds)}")
+        if kinds[name] in (bool, "bool"):
+            if value not in _TRUE + _FALSE:
+                raise ValueError(f"lever {name!r} takes true or false, got {value!r}")
+            changes[name] = value in _TRUE
+        else:
+            changes[name] = value
+    Levers(**changes)  # choices checked by the dataclass
+    return changes
+
+
+def resolve_levers(device: torch.device | str, changes: str = "", *, fast: Levers = FAST, tiny: bool = False) -> Levers:
+    """The levers a run uses: `fast` on CUDA (EAGER on other devices, for tiny models, and with
+    $CAPHUMAN_BENCH_EAGER=1), then `changes` (a caller's, e.g. the benchmark's), then $CAPHUMAN_BENCH_LEVERS."""
+    if os.environ.get(EAGER_ENV, "") not in ("", "0"):
+        return EAGER
+    levers = EAGER if tiny else default_levers(device, fast)
+    for text in (changes, os.environ.get(LEVERS_ENV, "")):
+        levers = levers.with_(**parse_lever_changes(text))
+    return levers
+
+
+def compile_cache_dir() -> Path:
+    """$CAPHUMAN_BENCH_COMPILE_CACHE, else $XDG_CACHE_HOME/caphuman-bench/compile (~/.cache/... by default)."""
+    if os.environ.get(COMPILE_CACHE_ENV):
+        return Path(os.environ[COMPILE_CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "caphuman-bench" / "compile"
+
+
+def use_compile_cache() -> Path:
+    """Point inductor's caches (FX graphs, AOT autograd, autotuning, Triton kernels) at a persistent folder.
+
+    By default inductor keeps them in /tmp/torchinductor_<user>, lost with the machine; here they live
+    in the user's cache folder, so a second process of the same configuration loads its compiled graphs
+    instead of generating them. A TORCHINDUCTOR_CACHE_DIR set by the caller wins."""
+    import torch._functorch.config as functorch
+    import torch._inductor.config as inductor
+
+    folder = Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache_dir())))
+    folder.mkdir(parents=True, exist_ok=True)
+    inductor.fx_graph_cache = True
+    inductor.autotune_local_cache = True
+    functorch.enable_autograd_cache = True
+    return folder
 
 
 def fuse_attention_projections(model: torch.nn.Module) -> int:
-    """Fuse q/k/v (self-attention) and k/v (cross-attention) of every diffusers `Attention` in `model`."""
-    from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+    """Fuse q/k/v (self-attention) and k/v (cross-attention) of every diffusers `Attention` in `model`
+    that runs diffusers' plain processor on plain linear layers. Others keep theirs: an IP-Adapter's
+    processor reads the separate projections, and a LoRA-wrapped projection's fused copy would lose its
+    low-rank update. The image projection of IP-Adapters (`encoder_hid_proj`, run once per call) is left
+    out: its resampler calls self-attention modules with a context, which a fused q/k/v cannot take."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
     count = 0
-    for module in model.modules():
-        if isinstance(module, Attention) and not module.fused_projections:
+    for name, module in model.named_modules():
+        if not isinstance(module, Attention) or module.fused_projections or "encoder_hid_proj" in name.split("."):
+            continue
+        plain_linear = all(type(getattr(module, name, None)) is torch.nn.Linear for name in ("to_q", "to_k", "to_v"))
+        if plain_linear and type(module.processor) in (AttnProcessor, AttnProcessor2_0):
             module.fuse_projections(fuse=True)
             module.set_processor(FusedAttnProcessor2_0())
             count += 1
@@ -151,6 +231,8 @@ class GuidancePrefix:
 def _inductor_knobs(levers: Levers) -> None:
     import torch._inductor.config as inductor
 
+    use_compile_cache()
+
     inductor.conv_1x1_as_mm = True
     inductor.epilogue_fusion = levers.epilogue_fusion
     inductor.aggressive_fusion = levers.aggressive_fusion
@@ -188,16 +270,75 @@ def accelerate_pipeline(pipe, levers: Levers):
     return pipe
 
 
-def attention_backend(levers: Levers):
-    """Context selecting the SDPA backends in the lever's order of priority (a no-op for `auto`)."""
-    if levers.sdpa == "auto":
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+def diffusers_networks(pipe) -> dict[str, torch.nn.Module]:
+    """The denoising networks of a stock diffusers pipeline by role: UNet, each ControlNet, VAE."""
+    networks = {"unet": pipe.unet}
+    controlnet = getattr(pipe, "controlnet", None)
+    if controlnet is not None:  # a MultiControlNetModel holds its nets
+        for i, net in enumerate(getattr(controlnet, "nets", [controlnet])):
+            networks[f"controlnet.{i}"] = net
+    if getattr(pipe, "vae", None) is not None:
+        networks["vae"] = pipe.vae
+    return networks
 
-    order = {
+
+def accelerate_diffusers_pipeline(pipe, levers: Levers):
+    """Apply `levers` in place to a stock diffusers SD-1.5 / SDXL pipeline (with or without ControlNet,
+    IP-Adapter, LoRA); returns it. The SDPA order is set process-wide (as `cudnn_benchmark` is), since
+    the adapters call their pipelines in many places; `share_guidance_prefix` has no effect here."""
+    networks = diffusers_networks(pipe)
+    if levers.fuse_qkv:
+        fused = sum(fuse_attention_projections(net) for net in networks.values())
+        log.info("fused the projections of %d attention modules", fused)
+    if torch.cuda.is_available():
+        torch.backends.cudnn.benchmark = levers.cudnn_benchmark
+        set_attention_order(levers)
+    if levers.channels_last:
+        for net in networks.values():
+            net.to(memory_format=torch.channels_last)
+    if levers.compile != "off":
+        _inductor_knobs(levers)
+        mode = None if levers.compile == "default" else levers.compile
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)  # see accelerate_pipeline
+        for name, net in networks.items():
+            if name != "vae":
+                net.compile(mode=mode, dynamic=False)
+            elif levers.compile_vae:
+                net.decoder.compile(mode=mode, dynamic=False)
+        if levers.compile_text_encoders:
+            for name in ("text_encoder", "text_encoder_2"):
+                if getattr(pipe, name, None) is not None:
+                    getattr(pipe, name).compile(mode=mode, dynamic=False)
+    pipe.levers = levers
+    return pipe
+
+
+def _sdpa_order(levers: Levers) -> list:
+    from torch.nn.attention import SDPBackend
+
+    return {
         "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "math": [SDPBackend.MATH],
     }[levers.sdpa]
-    return sdpa_kernel(order, set_priority=True)
+
+
+_PROCESS_ATTENTION_ORDER = contextlib.ExitStack()
+
+
+def set_attention_order(levers: Levers) -> None:
+    """The SDPA backends in the lever's order of priority for the rest of the process (`auto`: untouched).
+    torch offers the order only as a context manager (`sdpa_kernel`), so one is entered and kept open."""
+    if levers.sdpa != "auto":
+        _PROCESS_ATTENTION_ORDER.close()
+        _PROCESS_ATTENTION_ORDER.enter_context(attention_backend(levers))
+
+
+def attention_backend(levers: Levers):
+    """Context selecting the SDPA backends in the lever's order of priority (a no-op for `auto`)."""
+    if levers.sdpa == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(_sdpa_order(levers), set_priority=True)

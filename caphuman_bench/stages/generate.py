@@ -71,6 +71,8 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
     adapter = adapter_cls(card, params, MethodContext(device=device, workdir=run.cache_dir / "method", weights=resolved,
                                                       artefacts=artefacts))
     adapter.load()
+    if getattr(adapter, "levers", None) is not None:
+        run.record_levers(device, adapter.levers.as_dict())
 
     for identity_id, condition_id in dict.fromkeys((t.identity_id, t.condition_id) for t in todo):
         if _stored_target(run, identity_id, condition_id) is None:
