@@ -7,7 +7,6 @@ weighted by n, the groups' means sum back to the overall mean (every image is in
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
