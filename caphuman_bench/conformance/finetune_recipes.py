@@ -51,7 +51,7 @@ class RecordedDraws(Draws):
     def __init__(self, case: dict, tensors: dict[str, torch.Tensor], name: str) -> None:
         self.case, self.tensors, self.name = case, tensors, name
         self.crops = [case[k] for k in ("crop", "class_crop") if k in case]
-        self.choices = [case[k] for k in ("template", "class_image") if k in case]
+        self.templates = [case["template"]] if "template" in case else []
 
     def _tensor(self, key: str) -> torch.Tensor:
         full = f"{self.name}/{key}"
@@ -63,7 +63,12 @@ class RecordedDraws(Draws):
         return bool(self.case["flip"])
 
     def choice(self, count: int) -> int:
-        return int(self.choices.pop(0))
+        return int(self.templates.pop(0))
+
+    def order(self, count: int) -> list[int]:
+        """The class image the script's first batch held, first."""
+        first = int(self.case["class_image"])
+        return [first] + [i for i in range(count) if i != first]
 
     def crop(self, height_room: int, width_room: int) -> tuple[int, int]:
         top, left = self.crops.pop(0)

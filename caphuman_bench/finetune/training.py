@@ -28,6 +28,9 @@ fp16 with a gradient scaler; every random draw (augmentation, prompt template, n
 sample, class image) from one `torch.Generator` seeded per identity (`Draws`), so an artefact can be made
 again bit for bit on the same machine; class images from a generator seeded per image index (the script's
 are unseeded); no validation images or intermediate checkpoints.
+
+One step of each recipe equals the scripts' own step (loss, gradients, update) within 1e-4 relative in
+float32: `caphuman_bench/conformance/finetune_recipes.py` on `tests/data/finetune_recipes/`.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from caphuman_bench.atomic import atomic_write
+from caphuman_bench.atomic import atomic_write, write_json_atomic
 from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.components import SD15Components
 
@@ -133,8 +136,12 @@ class Draws:
         return torch.rand(1, generator=self.generator).item() < TI_FLIP_P
 
     def choice(self, count: int) -> int:
-        """A prompt template or a class image."""
+        """A prompt template (the script's `random.choice`)."""
         return int(torch.randint(count, (1,), generator=self.generator))
+
+    def order(self, count: int) -> list[int]:
+        """One epoch's order of the class images (the script's shuffled DataLoader)."""
+        return torch.randperm(count, generator=self.generator).tolist()
 
     def crop(self, height_room: int, width_room: int) -> tuple[int, int]:
         """RandomCrop's top and left, each in [0, room]."""
@@ -176,8 +183,6 @@ class ClassImages:
 
     def ensure(self, folder: Path, prompt: str, count: int, train_seed: int) -> list[Path]:
         """The `count` class images of `prompt` in `folder`, making those that are missing."""
-        from caphuman_bench.atomic import write_json_atomic
-
         paths = [folder / f"{index:04d}.jpg" for index in range(count)]
         missing = [index for index, path in enumerate(paths) if not path.exists()]
         seeds = {index: self.seed(train_seed, prompt, index) for index in range(count)}
@@ -339,11 +344,15 @@ class Trainer:
         return lambda: (self._dreambooth_transform(reference, draws), prompt)
 
     def _class_sampler(self, class_images: list[Path], subject: str, draws: Draws):
-        """One class image per example, drawn uniformly (the script's shuffled DataLoader over max(N, 1) examples)."""
+        """One class image per example, each once per epoch in a shuffled order: the script's DataLoader
+        (shuffle=True) over its max(class images, instance images) examples, the one reference repeated."""
         prompt = class_prompt(self.params, subject)
+        epoch: list[int] = []
 
         def sample() -> tuple[np.ndarray, str]:
-            with Image.open(class_images[draws.choice(len(class_images))]) as image:
+            if not epoch:
+                epoch.extend(draws.order(len(class_images)))
+            with Image.open(class_images[epoch.pop(0)]) as image:
                 return self._dreambooth_transform(image.convert("RGB"), draws), prompt
 
         return sample
