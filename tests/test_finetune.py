@@ -17,7 +17,7 @@ from caphuman_bench.cards import get_card
 from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore, training_params
 from caphuman_bench.finetune.components import load_sd15
-from caphuman_bench.finetune.training import ADAMW, Trainer, identity_phrase
+from caphuman_bench.finetune.training import ADAMW, ClassImages, Draws, Trainer, identity_phrase, prior_preservation
 from caphuman_bench.registry import get_method
 from tests.cli_helpers import cli
 
@@ -47,7 +47,11 @@ def test_a_few_steps_change_the_weights_and_write_a_loadable_artefact(recipe, be
     base = load_sd15(None, tiny=True)
     before = {"unet": flat(base.unet), "text_encoder": flat(base.text_encoder)}
     params = smoke_params(recipe)
-    artefact = Trainer(recipe, base, params, "cpu").train(bench.reference_image("nasa-astronaut"), "a woman", seed=1)
+    class_images = []
+    if prior_preservation(recipe, params):
+        class_images = ClassImages(base, torch.device("cpu"), torch.float32).ensure(tmp_path / "class", "a photo of woman", 2, 0)
+    artefact = Trainer(recipe, base, params, "cpu").train(bench.reference_image("nasa-astronaut"), "a woman", seed=1,
+                                                          class_images=class_images)
     path = tmp_path / "artefact.safetensors"
     artefact.save(path)
     tensors = safetensors.torch.load_file(path)
@@ -81,6 +85,51 @@ def test_textual_inversion_scales_the_rate_and_moves_only_its_token(bench):
     rate = 1e-3 * 3 * 1
     step = artefact.tensors["<identity>"][0] - start + rate * ADAMW["weight_decay"] * start
     np.testing.assert_allclose(step.abs().numpy(), rate, rtol=1e-3)
+
+
+def test_dreamboths_default_recipe_is_the_papers_prior_preservation():
+    """Defect 6: DreamBooth trained without prior preservation. The card's default is now the README's
+    prior-preservation command (the DreamBooth paper's recipe): 200 class images, weight 1.0, 800 steps."""
+    for name in ("dreambooth", "dreambooth_controlnet_head"):
+        params = get_card(name).resolve_params(None, {})
+        assert params["train_with_prior_preservation"] is True and params["train_prior_loss_weight"] == 1.0
+        assert params["train_num_class_images"] == 200 and params["train_steps"] == 800
+        assert params["train_class_prompt"].format("woman") == "a photo of woman"
+    assert smoke_params("dreambooth")["train_with_prior_preservation"] is True  # the smoke runs exercise it too
+
+
+def test_prior_preservation_adds_the_class_term_to_the_loss(bench, tmp_path):
+    """Same draws, class examples in the batch's second half: loss = instance MSE + weight x class MSE, and a
+    weight of 0 gives the instance loss of a batch with the class examples in it."""
+    base = load_sd15(None, tiny=True)
+    class_images = ClassImages(base, torch.device("cpu"), torch.float32).ensure(tmp_path, "a photo of woman", 2, 0)
+    reference = bench.reference_image("nasa-astronaut")
+
+    def first_loss(**overrides):
+        params = smoke_params("dreambooth", train_steps=1, **overrides)
+        return Trainer("dreambooth", base, params, "cpu").train(reference, "a woman", seed=3, class_images=class_images).losses[0]
+
+    without = first_loss(train_prior_loss_weight=0.0)
+    once, twice = first_loss(train_prior_loss_weight=1.0), first_loss(train_prior_loss_weight=2.0)
+    assert once > without and np.isclose(twice - without, 2 * (once - without), rtol=1e-4)
+    assert first_loss(train_with_prior_preservation=False) != without  # a batch of one: other draws, no class term
+    with pytest.raises(BenchError, match="needs its class images"):
+        Trainer("dreambooth", base, smoke_params("dreambooth"), "cpu").train(reference, "a woman", seed=3)
+
+
+def test_class_images_are_seeded_per_index_and_completed_not_remade(tmp_path):
+    base = load_sd15(None, tiny=True)
+    maker = ClassImages(base, torch.device("cpu"), torch.float32)
+    paths = maker.ensure(tmp_path, "a photo of woman", 3, 0)
+    record = json.loads((tmp_path / "class_images.json").read_text())
+    assert [p.name for p in paths] == ["0000.jpg", "0001.jpg", "0002.jpg"]
+    assert record["seeds"] == [ClassImages.seed(0, "a photo of woman", i) for i in range(3)] and record["count"] == 3
+    assert Image.open(paths[0]).size == (64, 64)  # the tiny UNet's native size, as DiffusionPipeline's default
+    kept, lost = paths[0].stat().st_mtime_ns, paths[1].read_bytes()
+    paths[1].unlink()
+    assert maker.ensure(tmp_path, "a photo of woman", 3, 0) == paths
+    assert paths[0].stat().st_mtime_ns == kept and paths[1].read_bytes() == lost  # remade from its own seed
+    assert not np.array_equal(np.asarray(Image.open(paths[0])), np.asarray(Image.open(paths[2])))
 
 
 def test_identity_phrase_takes_the_subjects_place():
@@ -152,6 +201,11 @@ def test_finetune_then_run_end_to_end(recipe, bench, tmp_path, capsys, monkeypat
     code, _, err = finetune(capsys, monkeypatch, runs, f"{recipe}_controlnet_head")  # same training: nothing to do
     assert code == 0 and "trained 0, kept 2, failed 0" in err
     store = ArtefactStore(runs, recipe, smoke_params(recipe))
+    class_folder = store.class_images_folder("a photo of woman")
+    if recipe == "dreambooth":  # the default recipe's class images, cached in the fine-tune folder
+        assert len(list(class_folder.glob("*.jpg"))) == 2 and (class_folder / "class_images.json").exists()
+    else:
+        assert not (store.root / "class_images").exists()
     for name in (recipe, f"{recipe}_controlnet_head"):
         code, out, err = run(capsys, monkeypatch, runs, name)
         assert code == 0, err

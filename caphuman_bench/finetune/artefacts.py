@@ -1,6 +1,7 @@
 """Where the per-identity fine-tuned weights live, and when one may be used.
 
     <runs-dir>/finetune/<recipe>-<training hash>/
+      class_images/<class prompt>/   DreamBooth's prior-preservation images (0000.jpg …, class_images.json)
       <identity>/
         <artefact file>    learned_embeds.safetensors | unet.safetensors | pytorch_lora_weights.safetensors
         finetune.json      written last: recipe, training parameters and hash, the reference photo's sha256,
@@ -16,8 +17,10 @@ anything else is trained again, never used.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +69,11 @@ class ArtefactStore:
         self.params = training_params(params)
         self.training_hash = config_hash({"recipe": recipe, "params": self.params})
         self.root = Path(runs_dir) / "finetune" / f"{recipe}-{self.training_hash[:10]}"
+
+    def class_images_folder(self, prompt: str) -> Path:
+        """Shared by the identities whose class prompt it is ("a photo of woman")."""
+        slug = re.sub(r"[^A-Za-z0-9]+", "_", prompt).strip("_")[:60]
+        return self.root / "class_images" / f"{slug}-{hashlib.sha256(prompt.encode()).hexdigest()[:8]}"
 
     def folder(self, identity_id: str) -> Path:
         return self.root / identity_id

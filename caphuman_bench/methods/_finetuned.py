@@ -32,6 +32,9 @@ from caphuman_bench.weights import sha256_of
 
 BASE_WEIGHTS = ("stable_diffusion_v1_5",)
 CONTROLNET_WEIGHTS = ("controlnet_normalbae_sd15",)
+# DreamBooth's prior preservation (train_dreambooth.py / train_dreambooth_lora.py --with_prior_preservation)
+PRIOR_PRESERVATION_PARAMS = {"train_with_prior_preservation": bool, "train_prior_loss_weight": float,
+                             "train_num_class_images": int, "train_class_prompt": str}
 SCHEDULERS = ("pndm", "dpm_solver_multistep", "ddim")  # pndm: SD-1.5's own scheduler_config.json
 
 
@@ -71,7 +74,12 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
         if "train_save_dtype" in params and str(params["train_save_dtype"]) not in SAVE_DTYPES:
             raise BenchError(f"{where}: parameter 'train_save_dtype' must be one of {', '.join(SAVE_DTYPES)}, "
                              f"got {params['train_save_dtype']!r}")
-        for name in ("train_steps", "train_batch_size", "train_gradient_accumulation_steps", "train_num_vectors", "train_rank"):
+        if params.get("train_with_prior_preservation"):
+            if "{}" not in str(params.get("train_class_prompt", "")):
+                raise BenchError(f"{where}: parameter 'train_class_prompt' must hold '{{}}' for the subject's noun "
+                                 f"(\"a photo of {{}}\"), got {params.get('train_class_prompt')!r}")
+        for name in ("train_steps", "train_batch_size", "train_gradient_accumulation_steps", "train_num_vectors", "train_rank",
+                     "train_num_class_images"):
             if name in params and int(params[name]) < 1:
                 raise BenchError(f"{where}: parameter {name!r} must be at least 1, got {params[name]}")
         check_latent_size(params, where, square=bool(params.get("controlnet_head")), names=("height", "width", "train_resolution"))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from caphuman_bench.methods._finetuned import FineTunedMethod
+from caphuman_bench.methods._finetuned import PRIOR_PRESERVATION_PARAMS, FineTunedMethod
 from caphuman_bench.registry import register_method
 
 
@@ -19,7 +19,7 @@ class LoRAMethod(FineTunedMethod):
     recipe = "lora"
     swap_adds_modules = True  # each identity's LoRA layers are loaded after the previous one's are unloaded
     param_types = {**FineTunedMethod.param_types, "train_max_grad_norm": float, "train_identifier": str,
-                   "train_rank": int}
+                   "train_rank": int, **PRIOR_PRESERVATION_PARAMS}
 
     def apply_artefact(self, path: Path) -> None:
         if self._active is not None:

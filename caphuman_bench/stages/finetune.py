@@ -19,7 +19,7 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore
-from caphuman_bench.finetune.training import identity_phrase
+from caphuman_bench.finetune.training import class_prompt, identity_phrase, prior_preservation
 from caphuman_bench.registry import get_method
 from caphuman_bench.stages.plan import Shard, plan_tasks
 
@@ -45,7 +45,7 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
              weights_paths: dict[str, str] | None = None, progress=None) -> FinetuneSummary:
     """Train what is missing for the identities of `split` (this shard's share); `params` already validated."""
     from caphuman_bench.finetune.components import load_sd15
-    from caphuman_bench.finetune.training import Trainer
+    from caphuman_bench.finetune.training import ClassImages, Trainer
 
     adapter_cls = fine_tuned_adapter(card)
     resolved = weights.require(adapter_cls.training_weights(params), weights_paths)
@@ -70,14 +70,23 @@ def finetune(card: MethodCard, bench: Benchmark, split: str, runs_dir, params: d
         return summary
     check_writable(store.root)  # a read-only or full destination stops before any training, not at each save
 
-    trainer = Trainer(adapter_cls.recipe, load_sd15(resolved.get("stable_diffusion_v1_5"), tiny=bool(params.get("tiny"))),
-                      params, device)
+    base = load_sd15(resolved.get("stable_diffusion_v1_5"), tiny=bool(params.get("tiny")))
+    class_images = {}  # class prompt -> its images, made (or completed) before any training
+    if prior_preservation(adapter_cls.recipe, params):
+        import torch
+
+        maker = ClassImages(base, torch.device(device), torch.float16 if torch.device(device).type == "cuda" else torch.float32)
+        for prompt in sorted({class_prompt(params, bench.identities[i].subject) for i in todo}):
+            class_images[prompt] = maker.ensure(store.class_images_folder(prompt), prompt,
+                                                int(params["train_num_class_images"]), int(params.get("train_seed", 0)))
+    trainer = Trainer(adapter_cls.recipe, base, params, device)
     bar = progress.add_task(f"finetune {card.name}", total=len(todo)) if progress else None
     for identity_id in todo:
         subject = bench.identities[identity_id].subject
         try:
             store.clear(identity_id)
-            artefact = trainer.train(bench.reference_image(identity_id), subject, _identity_seed(params, identity_id))
+            artefact = trainer.train(bench.reference_image(identity_id), subject, _identity_seed(params, identity_id),
+                                     class_images=class_images.get(class_prompt(params, subject), []) if class_images else [])
             artefact.save(store.file(identity_id))
             store.write_record(identity_id, references[identity_id], subject,
                                identity_phrase(adapter_cls.recipe, subject, params), artefact.details())
