@@ -17,7 +17,7 @@ from caphuman_bench.cards import get_card
 from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore, training_params
 from caphuman_bench.finetune.components import load_sd15
-from caphuman_bench.finetune.training import ADAMW, ClassImages, Draws, Trainer, identity_phrase, prior_preservation
+from caphuman_bench.finetune.training import ADAMW, ClassImages, Trainer, identity_phrase, prior_preservation
 from caphuman_bench.registry import get_method
 from tests.cli_helpers import cli
 
