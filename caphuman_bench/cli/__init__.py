@@ -34,13 +34,15 @@ def main() -> None:
     """Entry point: user errors and environment faults become one line on stderr and exit code 2;
     no user error or fault prints a traceback."""
     from caphuman_bench.atomic import environment_fault
+    from caphuman_bench.quiet import quiet_console
 
     def fail(message: str, code: int = 2) -> None:
         console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(code)
 
     try:
-        code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
+        with quiet_console():
+            code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except BenchError as exc:
         fail(str(exc))
     except typer.Exit as exc:

@@ -52,6 +52,7 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
              options, batch_size):
     """Pre-flight, plan, generate, score, aggregate. Returns (planned run, generate summary, results or None,
     images that could not be scored)."""
+    from caphuman_bench.quiet import run_log
     from caphuman_bench.runner import pick_device, plan_run
     from caphuman_bench.stages.generate import generate
     from caphuman_bench.stages.report import write_run_results
@@ -61,20 +62,21 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
     preflight(card, bench, split, preset, overrides, options, metrics, scoring=not generate_only)  # before any file is written
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
-    with progress_bar() as progress:
-        gen = generate(planned.run, bench, card, planned.params, device=device, shard=shard, force=force,
-                       weights_paths=options["weights_paths"], progress=progress)
-    console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard"
-                  + (f", {gen.elsewhere} left to another process generating this run" if gen.elsewhere else ""), soft_wrap=True)
-    for failure in gen.failures[:5]:
-        console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
-    if generate_only:
-        return planned, gen, None, 0
-    with progress_bar() as progress:
-        summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
-                        batch_size=batch_size, progress=progress)
-    print_scores(summary, planned.run.path)
-    results = write_run_results(planned.run)
+    with run_log(planned.run.log_file):
+        with progress_bar() as progress:
+            gen = generate(planned.run, bench, card, planned.params, device=device, shard=shard, force=force,
+                           weights_paths=options["weights_paths"], progress=progress)
+        console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard"
+                      + (f", {gen.elsewhere} left to another process generating this run" if gen.elsewhere else ""), soft_wrap=True)
+        for failure in gen.failures[:5]:
+            console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
+        if generate_only:
+            return planned, gen, None, 0
+        with progress_bar() as progress:
+            summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
+                            batch_size=batch_size, progress=progress)
+        print_scores(summary, planned.run.path)
+        results = write_run_results(planned.run)
     return planned, gen, results, sum(summary.errors.values())
 
 
