@@ -52,3 +52,39 @@ def test_smoke_run_console_has_no_mediapipe_lines_and_the_run_log_has_them(tmp_p
     log = (only_run(tmp_path) / "log.txt").read_text()
     assert "mediapipe: INFO: Created TensorFlow Lite XNNPACK delegate" in log
     assert "inference_feedback_manager" in log
+
+
+def command_options(name: str) -> dict:
+    import typer.main
+
+    from caphuman_bench.cli import app
+
+    return {p.opts[0]: p for p in typer.main.get_command(app).commands[name].params if p.opts}
+
+
+def test_every_split_option_names_every_split_of_the_spec():
+    from caphuman_bench.benchmark import Benchmark
+
+    splits = Benchmark.load().splits
+    for command in ("run", "ablate", "finetune", "plan", "ingest"):
+        help_text = command_options(command)["--split"].help
+        assert [s for s in splits if s not in help_text.replace(",", " ").split()] == [], command
+        assert "caphuman-bench data show" in help_text
+
+
+def test_conformance_runs_on_cpu_by_default_as_its_help_says():
+    device = command_options("conformance")["--device"]
+    assert device.default == "cpu" and device.help.startswith("cpu") and "GPU" not in device.help
+
+
+def test_an_identities_dir_that_is_a_file_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    readme = tmp_path / "README.md"
+    readme.write_text("# not a folder\n")
+    for args in (("run", "--method", "reference", "--preset", "smoke", "--runs-dir", tmp_path / "runs"), ("data", "show"),
+                 ("data", "prepare", "--out", tmp_path / "prepared")):
+        code, _, err = cli(capsys, monkeypatch, *args, "--identities-dir", readme)
+        assert code == 2 and err.strip().splitlines() == [f"error: --identities-dir {readme}: not a folder (expected a "
+                                                          "folder of <identity>.jpg photos)"], (args, err)
+    code, _, err = cli(capsys, monkeypatch, "data", "show", "--identities-dir", tmp_path / "nope")
+    assert code == 2 and "no such folder" in err
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "prepared").exists()

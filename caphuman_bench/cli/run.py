@@ -12,6 +12,7 @@ from caphuman_bench.cli.common import (
     PROTOCOL_HELP,
     Device,
     IdentitiesDir,
+    SPLITS,
     RunsDir,
     Spec,
     app,
@@ -84,7 +85,7 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
 def run(
     method: Annotated[str, typer.Option("--method", "-m", help="Method card name (see `caphuman-bench methods`).")],
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="full, identity, prompt, pose or demo (default: demo for --preset smoke, else full).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help=f"{SPLITS}. Default: demo for --preset smoke, else full.")] = None,
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
@@ -142,7 +143,7 @@ def ablate(
     features: Annotated[Optional[list[str]], typer.Option("--features", help="Identity features: global+local, global, local (repeat).")] = None,
     backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="Base models to sweep: caphuman, realistic_vision, or the path of any SD-1.5-family model, single file or diffusers folder (repeat).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="full, identity, prompt, pose or demo (default: demo for --preset smoke, else full).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help=f"{SPLITS}. Default: demo for --preset smoke, else full.")] = None,
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
@@ -163,7 +164,7 @@ def ablate(
     """
     from caphuman_bench.benchmark import Benchmark
     from caphuman_bench.cards import get_card
-    from caphuman_bench.runner import default_split
+    from caphuman_bench.runner import default_split, run_label
     from caphuman_bench.stages.plan import Shard
     from caphuman_bench.stages.report import (
         leaderboard,
@@ -187,7 +188,8 @@ def ablate(
     for overrides in variants:  # every variant's parameters checked before the first run starts
         preflight(card, bench, split, preset, overrides, options, metrics.split(",") if metrics else None)
     results, failed, status_files, unscored, variant_runs = [], 0, [], 0, []
-    for overrides in variants:
+    for number, overrides in enumerate(variants, 1):
+        console.print(f"variant {number} of {len(variants)}: [bold]{escape(run_label(card, preset, overrides))}[/]", soft_wrap=True)
         planned, gen, res, score_errors = execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,
                                      False, metrics.split(",") if metrics else None, options, 8)
         # Variants with the same parameters share a run (tau=0 is the default): label by the variant, not run.json.
@@ -210,7 +212,7 @@ def ablate(
 def finetune(
     method: Annotated[str, typer.Option("--method", "-m", help="A fine-tuned method's card: textual_inversion, dreambooth, lora (or a *_controlnet_head variant).")],
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, a few steps).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Whose identities to train (default: demo for --preset smoke, else full).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help=f"Whose identities to train: {SPLITS}. Default: demo for --preset smoke, else full.")] = None,
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
