@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shlex
 import sys
 import tempfile
 import threading
@@ -124,6 +125,7 @@ def run_log(path: str | os.PathLike) -> Iterator[Path]:
         root.addHandler(console)
     previous, _OFF_THE_CONSOLE.log_file = _OFF_THE_CONSOLE.log_file, handler
     ours.setLevel(logging.INFO)
+    logging.getLogger(__name__).info("command: %s", shlex.join(["caphuman-bench", *sys.argv[1:]]))  # where each command's lines begin
     try:
         yield path
     finally:

@@ -50,6 +50,7 @@ def test_smoke_run_console_has_no_mediapipe_lines_and_the_run_log_has_them(tmp_p
     assert code == 0, err
     assert not [line for line in err.splitlines() if any(noise in line for noise in NATIVE_NOISE)], err
     log = (only_run(tmp_path) / "log.txt").read_text()
+    assert "caphuman_bench.quiet: command: caphuman-bench run --method reference" in log.splitlines()[0]
     assert "mediapipe: INFO: Created TensorFlow Lite XNNPACK delegate" in log
     assert "inference_feedback_manager" in log
 
