@@ -139,8 +139,7 @@ class Benchmark:
         conditions = _load_conditions(root / "head_conditions.yaml")
         identities = _load_identities(root / "identities.csv")
         splits = _load_splits(root / "splits.yaml", prompts, conditions, identities)
-        return cls(root, version, prompts, conditions, identities, splits,
-                   Path(identities_dir) if identities_dir else None)
+        return cls(root, version, prompts, conditions, identities, splits, identities_folder(identities_dir))
 
     @classmethod
     def load_planned(cls, planned: dict, run_json: str | os.PathLike) -> "Benchmark":
@@ -220,6 +219,17 @@ class Benchmark:
             return load_rgb(path)
         except ImageError as exc:
             raise BenchError(f"identity {owner!r}: reference photo {path}: {exc}") from None
+
+
+def identities_folder(path: str | os.PathLike | None) -> Path | None:
+    """`--identities-dir` checked when given, so a file or a typo is named at once, not at the first photo."""
+    if not path:
+        return None
+    path = Path(path)
+    if not path.is_dir():
+        raise BenchError(f"--identities-dir {path}: {'not a folder' if path.exists() else 'no such folder'} "
+                         f"(expected a folder of <identity>.jpg photos)")
+    return path
 
 
 def photo_file_name(identity_id: str, n: int) -> str:

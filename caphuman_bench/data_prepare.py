@@ -15,7 +15,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark, Identity, photo_file_name
+from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark, Identity, identities_folder, photo_file_name
 from caphuman_bench.errors import BenchError
 from caphuman_bench.images import ImageError, load_rgb
 from caphuman_bench.weights import sha256_of
@@ -103,6 +103,7 @@ def prepare(out_dir: Path, *, celeba_root: Path | None = None, identities_dir: P
             spec_root: Path | None = None, count: int = 100) -> PrepareReport:
     if (celeba_root is None) == (identities_dir is None):
         raise BenchError("data prepare needs exactly one of --celeba-root DIR or --identities-dir DIR")
+    identities_dir = identities_folder(identities_dir)
     bench = Benchmark.load(spec_root or DEFAULT_SPEC_DIR)
     rows_of_spec = [i for i in bench.identities.values() if not i.of]  # not the "<id>@k" a references split makes
     kept = [i for i in rows_of_spec if i.source == "package"]

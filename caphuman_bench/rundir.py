@@ -54,6 +54,7 @@ class RunDir:
     cache_dir = property(lambda self: self.path / "cache")
     scores_file = property(lambda self: self.path / "scores.parquet")
     results_file = property(lambda self: self.path / "results.json")
+    log_file = property(lambda self: self.path / "log.txt")  # appended by each command on the run (caphuman_bench.quiet)
     scoring_file = property(lambda self: self.path / "scoring.json")
 
     def image_path(self, task_id: str) -> Path:

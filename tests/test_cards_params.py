@@ -168,6 +168,18 @@ def test_ablation_labels_each_variant_by_its_overrides_even_when_it_reuses_a_run
     assert {r["method"] for r in rows} == {"caphuman[num_inference_steps=4,tau=0] (smoke)"}
 
 
+def test_ablate_names_each_variant_as_it_starts(tmp_path, capsys, monkeypatch):
+    spec, runs = one_image_spec(tmp_path), tmp_path / "runs"
+    code, _, err = cli(capsys, monkeypatch, "ablate", "--method", "caphuman", "--preset", "smoke", "--split", "one", "--spec",
+                       spec, "--runs-dir", runs, "--tau", "0", "--tau", "500", "-p", "num_inference_steps=1",
+                       "--metrics", "face_detection", "--out", tmp_path / "board")
+    assert code == 0, err
+    first = "variant 1 of 2: caphuman[num_inference_steps=1,tau=0] (smoke)"
+    second = "variant 2 of 2: caphuman[num_inference_steps=1,tau=500] (smoke)"
+    assert first in err and second in err and err.index(first) < err.index(second)
+    assert err.index(first) < err.index("generated") < err.index(second)  # each name before its own run
+
+
 def test_report_names_the_runs_without_scores(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"
     assert cli(capsys, monkeypatch, "run", "--method", "reference", "--preset", "smoke", "--runs-dir", runs, "--no-score")[0] == 0

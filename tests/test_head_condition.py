@@ -252,20 +252,23 @@ def read_rgb(path) -> np.ndarray:
         return np.asarray(image)
 
 
-def test_render_command_writes_the_three_images_and_a_grid(tmp_path, capsys, monkeypatch):
+def test_render_command_writes_the_three_images_of_each_condition_and_a_grid_of_exactly_them(tmp_path, capsys, monkeypatch):
+    code, out, err = cli(capsys, monkeypatch, "render", "--synthetic", "--condition", "yaw-r45", "-c", "yaw-l45",
+                         "--out", tmp_path, "--size", SIZE, "--device", "cpu")
+    assert code == 0, err
     normals = {}
     for condition in ("yaw-r45", "yaw-l45"):
-        out_dir = tmp_path / condition
-        code, out, err = cli(capsys, monkeypatch, "render", "--synthetic", "--condition", condition,
-                             "--out", out_dir, "--size", SIZE, "--device", "cpu")
-        assert code == 0, err
         for name in ("normal", "albedo", "rendered"):
-            image = read_rgb(out_dir / f"{name}.png")
-            assert image.shape == (SIZE, SIZE, 3) and image.any(), name
-            assert f"{name}:" in out
-        assert read_rgb(out_dir / "grid.png").shape == (3 * SIZE, 3 * SIZE, 3)  # 3 conditions × 3 renders
-        normals[condition] = read_rgb(out_dir / "normal.png").astype(np.int16)
+            image = read_rgb(tmp_path / condition / f"{name}.png")
+            assert image.shape == (SIZE, SIZE, 3) and image.any(), (condition, name)
+            assert f"{condition}/{name}: {tmp_path / condition / name}.png" in out
+        normals[condition] = read_rgb(tmp_path / condition / "normal.png").astype(np.int16)
     assert np.abs(normals["yaw-r45"] - normals["yaw-l45"]).mean() > 5
+    grid = read_rgb(tmp_path / "grid.png")
+    assert grid.shape == (2 * SIZE, 3 * SIZE, 3)  # the two requested conditions × 3 renders, nothing added
+    np.testing.assert_array_equal(grid[SIZE + SIZE // 2:, :SIZE][:, SIZE // 4:],  # row 2 is yaw-l45 (below its label)
+                                  normals["yaw-l45"][SIZE // 2:, SIZE // 4:].astype(np.uint8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "yaw-l45", "yaw-r45"]
 
 
 def test_render_command_defaults_to_512(tmp_path, capsys, monkeypatch):
@@ -273,8 +276,8 @@ def test_render_command_defaults_to_512(tmp_path, capsys, monkeypatch):
                        "--device", "cpu")
     assert code == 0, err
     for name in ("normal", "albedo", "rendered"):
-        assert read_rgb(tmp_path / f"{name}.png").shape == (512, 512, 3)
-    assert read_rgb(tmp_path / "grid.png").shape == (3 * 512, 3 * 512, 3)
+        assert read_rgb(tmp_path / "frontal" / f"{name}.png").shape == (512, 512, 3)
+    assert read_rgb(tmp_path / "grid.png").shape == (512, 3 * 512, 3)
 
 
 def test_unknown_condition_exits_2_with_one_line(tmp_path, capsys, monkeypatch):

@@ -155,3 +155,45 @@ def test_pipeline_loads_from_files_in_the_official_formats(adapter, bench, tmp_p
         adapter._load_pipeline({"stable_diffusion_xl_base": tmp_path / "sdxl",
                                 "instantid_controlnet": tmp_path / "ControlNetModel",
                                 "instantid_ip_adapter": tmp_path / "ip-adapter.bin"})
+
+
+def test_the_negative_prompt_is_cut_at_77_tokens_as_the_authors_do_without_a_warning(adapter, caplog):
+    """infer.py's negative prompt has 92 tokens; the authors' pipeline (diffusers' encode_prompt) keeps the
+    first 75 (77 with the start and end tokens), as the conformance vectors made with it on this very prompt show (tests/data/instantid).
+    Here: the same cut, no "92 > 77" warning from transformers, one INFO line for the run's log."""
+    import logging
+
+    from caphuman_bench.pipelines.pipeline_instantid import clip_token_count
+
+    pipe, negative = adapter.pipe, adapter.params["negative_prompt"]
+    assert clip_token_count(pipe.tokenizer, negative) == (92, 75)
+    kept = pipe.tokenizer(negative, truncation=True, max_length=77).input_ids
+    cut = pipe.tokenizer.decode(kept, skip_special_tokens=True)
+    assert pipe.tokenizer(cut).input_ids == kept  # the first 75 tokens, as text
+
+    class Records(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    heard = Records()
+    transformers_log = logging.getLogger("transformers")  # does not propagate: caplog would not hear it
+    transformers_log.addHandler(heard)
+    for tokenizer in (pipe.tokenizer, pipe.tokenizer_2):
+        tokenizer.deprecation_warnings.pop("sequence-length-is-longer-than-the-specified-maximum", None)
+    try:
+        embeds = {text: pipe.encode_prompt(["a photo"], device="cpu", num_images_per_prompt=1,
+                                           do_classifier_free_guidance=True, negative_prompt=[text])
+                  for text in (negative, cut)}
+    finally:
+        transformers_log.removeHandler(heard)
+    assert not [r for r in heard.records if "sequence length is longer" in r.getMessage()]
+    for full, truncated in zip(embeds[negative], embeds[cut]):
+        torch.testing.assert_close(full, truncated, rtol=0, atol=0)
+
+    with caplog.at_level(logging.INFO, logger="caphuman_bench.methods.instantid"):
+        adapter._note_negative_prompt_cut()
+    assert "the negative prompt has 92 tokens; both text encoders read the first 75" in caplog.text

@@ -35,6 +35,7 @@ def main() -> None:
     no user error or fault prints a traceback."""
     from caphuman_bench.atomic import environment_fault
     from caphuman_bench.launch import check_environment
+    from caphuman_bench.quiet import quiet_console
 
     def fail(message: str, code: int = 2) -> None:
         console.print(f"[red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)  # one line, never wrapped
@@ -42,7 +43,8 @@ def main() -> None:
 
     try:
         check_environment()  # before torchmetrics' import reads LOCAL_RANK
-        code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
+        with quiet_console():
+            code = app(standalone_mode=False)  # click returns the exit code of typer.Exit here
     except BenchError as exc:
         fail(str(exc))
     except typer.Exit as exc:

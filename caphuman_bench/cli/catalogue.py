@@ -186,7 +186,8 @@ def conformance(
     method: Annotated[str, typer.Argument(help="The port to check (caphuman-bench conformance --list names them).")] = "",
     reference: Annotated[Optional[Path], typer.Option("--reference", help="Folder of known-answer vectors (default: the checkout's tests/data/<vectors>).")] = None,
     list_checks: Annotated[bool, typer.Option("--list", help="List the ports that have known-answer vectors.")] = False,
-    device: Device = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu (the tolerance is for float32 on CPU, where the vectors "
+                                                         "were made), cuda or cuda:N.")] = "cpu",
 ):
     """Check a port against known-answer vectors made from its authors' code; exit 1 beyond tolerance.
 
@@ -205,7 +206,7 @@ def conformance(
 def render(
     condition: Annotated[list[str], typer.Option("--condition", "-c", help="Head condition id(s) of the spec (repeat).")],
     identity: Annotated[Optional[str], typer.Option("--identity", help="Identity id whose DECA code is rendered (default: FLAME's neutral head).")] = None,
-    out_dir: Annotated[Path, typer.Option("--out", help="Folder for normal.png, albedo.png, rendered.png and grid.png.")] = Path("renders"),
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for <condition>/normal.png, albedo.png, rendered.png per condition and grid.png of them all.")] = Path("renders"),
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Use the synthetic FLAME-format head (no FLAME files needed).")] = False,
     mode: Annotated[str, typer.Option("--mode", help="Coefficient mixing: position,pose | expression | lighting | all.")] = "position,pose",
     size: Annotated[int, typer.Option("--size", min=16)] = 512,
@@ -225,4 +226,4 @@ def render(
                              device=pick_device(device), spec_root=spec, identities_dir=identities_dir,
                              weight_paths=weights_paths(weights_path))
     for name, path in written.items():
-        out.print(f"{name}: {path}")
+        out.print(f"{name}: {path}", soft_wrap=True)  # a path is never wrapped

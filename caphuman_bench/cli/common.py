@@ -50,6 +50,8 @@ RunsDir = Annotated[Path, typer.Option("--runs-dir", help="Root of all run direc
 Spec = Annotated[Optional[Path], typer.Option("--spec", help="Benchmark spec folder (default: the shipped benchmark_data/humaniphc).")]
 IdentitiesDir = Annotated[Optional[Path], typer.Option("--identities-dir", help="Folder of <identity>.jpg reference photos.")]
 Device = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N or auto (GPU of this rank when present).")]
+# The shipped spec's splits (tests/test_console.py checks them against splits.yaml); --spec may bring others.
+SPLITS = "full, identity, prompt, pose, pose-extreme, references or demo (`caphuman-bench data show` lists a spec's splits)"
 
 
 def progress_bar() -> Progress:

@@ -11,6 +11,7 @@ from caphuman_bench.cli.common import (
     PROTOCOL_HELP,
     Device,
     IdentitiesDir,
+    SPLITS,
     RunsDir,
     Spec,
     app,
@@ -27,7 +28,7 @@ HEAD_INPUTS = ("none", "normals", "landmarks", "3D render", "CapFace")
 @app.command()
 def plan(
     export: Annotated[Path, typer.Option("--export", help="Folder for tasks.jsonl, the reference photos and the head conditions.")],
-    split: Annotated[str, typer.Option("--split", help="The split whose tasks are exported (default: full).")] = "full",
+    split: Annotated[str, typer.Option("--split", help=f"The split whose tasks are exported: {SPLITS}.")] = "full",
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
     seed: Annotated[int, typer.Option("--seed", help="Base seed, as `run --seed`.")] = 0,
@@ -55,7 +56,7 @@ def plan(
 def ingest(
     images: Annotated[Path, typer.Argument(help="Folder of images named <task_id>.png (or .jpg, .jpeg, .webp).")],
     name: Annotated[str, typer.Option("--name", help="The method's name on the leaderboard.")],
-    split: Annotated[str, typer.Option("--split", help="The split the images were made for (as exported).")] = "full",
+    split: Annotated[str, typer.Option("--split", help=f"The split the images were made for (as exported): {SPLITS}.")] = "full",
     head_input: Annotated[str, typer.Option("--head-input", help=f"How your method used the head condition: {', '.join(HEAD_INPUTS)}.")] = "none",
     description: Annotated[str, typer.Option("--description", help="One line on the method, for the leaderboard.")] = "",
     runs_dir: RunsDir = Path("runs"),

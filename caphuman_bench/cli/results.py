@@ -45,6 +45,7 @@ def score(
 
     Example: caphuman-bench score runs/caphuman-demo-0123456789 --metrics face_detection,id_sim_dlib
     """
+    from caphuman_bench.quiet import run_log
     from caphuman_bench.rundir import RunDir
     from caphuman_bench.runner import pick_device
     from caphuman_bench.stages.plan import parse_shard
@@ -61,11 +62,12 @@ def score(
             raise BenchError(f"--diversity-groups {diversity_groups!r}: expected one of {', '.join(DIVERSITY_GROUPS)}")
         options["diversity_groups"] = diversity_groups
     metrics_to_run(names, options)  # a named metric that cannot run stops here, before any image is read
-    with progress_bar() as progress:
-        summary = score_stage(run_, metrics=names, device=pick_device(device), options=options, shard=parse_shard(shard),
-                              force=force, batch_size=batch_size, progress=progress)
-    print_scores(summary, run_.path)
-    results = write_run_results(run_)
+    with run_log(run_.log_file):
+        with progress_bar() as progress:
+            summary = score_stage(run_, metrics=names, device=pick_device(device), options=options, shard=parse_shard(shard),
+                                  force=force, batch_size=batch_size, progress=progress)
+        print_scores(summary, run_.path)
+        results = write_run_results(run_)
     print_results([results])
     if summary.errors:
         raise typer.Exit(1)

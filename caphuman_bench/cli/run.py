@@ -12,6 +12,7 @@ from caphuman_bench.cli.common import (
     PROTOCOL_HELP,
     Device,
     IdentitiesDir,
+    SPLITS,
     RunsDir,
     Spec,
     app,
@@ -52,6 +53,7 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
              options, batch_size):
     """Pre-flight, plan, generate, score, aggregate. Returns (planned run, generate summary, results or None,
     images that could not be scored)."""
+    from caphuman_bench.quiet import run_log
     from caphuman_bench.runner import pick_device, plan_run
     from caphuman_bench.stages.generate import generate
     from caphuman_bench.stages.report import write_run_results
@@ -63,20 +65,21 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
         check_reference_faces(bench, bench.split(split).identities, metrics, options)
     planned = plan_run(card, bench, split, runs_dir, preset=preset, overrides=overrides, seed=seed)
     console.print(f"run [bold]{planned.label}[/] on split {split} → {planned.run.path} (device {device}, shard {shard.index}/{shard.count})")
-    with progress_bar() as progress:
-        gen = generate(planned.run, bench, card, planned.params, device=device, shard=shard, force=force,
-                       weights_paths=options["weights_paths"], progress=progress)
-    console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard"
-                  + (f", {gen.elsewhere} left to another process generating this run" if gen.elsewhere else ""), soft_wrap=True)
-    for failure in gen.failures[:5]:
-        console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
-    if generate_only:
-        return planned, gen, None, 0
-    with progress_bar() as progress:
-        summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
-                        batch_size=batch_size, progress=progress)
-    print_scores(summary, planned.run.path)
-    results = write_run_results(planned.run)
+    with run_log(planned.run.log_file):
+        with progress_bar() as progress:
+            gen = generate(planned.run, bench, card, planned.params, device=device, shard=shard, force=force,
+                           weights_paths=options["weights_paths"], progress=progress)
+        console.print(f"generated {gen.generated}, kept {gen.kept} finished, failed {gen.failed} of {gen.planned} tasks in this shard"
+                      + (f", {gen.elsewhere} left to another process generating this run" if gen.elsewhere else ""), soft_wrap=True)
+        for failure in gen.failures[:5]:
+            console.print(f"[red]failed[/] {escape(failure)}", soft_wrap=True)
+        if generate_only:
+            return planned, gen, None, 0
+        with progress_bar() as progress:
+            summary = score(planned.run, metrics=metrics, device=device, options=options, shard=shard, force=force,
+                            batch_size=batch_size, progress=progress)
+        print_scores(summary, planned.run.path)
+        results = write_run_results(planned.run)
     return planned, gen, results, sum(summary.errors.values())
 
 
@@ -84,7 +87,7 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
 def run(
     method: Annotated[str, typer.Option("--method", "-m", help="Method card name (see `caphuman-bench methods`).")],
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="full, identity, prompt, pose or demo (default: demo for --preset smoke, else full).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help=f"{SPLITS}. Default: demo for --preset smoke, else full.")] = None,
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
@@ -142,7 +145,7 @@ def ablate(
     features: Annotated[Optional[list[str]], typer.Option("--features", help="Identity features: global+local, global, local (repeat).")] = None,
     backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="Base models to sweep: caphuman, realistic_vision, or the path of any SD-1.5-family model, single file or diffusers folder (repeat).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="full, identity, prompt, pose or demo (default: demo for --preset smoke, else full).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help=f"{SPLITS}. Default: demo for --preset smoke, else full.")] = None,
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,
@@ -163,7 +166,7 @@ def ablate(
     """
     from caphuman_bench.benchmark import Benchmark
     from caphuman_bench.cards import get_card
-    from caphuman_bench.runner import default_split
+    from caphuman_bench.runner import default_split, run_label
     from caphuman_bench.stages.plan import Shard
     from caphuman_bench.stages.report import (
         leaderboard,
@@ -187,7 +190,8 @@ def ablate(
     for overrides in variants:  # every variant's parameters checked before the first run starts
         preflight(card, bench, split, preset, overrides, options, metrics.split(",") if metrics else None)
     results, failed, status_files, unscored, variant_runs = [], 0, [], 0, []
-    for overrides in variants:
+    for number, overrides in enumerate(variants, 1):
+        console.print(f"variant {number} of {len(variants)}: [bold]{escape(run_label(card, preset, overrides))}[/]", soft_wrap=True)
         planned, gen, res, score_errors = execute(card, bench, split, runs_dir, preset, overrides, seed, device, Shard(0, 1), False,
                                      False, metrics.split(",") if metrics else None, options, 8)
         # Variants with the same parameters share a run (tau=0 is the default): label by the variant, not run.json.
@@ -210,7 +214,7 @@ def ablate(
 def finetune(
     method: Annotated[str, typer.Option("--method", "-m", help="A fine-tuned method's card: textual_inversion, dreambooth, lora (or a *_controlnet_head variant).")],
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, a few steps).")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="Whose identities to train (default: demo for --preset smoke, else full).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help=f"Whose identities to train: {SPLITS}. Default: demo for --preset smoke, else full.")] = None,
     runs_dir: RunsDir = Path("runs"),
     spec: Spec = None,
     identities_dir: IdentitiesDir = None,

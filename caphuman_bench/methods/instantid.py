@@ -19,6 +19,7 @@ FLAME / DECA files of the head target.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,8 @@ from caphuman_bench.registry import register_method
 
 MODEL_WEIGHTS = (SDXL_FOLDER, "instantid_controlnet", "instantid_ip_adapter", "arcface_antelopev2")
 HEAD_WEIGHTS = ("deca_model", "flame_model", "flame_texture", "flame_head_template", "flame_landmark_embedding")
+
+log = logging.getLogger(__name__)
 
 
 def build_tiny_instantid_pipeline(seed: int = 0):
@@ -96,6 +99,17 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
         self.pipe.to(self.device)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe = self.accelerate(self.pipe)  # the CUDA fast path (pipelines/acceleration.py)
+        self._note_negative_prompt_cut()
+
+    def _note_negative_prompt_cut(self) -> None:
+        """infer.py's negative prompt (92 tokens) is longer than CLIP reads (75): the authors' pipeline cuts
+        it in diffusers' `encode_prompt` (truncation=True), and so does this one; said once, in the run's log."""
+        from caphuman_bench.pipelines.pipeline_instantid import clip_token_count
+
+        count, read = clip_token_count(self.pipe.tokenizer, str(self.params.get("negative_prompt", "")))
+        if read < count:
+            log.info("instantid: the negative prompt has %d tokens; both text encoders read the first %d, as in the "
+                     "authors' pipeline (diffusers' encode_prompt, truncation=True)", count, read)
 
     def _load_full(self) -> None:
         from caphuman_bench.faces.arcface import load_arcface

@@ -36,6 +36,7 @@ from PIL import Image
 
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
 from caphuman_bench.metrics.geometry import kabsch_rotation, pose_errors
+from caphuman_bench.quiet import native_stderr_logged
 from caphuman_bench.registry import register_metric
 
 # Mirror pairs of the MediaPipe face mesh, subject's left first (image right in a frontal photo):
@@ -88,13 +89,19 @@ class FaceMeshReader:
     def __init__(self) -> None:
         import mediapipe as mp
 
-        self._mesh = mp.solutions.face_mesh.FaceMesh(
-            static_image_mode=True, refine_landmarks=False, max_num_faces=1, min_detection_confidence=0.5
-        )
+        # MediaPipe's C++ side prints TFLite's "Created TensorFlow Lite XNNPACK delegate", absl's
+        # "All log messages before absl::InitializeLog()", and "Feedback manager requires a model with a single
+        # signature" / "Using NORM_RECT without IMAGE_DIMENSIONS" warnings about its own graph: none is about
+        # the image or the score, so they go to the run's log file, not the console.
+        with native_stderr_logged("mediapipe"):
+            self._mesh = mp.solutions.face_mesh.FaceMesh(
+                static_image_mode=True, refine_landmarks=False, max_num_faces=1, min_detection_confidence=0.5
+            )
 
     def landmarks(self, image: Image.Image) -> np.ndarray | None:
         pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-        found = self._mesh.process(pixels).multi_face_landmarks
+        with native_stderr_logged("mediapipe"):  # the graph's threads print on the first image and the first face
+            found = self._mesh.process(pixels).multi_face_landmarks
         if not found:
             return None
         height, width = pixels.shape[:2]

@@ -77,6 +77,12 @@ def load_instantid_pipeline(sdxl_folder: str | Path, controlnet_folder: str | Pa
     return pipe
 
 
+def clip_token_count(tokenizer, text: str) -> tuple[int, int]:
+    """(tokens of `text`, how many of them CLIP reads): `model_max_length` (77) less the start and end tokens."""
+    count = len(tokenizer(text, truncation=False, add_special_tokens=False, verbose=False).input_ids)
+    return count, min(count, tokenizer.model_max_length - 2)
+
+
 class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
     """SDXL + IdentityNet + IP-Adapter (loaded with `load_ip_adapter`); one identity per call."""
 
@@ -125,6 +131,13 @@ class StableDiffusionXLInstantIDPipeline(StableDiffusionXLControlNetPipeline):
                 noise = uncond + guidance_scale * (cond - uncond)
             latents = self.scheduler.step(noise, t, latents, **extra_step_kwargs, return_dict=False)[0]
         return self.decode_latents_sdxl(latents, output_type)
+
+    def maybe_convert_prompt(self, prompt, tokenizer):
+        """The prompts unchanged: this pipeline loads no textual-inversion tokens, which is all diffusers'
+        hook looks for, and the look tokenizes each prompt uncut (transformers then warns "92 > 77" about
+        infer.py's negative prompt). The cut itself is `encode_prompt`'s, as in the authors' pipeline
+        (the same diffusers method): 77 tokens with the start and end ones, truncation=True — see `clip_token_count`."""
+        return prompt
 
     def face_embeds(self, face_embedding: torch.Tensor, batch: int, guided: bool, dtype: torch.dtype) -> list[torch.Tensor]:
         """The IP-Adapter's input [batch (×2 with guidance), 1 image, 1 token, 512]: the face embedding, and in

@@ -1,8 +1,8 @@
 """`caphuman-bench render`: draw what CapHuman would be conditioned on, as PNGs for people to look at.
 
-Writes `normal.png`, `albedo.png`, `rendered.png` for the first requested condition and `grid.png`:
-three rows (the requested conditions, topped up with the next ones of the spec) × three columns
-(normal, albedo, rendered), each tile labelled.
+Writes `<condition>/normal.png`, `albedo.png`, `rendered.png` for each requested condition and `grid.png`:
+one row per requested condition (in the order given) × three columns (normal, albedo, rendered),
+each tile labelled.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from caphuman_bench.render.head_condition import (
 )
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
-GRID_ROWS = 3
 
 
 def to_images(render: HeadRender) -> dict[str, Image.Image]:
@@ -94,7 +93,7 @@ def render_command(condition_ids: list[str], out_dir: str | os.PathLike, identit
                    synthetic: bool = False, mode: str = DEFAULT_MODE, size: int = 512, device: str | None = None,
                    spec_root: str | os.PathLike | None = None, identities_dir: str | os.PathLike | None = None,
                    weight_paths: dict[str, str] | None = None, seed: int = 0) -> dict[str, Path]:
-    """Render `identity` under the conditions and write the PNGs; return {name: path}.
+    """Render `identity` under each condition and write the PNGs; return {"<condition>/<render>" or "grid": path}.
 
     `synthetic` uses the synthetic FLAME-format head (no FLAME files needed); otherwise the FLAME
     files resolve through the weights manifest (`weight_paths` overrides by manifest id).
@@ -109,16 +108,16 @@ def render_command(condition_ids: list[str], out_dir: str | os.PathLike, identit
                 else HeadConditionRenderer.from_weights(device, weight_paths))
     code = load_identity_code(identity, bench, device)
 
-    shown = list(dict.fromkeys(condition_ids))
-    shown += [c for c in bench.conditions if c not in shown][: max(0, GRID_ROWS - len(shown))]
-    renders = renderer.render_batch(code, [bench.conditions[c] for c in shown[:GRID_ROWS]], mode, size)
+    requested = list(dict.fromkeys(condition_ids))
+    renders = renderer.render_batch(code, [bench.conditions[c] for c in requested], mode, size)
     rows = [(r.condition_id, to_images(r)) for r in renders]
 
     out_dir = Path(out_dir)
     written = {}
-    for name, image in rows[0][1].items():
-        written[name] = out_dir / f"{name}.png"
-        save_png_atomic(image, written[name])
+    for condition_id, images in rows:
+        for name, image in images.items():
+            written[f"{condition_id}/{name}"] = out_dir / condition_id / f"{name}.png"
+            save_png_atomic(image, written[f"{condition_id}/{name}"])
     written["grid"] = out_dir / "grid.png"
     save_png_atomic(_grid(rows), written["grid"])
     return written
