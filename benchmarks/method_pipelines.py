@@ -97,12 +97,14 @@ def build_family_pipeline(family: Family, device: torch.device, dtype: torch.dty
             cls = StableDiffusionXLControlNetPipeline if family.controlnet else StableDiffusionXLPipeline
             pipe = cls(**parts, add_watermarker=False)
         return _ready(pipe.to(device, dtype))
+    # schedulers keep numpy-facing tables: made outside the device context, which would put them on the GPU
+    scheduler = DDIMScheduler(**SD15_DDIM) if family.base == "sd15" else EulerDiscreteScheduler(**SDXL_EULER)
     with torch.device(device):  # random initialisation on the GPU: seconds, not minutes
         if family.base == "sd15":
             unet = UNet2DConditionModel(**SD15_UNET)
             parts = {"unet": unet, "vae": AutoencoderKL(**VAE, sample_size=512, scaling_factor=0.18215),
                      "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)), "tokenizer": clip_tokenizer(77),
-                     "scheduler": DDIMScheduler(**SD15_DDIM), "safety_checker": None, "feature_extractor": None,
+                     "scheduler": scheduler, "safety_checker": None, "feature_extractor": None,
                      "requires_safety_checker": False}
             cls = StableDiffusionPipeline
             if family.controlnet:
@@ -112,7 +114,7 @@ def build_family_pipeline(family: Family, device: torch.device, dtype: torch.dty
             parts = {"unet": unet, "vae": AutoencoderKL(**VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=False),
                      "text_encoder": CLIPTextModel(CLIPTextConfig(**CLIP_L)),
                      "text_encoder_2": CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)),
-                     "tokenizer": clip_tokenizer(77), "tokenizer_2": clip_tokenizer(77), "scheduler": EulerDiscreteScheduler(**SDXL_EULER),
+                     "tokenizer": clip_tokenizer(77), "tokenizer_2": clip_tokenizer(77), "scheduler": scheduler,
                      "add_watermarker": False}
             cls = StableDiffusionXLPipeline
             if family.controlnet:
