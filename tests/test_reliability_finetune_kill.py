@@ -49,9 +49,12 @@ def store_of(recipe: str, runs: Path) -> ArtefactStore:
 
 
 def leftovers(root: Path) -> list[Path]:
-    """Anything under the store that is not an identity's artefact or record (temp files, temp folders)."""
+    """Anything under the store that is not an identity's artefact or record (temp files, temp folders);
+    DreamBooth's class images (prior preservation) are a cache of the store, checked for temp files too."""
     keep = {*ARTEFACT_FILES.values(), RECORD_FILE}
-    return [p for p in root.rglob("*") if p.is_file() and p.name not in keep or p.is_dir() and p.parent != root]
+    found = [p for p in root.rglob("*") if "class_images" not in p.relative_to(root).parts
+             and (p.is_file() and p.name not in keep or p.is_dir() and p.parent != root)]
+    return found + [p for p in root.rglob("class_images/**/*") if p.is_file() and p.suffix not in (".jpg", ".json")]
 
 
 @pytest.fixture(scope="module")
