@@ -16,8 +16,6 @@ from caphuman_bench.cli.common import (
     Spec,
     app,
     console,
-    print_results,
-    report_failures,
     score_options,
 )
 from caphuman_bench.errors import BenchError
@@ -80,7 +78,7 @@ def ingest(
     """
     from caphuman_bench.benchmark import Benchmark
     from caphuman_bench.cards import MethodCard
-    from caphuman_bench.cli.run import execute
+    from caphuman_bench.cli.run import execute, finish
     from caphuman_bench.methods.ingested import check_image_folder
     from caphuman_bench.stages.plan import Shard, plan_tasks
 
@@ -96,12 +94,6 @@ def ingest(
     options = score_options(no_face, clip_model, weights_path, protocol)
     planned, gen, results, score_errors = execute(card, bench, split, runs_dir, None, {}, seed, device, Shard(0, 1), False,
                                                   no_score, metrics.split(",") if metrics else None, options, 8)
-    if results is not None:
-        print_results([results])
-    if gen.failed:
-        report_failures(gen.failed, [planned.run.status_file])
-        raise typer.Exit(1)
-    if score_errors:
-        raise typer.Exit(1)
+    finish(planned, gen, results, score_errors)
 
 

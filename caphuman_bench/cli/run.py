@@ -83,6 +83,18 @@ def execute(card, bench, split, runs_dir, preset, overrides, seed, device, shard
     return planned, gen, results, sum(summary.errors.values())
 
 
+def finish(planned, gen, results, score_errors: int) -> None:
+    """The end of a generating command: its leaderboard row, then exit 1 if a task failed or an image
+    could not be scored."""
+    if results is not None:
+        print_results([results])
+    if gen.failed:
+        report_failures(gen.failed, [planned.run.status_file])
+        raise typer.Exit(1)
+    if score_errors:
+        raise typer.Exit(1)
+
+
 @app.command()
 def run(
     method: Annotated[str, typer.Option("--method", "-m", help="Method card name (see `caphuman-bench methods`).")],
@@ -129,13 +141,7 @@ def run(
     planned, gen, results, score_errors = execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed,
                                      device, parse_shard(shard), force, no_score, metrics.split(",") if metrics else None,
                                      options, score_batch_size)
-    if results is not None:
-        print_results([results])
-    if gen.failed:
-        report_failures(gen.failed, [planned.run.status_file])
-        raise typer.Exit(1)
-    if score_errors:
-        raise typer.Exit(1)
+    finish(planned, gen, results, score_errors)
 
 
 @app.command()
