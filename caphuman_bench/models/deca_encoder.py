@@ -27,6 +27,7 @@ from skimage.transform import estimate_transform, resize, warp
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.images import to_rgb
+from caphuman_bench.models.reconstructors import Reconstructor, ReconstructorInfo, register_reconstructor
 from caphuman_bench.parallel import thread_map
 from caphuman_bench.weights import load_once, load_torch_file
 
@@ -328,3 +329,45 @@ def mtcnn_box_detector(device: str | torch.device = "cpu", weights_dir: str | os
         return None if detection is None else detection.box
 
     return box
+
+
+
+@register_reconstructor
+class DecaReconstructor(Reconstructor):
+    """DECA's coarse encoder `E_flame` on DECA's test-time crop: the paper's reconstructor."""
+
+    info = ReconstructorInfo(
+        name="deca", title="DECA (Feng et al., SIGGRAPH 2021)", weights=("deca_model",), crop="deca",
+        groups=("shape", "exp", "pose", "cam", "light"),
+        source="github.com/yfeng95/DECA decalib/deca.py, decalib/models/encoders.py",
+        licence="DECA/FLAME licence: non-commercial scientific research, registration at flame.is.tue.mpg.de")
+
+    def __init__(self, encoder: DecaEncoder, fingerprint: str) -> None:
+        self.encoder, self._fingerprint = encoder, fingerprint
+
+    @classmethod
+    def from_weights(cls, paths, device="cpu"):
+        path = Path(paths["deca_model"])
+        return cls(load_deca_encoder(path, device), f"deca:{path.resolve()}")
+
+    @classmethod
+    def tiny(cls, seed=0, device="cpu"):
+        return cls(random_deca_encoder(seed).to(device), f"deca:tiny-{seed}")
+
+    def encode_crops(self, crops):
+        return encode_crops(self.encoder, crops)
+
+    def fingerprint(self):
+        return self._fingerprint
+
+
+def random_deca_encoder(seed: int = 0, scale: float = 0.01) -> DecaEncoder:
+    """DECA's architecture with seeded random weights whose codes stay near FLAME's neutral (the last layer
+    scaled by `scale`): the smoke model, never loaded from or written to a user's weights."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = DecaEncoder()
+        with torch.no_grad():
+            encoder.layers[-1].weight.mul_(scale)
+            encoder.layers[-1].bias.mul_(scale)
+    return encoder.eval()
