@@ -21,7 +21,7 @@ import torch
 _PRECISION_FIELDS = (("cuda.matmul", "fp32_precision"), ("cudnn.conv", "fp32_precision"), ("cudnn.rnn", "fp32_precision"),
                      ("mkldnn.matmul", "fp32_precision"), ("mkldnn.conv", "fp32_precision"), ("mkldnn.rnn", "fp32_precision"))
 _FLAGS = (("cuda.matmul", "allow_fp16_reduced_precision_reduction"), ("cuda.matmul", "allow_bf16_reduced_precision_reduction"),
-          ("cudnn", "benchmark"))
+          ("cudnn", "benchmark"), ("cudnn", "deterministic"))
 
 
 def _owner(path: str):
@@ -55,12 +55,14 @@ def strict_float32():
     """float32 arithmetic as float32 inside the block: no TF32 in matmuls or cuDNN convolutions,
     `highest` matmul precision, no reduced-precision split-K reductions in fp16 / bf16 matmuls, and
     cuDNN's heuristic algorithm choice instead of its timing (`cudnn.benchmark`: a choice by timing
-    may differ between processes). Everything is restored on exit, also after an exception."""
+    may differ between processes), and only its deterministic algorithms (`cudnn.deterministic`: no
+    atomics whose order varies from call to call). Everything is restored on exit, also after an exception."""
     legacy, precisions, flags = _legacy_tf32(), _read(_PRECISION_FIELDS), _read(_FLAGS)
     _set_legacy_tf32("highest", False, False)
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
     try:
         yield
     finally:

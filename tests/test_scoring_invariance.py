@@ -148,10 +148,11 @@ def test_strict_float32_holds_inside_the_block_and_restores_the_process_settings
         with pytest.raises(RuntimeError), strict_float32():
             assert tf32_state() == {"matmul": False, "cudnn": False, "float32_matmul_precision": "highest"}
             assert not torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
-            assert not torch.backends.cudnn.benchmark
+            assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
             raise RuntimeError("a metric fails")
         assert tf32_state() == before == {"matmul": True, "cudnn": True, "float32_matmul_precision": "high"}
         assert torch.backends.cudnn.benchmark and torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction
+        assert not torch.backends.cudnn.deterministic
     finally:
         torch.set_float32_matmul_precision("highest")
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -13,6 +13,11 @@ Conventions (recorded by the metrics that use this module):
 - `max_side` (default `DETECT_MAX_SIDE`): larger images are detected on a copy downscaled to that size
   and the boxes mapped back (× the scale factor), which bounds memory but moves boxes by a few pixels;
   `max_side=None` detects every image at full size (FastComposer's protocol).
+- One image per MTCNN call. Batching images saved pyramid launches on a GPU, but a convolution's result
+  depends in its last bits on the batch it runs in (cuDNN picks kernels by shape), and MTCNN's thresholds
+  and NMS turn a last bit into another box: on an H100, batch 64 against 7 moved 2 of 175 boxes and every
+  score of those images with them (issue 25). Alone, an image's detection is the same whatever batch,
+  shard or process it is scored in.
 
 The three MTCNN stages run through `mtcnn_detect`, this module's orchestration of facenet-pytorch's
 networks and helpers: facenet-pytorch's own `detect_face` crops every candidate box of the second and
@@ -24,7 +29,6 @@ instead of two), and boxes, probabilities and landmarks match its own to float t
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,7 +41,6 @@ from caphuman_bench.faces.memo import BoundedMemo, image_digest
 from caphuman_bench.parallel import thread_map
 
 DETECT_MAX_SIDE = 2048
-DETECT_BATCH = 64  # images per MTCNN call: fewer pyramid launches on a GPU
 FACENET_CROP = 160
 MTCNN_FILES = ("pnet.pt", "rnet.pt", "onet.pt")
 
@@ -122,31 +125,23 @@ def detect_faces(
     images: list[Image.Image], device: str | torch.device = "cpu", weights_dir: str | Path | None = None,
     max_side: int | None = DETECT_MAX_SIDE,
 ) -> list[FaceDetection | None]:
-    """Faces in each image (None where there is none), batched by image size; `max_side` as the module says.
+    """Faces in each image (None where there is none), one image per MTCNN call; `max_side` as the module says.
 
     Results are memoised by pixel content, so the other face metrics of the same pass reuse them.
     """
     detector = face_detector(device, weights_dir)
     prefix = (str(device), str(_weights_dir(weights_dir)))  # + the size MTCNN sees, whatever max_side gave it
     results: list[FaceDetection | None] = [None] * len(images)
-    by_size: dict[tuple[int, int], list[tuple[int, Image.Image, float, tuple]]] = defaultdict(list)
     images = [to_rgb(image) for image in images]  # a no-op for the RGB images scoring reads
     for index, (image, digest) in enumerate(zip(images, thread_map(image_digest, images))):
         key = (prefix, digest, _detection_size(image.size, max_side)[0])
         known = _DETECTIONS.get(key, _MISSING)
-        if known is not _MISSING:
-            results[index] = known
-            continue
-        work, scale = _detection_input(image, max_side)  # resized only when MTCNN has to run on it
-        by_size[work.size].append((index, work, scale, key))
-    for group in by_size.values():
-        for start in range(0, len(group), DETECT_BATCH):
-            chunk = group[start : start + DETECT_BATCH]
-            found = mtcnn_detect(detector, [work for _, work, _, _ in chunk])
-            for (index, _, scale, key), (b, p, pts) in zip(chunk, found):
-                detection = _as_detection(b, p, pts, scale)
-                _DETECTIONS.put(key, detection)
-                results[index] = detection
+        if known is _MISSING:
+            work, scale = _detection_input(image, max_side)  # resized only when MTCNN has to run on it
+            (found,) = mtcnn_detect(detector, [work])  # alone, as the module's note says
+            known = _as_detection(*found, scale)
+            _DETECTIONS.put(key, known)
+        results[index] = known
     return results
 
 

@@ -14,8 +14,8 @@ and crops from the box of its first face's 68 points. Two sources here, same poi
   detector (the box it was trained with); MTCNN's box when HOG finds no face.
 
 Both give (68, 2) pixel coordinates (x, y), or None when no face is found, for a list of images at once
-(`LandmarkDetector.landmarks`): FAN stacks the faces of up to `FAN_BATCH` images into one forward pass after
-one batched MTCNN call; dlib and the crops run on the host pool (`parallel.thread_map`: dlib, OpenCV and
+(`LandmarkDetector.landmarks`): FAN sees one face per forward pass (`FAN_BATCH`, for batch-invariant
+points); dlib and the crops run on the host pool (`parallel.thread_map`: dlib, OpenCV and
 numpy release the GIL). Batched results equal one-image calls.
 """
 
@@ -39,7 +39,10 @@ LANDMARK_SOURCES = ("fan", "dlib")
 FAN_INPUT = 256  # face_alignment `crop(..., resolution=256.0)`
 FAN_REFERENCE_SCALE = 195.0  # face_alignment's S3FD/dlib `reference_scale`
 FAN_BOX_SHIFT = 0.12  # face_alignment: the box centre moves up 12 % of the box height
-FAN_BATCH = 64  # faces per FAN forward pass
+# One face per FAN forward pass: the landmarks are heatmap arg-maxes truncated to whole pixels, so a
+# last-bit difference from the batch a face shares (cuDNN picks kernels by shape) can move a point by a
+# pixel and DECA's crop with it; alone, a face's points do not depend on the batch, shard or process.
+FAN_BATCH = 1
 
 
 @dataclass
@@ -156,7 +159,7 @@ def heatmap_points(heatmaps: np.ndarray, centre: np.ndarray, scale: float) -> np
 @torch.no_grad()
 def fan_landmarks(net: torch.nn.Module, images: list[Image.Image], boxes: list) -> list[np.ndarray | None]:
     """68 points of the face in each image's box (None: no box, no points) through FAN, as face_alignment 1.4.1
-    `get_landmarks_from_image` computes them for one face; the crops of `FAN_BATCH` faces share a forward pass."""
+    `get_landmarks_from_image` computes them for one face; one face per forward pass (`FAN_BATCH`)."""
     frames = [None if box is None else fan_crop_frame(box) for box in boxes]
     faces = [i for i, frame in enumerate(frames) if frame is not None]
     device = next(iter(net.parameters()), torch.zeros(0)).device
