@@ -6,6 +6,8 @@
 #           stock); ip_adapter_faceid_controlnet_head (the same family at 30 steps: a warm-cache start)
 #   PART=2: instantid (SDXL + ControlNet, 1024², batch 4), arc2face (SD-1.5, batch 16), photomaker
 #           (SDXL, batch 4) while time is left
+#   PART=3: sd15, the plain SD-1.5 family that stands for sd15, textual_inversion, dreambooth, lora,
+#           fastcomposer, ip_adapter_faceid(_plusv2) and arc2face, at batch 16 and 64
 # Every command has its own time limit and the whole part stops starting new ones after DEADLINE_S,
 # so what finished is in $OUT. Then: python benchmarks/leaderboard_cost.py $OUT/*.json
 # TINY=1: the same steps on the CPU with tiny models, 2 steps, batch 1, no compilation (a dry run).
@@ -38,6 +40,9 @@ if [ "$PART" = 1 ]; then
   CAPHUMAN_BENCH_COMPILE_CACHE=/tmp/caphuman-compile-fresh \
     step ip_adapter_faceid_controlnet_head 90 python3 $B generation --method ip_adapter_faceid_controlnet_head --batch $MID $X \
     --out $OUT/ip_adapter_faceid_controlnet_head.json
+elif [ "$PART" = 3 ]; then
+  step sd15 150 python3 $B generation --method sd15 --batch $MID $X --out $OUT/sd15.json
+  step sd15_b64 150 python3 $B generation --method sd15 --batch $BIG $X --out $OUT/sd15_b64.json
 else
   step instantid 300 python3 $B generation --method instantid --batch $SMALL $X --out $OUT/instantid.json
   step arc2face 120 python3 $B generation --method arc2face --batch $MID $X --out $OUT/arc2face.json
