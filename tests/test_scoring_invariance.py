@@ -177,3 +177,20 @@ def test_compare_warns_when_two_boards_were_scored_under_different_precision(tmp
                          "cpu float32, TF32 off in NEW; their differences include the arithmetic's")]
     assert "unrecorded in OLD" in compare(old, cpu, 0.01)[2][0]
     assert compare(cpu, cpu, 0.01)[2] == []
+
+
+def test_boxes_and_landmarks_are_found_one_image_at_a_time(monkeypatch):
+    """MTCNN's thresholds and FAN's arg-max turn a batch's last-bit differences into other crops (issue 25:
+    on an H100 batch 64 against 7 moved whole rows), so each image goes through them alone."""
+    from PIL import Image
+
+    from caphuman_bench.faces import detection, landmarks
+
+    seen = []
+    real = detection.mtcnn_detect
+    monkeypatch.setattr(detection, "mtcnn_detect", lambda net, images: seen.append(len(images)) or real(net, images))
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)) for _ in range(3)]
+    detection.detect_faces(images, "cpu", max_side=None)
+    assert seen == [1, 1, 1]
+    assert landmarks.FAN_BATCH == 1
