@@ -640,6 +640,22 @@ def stage_times(run: Path, start: float, lines: list[tuple[float, str]]) -> dict
     return out
 
 
+def open_scored_run(args, options: dict) -> tuple:
+    """The run a scoring part measures and its families: one set-up for `part_scoring` and
+    `part_scoring_invariance`, so both score the same images with the same weights. `--weights` becomes
+    the weights folder, `--perturb` makes the images distinct first; returns (run, ready, skipped) as
+    `select_metrics` gives them (families whose weights resolve, and why the others are skipped)."""
+    from caphuman_bench.rundir import RunDir
+    from caphuman_bench.stages.score import select_metrics
+
+    if args.weights:
+        os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
+    run = RunDir(Path(args.run))
+    if args.perturb:
+        perturb_images(run)
+    return run, *select_metrics(args.metrics or None, options)
+
+
 def part_scoring(args) -> None:
     """images/s of all metric families together and of each alone over a finished run's images.
 
@@ -647,19 +663,13 @@ def part_scoring(args) -> None:
     `cold`); every later pass starts with the per-image memos emptied, so detections and CLIP
     embeddings are computed again, as they are for a run's new images."""
     from caphuman_bench.faces.memo import forget_all
-    from caphuman_bench.rundir import RunDir
-    from caphuman_bench.stages.score import READ_THREADS, SWITCH_INTERVAL_S, score, select_metrics
+    from caphuman_bench.stages.score import READ_THREADS, SWITCH_INTERVAL_S, score
 
     device = torch.device(args.device)
     options = {"protocol": args.protocol} if args.protocol else {}
     report = Report(args.out, {"part": "scoring", **environment(device), "run": str(args.run), "batch_size": args.score_batch,
                                "options": options, "read_threads": READ_THREADS, "switch_interval_s": SWITCH_INTERVAL_S})
-    if args.weights:
-        os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
-    run = RunDir(Path(args.run))
-    if args.perturb:
-        perturb_images(run)
-    ready, skipped = select_metrics(args.metrics or None, options)
+    run, ready, skipped = open_scored_run(args, options)
     report.data["families"], report.data["skipped"] = sorted(ready), skipped
     n = len(run.finished_ids())
     # (label, families, attempt, the scoring stage's settings for the pass)
@@ -723,17 +733,11 @@ def part_scoring_invariance(args) -> None:
 
     import caphuman_bench.stages.score as score_stage
     from caphuman_bench.faces.memo import forget_all
-    from caphuman_bench.rundir import RunDir
-    from caphuman_bench.stages.score import KEY_COLUMNS, read_scores, score, select_metrics
+    from caphuman_bench.stages.score import KEY_COLUMNS, read_scores, score
 
     device = torch.device(args.device)
     options = {"protocol": args.protocol} if args.protocol else {}
-    if args.weights:
-        os.environ["CAPHUMAN_BENCH_WEIGHTS"] = str(args.weights)
-    run = RunDir(Path(args.run))
-    if args.perturb:
-        perturb_images(run)
-    ready, skipped = select_metrics(args.metrics or None, options)
+    run, ready, skipped = open_scored_run(args, options)
     report = Report(args.out, {"part": "scoring-invariance", **environment(device), "run": str(args.run), "images": len(run.finished_ids()),
                                "options": options, "families": sorted(ready), "skipped": skipped, "limits": INVARIANCE_LIMITS})
 

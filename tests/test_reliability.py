@@ -1,8 +1,9 @@
 """Issue 11: a damaged run directory, a bad spec or weights file, a full disk: a clear answer (one
 line, exit 2) or a correct recovery, never a traceback and never a wrong number.
 
-Most tests copy one tiny finished run (reference method, 1 identity x 1 prompt x 2 head conditions,
-scored with face_detection), damage it the way the issue reproduced, and run the CLI in-process.
+Most tests copy one tiny finished run (conftest.py's `damaged`: reference method, 1 identity x 1 prompt
+x 2 head conditions, scored with face_detection), damage it the way the issue reproduced, and run the CLI
+in-process (reliability_helpers.py).
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ import os
 import shutil
 import subprocess
 import sys
-from contextlib import redirect_stderr, redirect_stdout
-from io import StringIO
 from pathlib import Path
 
 import numpy as np
@@ -24,74 +23,10 @@ import pytest
 import yaml
 
 from caphuman_bench.atomic import remove_stale_temps
-from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, Benchmark
-from caphuman_bench.cli import main
+from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.errors import BenchError
 from caphuman_bench.rundir import RunDir
-
-METRICS = "face_detection"
-
-
-def invoke(*args) -> tuple[int, str, str]:
-    """`caphuman-bench ARGS` in-process: (exit code, stdout, stderr)."""
-    out, err = StringIO(), StringIO()
-    argv = sys.argv
-    sys.argv = ["caphuman-bench", *map(str, args)]
-    try:
-        with redirect_stdout(out), redirect_stderr(err):
-            main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
-
-
-def assert_one_line_error(result, *needles: str, code: int = 2) -> str:
-    """Exit `code`, no traceback, and the last line is `error: …` containing every needle."""
-    got, out, err = result
-    assert "Traceback" not in out + err, err
-    assert got == code, (got, err)
-    line = [ln for ln in err.splitlines() if ln.strip()][-1]
-    assert line.startswith("error: "), err
-    for needle in needles:
-        assert needle in line, (needle, line)
-    return line
-
-
-@pytest.fixture(scope="module")
-def spec(tmp_path_factory) -> Path:
-    """The shipped spec with one more split, 'tiny': 2 tasks (fast enough to kill at every write)."""
-    root = tmp_path_factory.mktemp("spec") / "humaniphc"
-    shutil.copytree(DEFAULT_SPEC_DIR, root)
-    splits = yaml.safe_load((root / "splits.yaml").read_text())
-    splits["splits"]["tiny"] = {"identities": ["nasa-astronaut"], "prompts": ["acc-red-hat"],
-                                "conditions": ["frontal", "yaw-r20"], "samples": 1}
-    (root / "splits.yaml").write_text(yaml.safe_dump(splits))
-    return root
-
-
-def run_args(spec: Path, runs: Path, *extra) -> tuple:
-    return ("run", "--method", "reference", "--preset", "smoke", "--split", "tiny", "--spec", spec,
-            "--runs-dir", runs, "--metrics", METRICS, "--device", "cpu", *extra)
-
-
-@pytest.fixture(scope="module")
-def baseline(spec, tmp_path_factory) -> Path:
-    runs = tmp_path_factory.mktemp("baseline")
-    code, _, err = invoke(*run_args(spec, runs))
-    assert code == 0, err
-    (run,) = list(runs.iterdir())
-    return run
-
-
-@pytest.fixture
-def damaged(baseline, tmp_path) -> Path:
-    """A private copy of the finished baseline run, to damage."""
-    run = tmp_path / "runs" / baseline.name
-    shutil.copytree(baseline, run)
-    return run
+from tests.reliability_helpers import METRICS, assert_one_line_error, invoke, run_args
 
 
 def digests(run: Path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """Issue 22, the second fault sweep: each of its 17 faults, reproduced as the issue found it.
 
-Numbers in the section titles are the issue's. The tiny finished run and the CLI helpers are
-test_reliability.py's (reference method, 1 identity x 1 prompt x 2 head conditions, face_detection).
+Numbers in the section titles are the issue's. Shared with test_reliability.py: the tiny finished run
+(conftest.py's `spec`, `baseline`, `damaged`: reference method, 1 identity x 1 prompt x 2 head conditions,
+face_detection) and the CLI helpers (reliability_helpers.py).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import torch
 import yaml
 
 from caphuman_bench.errors import BenchError
-from tests.test_reliability import METRICS, assert_one_line_error, invoke, run_args
-from tests.test_reliability import baseline, damaged, spec  # noqa: F401 - fixtures
+from tests.reliability_helpers import METRICS, assert_one_line_error, invoke, run_args
 
 REPO = Path(__file__).resolve().parents[1]
 

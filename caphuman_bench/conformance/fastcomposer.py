@@ -2,7 +2,8 @@
 
 A reference directory (layout of `tests/data/fastcomposer/`, its README names the authors' commit) holds
 `hparams.json` (the tiny variant's constructor arguments), `state_dict.safetensors` (a `FastComposerModel`
-state dict: the official checkpoint's key names, read by `loaders/convert_fastcomposer.py`), and
+state dict: the official checkpoint's key names, read by `loaders/convert_fastcomposer.py`, except that the
+text token table keeps only the rows the cases look up; see `official_state_dict`), and
 `cases.safetensors` + `cases.json`: per case the prompt, the reference photo, the start latents, and what
 the official call computed: token ids and image-token mask, subject pixels, object embedding, text
 embeddings before and after the postfuse MLP, and each denoising step's guided noise and latents.
@@ -20,7 +21,8 @@ from safetensors.torch import load_file
 from caphuman_bench.conformance import register_conformance
 from caphuman_bench.conformance.base import ConformanceReport, ConformanceRow, compare, required
 from caphuman_bench.errors import BenchError
-from caphuman_bench.loaders.convert_fastcomposer import load_fastcomposer_components
+from caphuman_bench.loaders.convert_caphuman import load_checkpoint_file
+from caphuman_bench.loaders.convert_fastcomposer import fastcomposer_components
 from caphuman_bench.pipelines.pipeline_fastcomposer import (
     TRIGGER_WORD,
     FastComposerPipeline,
@@ -30,6 +32,21 @@ from caphuman_bench.pipelines.pipeline_fastcomposer import (
 
 TOLERANCE = 1e-4  # max |port - reference| / max |reference|, float32 on CPU (issue 21)
 TOKENS = 0.0  # token ids, the image-token index and mask, the timesteps: exact
+TOKEN_TABLE = "text_encoder.embeddings.token_embedding"
+
+
+def official_state_dict(path: Path, hparams: dict) -> dict[str, torch.Tensor]:
+    """The authors' `FastComposerModel.state_dict()` as stored: its 49408-row text token table (1.6 MB of
+    the file) is kept as the rows the cases look up (`<table>.rows` at `<table>.ids`) and rebuilt here with
+    zeros elsewhere. No checked output reads another row (tests/data/fastcomposer/README.md)."""
+    state = load_checkpoint_file(path)
+    if f"{TOKEN_TABLE}.rows" not in state or f"{TOKEN_TABLE}.ids" not in state:
+        raise BenchError(f"{path}: no {TOKEN_TABLE}.rows and .ids (the token table's rows the cases use)")
+    rows, ids = state.pop(f"{TOKEN_TABLE}.rows"), state.pop(f"{TOKEN_TABLE}.ids")
+    table = rows.new_zeros(hparams["text_encoder"]["vocab_size"], rows.shape[1])
+    table[ids] = rows
+    state[f"{TOKEN_TABLE}.weight"] = table
+    return state
 
 
 def _reference(tensors: dict[str, torch.Tensor], case: dict, output: str) -> torch.Tensor:
@@ -102,8 +119,9 @@ def run_conformance(reference_dir: Path, device: str = "cpu", only: list[str] | 
     hparams = json.loads(required(reference_dir, "hparams.json").read_text())
     cases = json.loads(required(reference_dir, "cases.json").read_text())
     tensors = load_file(str(required(reference_dir, "cases.safetensors")))
-    components = load_fastcomposer_components(required(reference_dir, "state_dict.safetensors"), device=device,
-                                              dtype=torch.float32, hparams=hparams)
+    weights = required(reference_dir, "state_dict.safetensors")
+    components = fastcomposer_components(official_state_dict(weights, hparams), device=device, dtype=torch.float32,
+                                         hparams=hparams, label=str(weights))
     pipe = FastComposerPipeline(**components)
     pipe.set_progress_bar_config(disable=True)
     selected = [case for case in cases["cases"] if only is None or case["name"] in only]

@@ -126,8 +126,16 @@ def load_fastcomposer_components(path: str | Path, device: str | torch.device = 
     """Everything `FastComposerPipeline` needs, from the one official file (SD-1.5's tokenizer and PNDM
     scheduler are built in code: the tokenizer from open_clip's bundled BPE, see `clip_tokenizer`).
     `hparams`: other sizes than the released model's (see `fastcomposer_modules`)."""
+    return fastcomposer_components(load_checkpoint_file(path), device, dtype, hparams, label=str(path))
+
+
+def fastcomposer_components(state_dict: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                            dtype: torch.dtype = torch.float32, hparams: dict | None = None,
+                            label: str = "checkpoint") -> dict:
+    """`load_fastcomposer_components` from a state dict already read: the conformance vectors rebuild
+    their text token table before loading (`conformance/fastcomposer.py`)."""
     modules = fastcomposer_modules(meta=True, hparams=hparams)
-    converted = convert_fastcomposer_state_dict(load_checkpoint_file(path), modules, label=str(path))
+    converted = convert_fastcomposer_state_dict(state_dict, modules, label=label)
     for name, tensors in converted.items():
         modules[name].load_state_dict(tensors, strict=True, assign=True)
     components = {name: m.to(device=device, dtype=dtype).eval() for name, m in modules.items()}

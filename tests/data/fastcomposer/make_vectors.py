@@ -10,7 +10,8 @@ the hub downloads replaced: `FastComposerModel.from_pretrained` returns a tiny `
 by the authors' own constructors, `CLIPTokenizer.from_pretrained` returns CLIP's BPE tokenizer (open_clip's
 bundled vocabulary), `StableDiffusionFastCompposerPipeline.from_pretrained` builds the pipeline from tiny
 components, and the fine-tuned checkpoint the demo `torch.load`s is this tiny model's `state_dict()`,
-which is also stored here (`state_dict.safetensors`, the official checkpoint's key names). Hooks record
+which is also stored here (`state_dict.safetensors`, the official checkpoint's key names, the text token
+table cut to the rows the cases use: `cut_token_table`). Hooks record
 what the call computes on the way: token ids, the image-token mask, the subject pixels, the object
 embeddings, the text embeddings before and after the postfuse MLP, and every scheduler step.
 """
@@ -54,6 +55,7 @@ CASES = [
      "reference_hw": [36, 52], "seed": 12, "alpha": 0.7},
 ]
 CALL = {"height": 64, "width": 64, "num_inference_steps": 3, "guidance_scale": 5.0, "object_resolution": 48}
+TOKEN_TABLE = "text_encoder.embeddings.token_embedding"
 
 
 @torch.no_grad()
@@ -213,6 +215,16 @@ def run_case(pipe, case: dict, tensors: dict[str, torch.Tensor]) -> dict:
             "tensors": {key: f"{name}/{key}" for key in outputs}}
 
 
+def cut_token_table(state_dict: dict, tensors: dict) -> dict:
+    """The state dict with its 49408-row text token table (1.6 MB) cut to the rows the cases look up,
+    `<table>.rows` at `<table>.ids`; the check rebuilds it with zeros elsewhere (no output reads another row)."""
+    ids = sorted({int(i) for name, t in tensors.items() if name.endswith("_input_ids") for i in t.flatten()})
+    out = {k: v for k, v in state_dict.items() if k != f"{TOKEN_TABLE}.weight"}
+    out[f"{TOKEN_TABLE}.rows"] = state_dict[f"{TOKEN_TABLE}.weight"][ids].contiguous()
+    out[f"{TOKEN_TABLE}.ids"] = torch.tensor(ids)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--authors-repo", type=Path, required=True, help="a checkout of mit-han-lab/fastcomposer")
@@ -226,7 +238,8 @@ def main() -> None:
         tensors: dict[str, torch.Tensor] = {}
         cases = [run_case(pipe, case, tensors) for case in CASES]
     args.out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(args.out / "state_dict.safetensors"))
+    save_file({k: v.contiguous() for k, v in cut_token_table(state_dict, tensors).items()},
+              str(args.out / "state_dict.safetensors"))
     save_file(tensors, str(args.out / "cases.safetensors"))
     (args.out / "hparams.json").write_text(json.dumps({**HPARAMS, "scheduler": SD15_PNDM}, indent=1) + "\n")
     shapes = {k: [list(v.shape), str(v.dtype).removeprefix("torch.")] for k, v in tensors.items()}
