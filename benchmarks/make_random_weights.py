@@ -11,6 +11,7 @@ random values: a full-size run anywhere, with no download and no licence. Never 
 | 79999_iter.pth (face_parser_bisenet) | face-parsing.PyTorch BiSeNet state dict | `face_parser.FaceParser.from_file` |
 | open_clip_vit_l14_openai.bin (clip_vit_l14_openai) | open_clip `ViT-L-14` state dict | `metrics/_clip.load_clip` |
 | deca_model.tar (deca_model) | `{"E_flame": ResnetEncoder(outsize=236) state dict}` (`tests/data/deca_encoder_layout.tsv`); the real file's `E_detail` / `D_detail` are not read by anything here and not written | `deca_encoder.load_deca_encoder` |
+| EMOCA_v2_lr_mse_20/ (emoca_v2) | the release folder: `cfg.yaml` and `detail/checkpoints/…/*.ckpt`, a Lightning checkpoint whose `state_dict` holds `deca.E_flame.*` and `deca.E_expression.*` (ExpDECA, jaw from E_expression); the real checkpoint's detail and loss networks are not read by anything here and not written | `emoca.load_emoca` |
 | 2DFAN4-cd938726ad.zip (fan_2dfan4) | TorchScript archive of face_alignment's 2DFAN-4 (`models/fan.py`: 4 stacks, 23.8 M parameters, ≈ 92 MiB), traced: [B, 3, 256, 256] → [B, 68, 64, 64] | `faces.landmarks.load_fan` |
 | generic_model.pkl, FLAME_texture.npz, head_template.obj (flame_*) | the FLAME-format synthetic head (`render/synthetic.py`) at FLAME's size: ≈5k vertices, ≈10k triangles, 512² texture | `render.flame_io` loaders |
 
@@ -170,10 +171,17 @@ def write_fan(path: Path, layout: str = "full", seed: int = 6, device: str = "cp
     fan_archive(net, path)
 
 
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file in a release folder."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+
+
 def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype = torch.float32, only: list[str] | None = None,
               device: str = "cpu") -> dict[str, Path]:
     """Write the files (by manifest id) into `out`; returns {weights id: path}."""
     from caphuman_bench import weights
+    from caphuman_bench.models.emoca import random_state_dict as random_emoca_state_dict
+    from caphuman_bench.models.emoca import write_release as write_emoca_release
     from caphuman_bench.render.synthetic import write_synthetic_flame
 
     out.mkdir(parents=True, exist_ok=True)
@@ -189,6 +197,7 @@ def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype
         "clip_vit_l14_openai": lambda: torch.save(open_clip_state_dict("ViT-L-14", seed + 3, device), path("clip_vit_l14_openai")),
         "deca_model": lambda: torch.save({"E_flame": deca_state_dict(seed + 4, device)}, path("deca_model")),
         "fan_2dfan4": lambda: write_fan(path("fan_2dfan4"), layout, seed + 6, device),
+        "emoca_v2": lambda: write_emoca_release(path("emoca_v2"), random_emoca_state_dict(seed + 7)),
         "flame_model": lambda: write_synthetic_flame(out, seed=seed + 5, **(FLAME_SIZE if layout == "full" else {})),
     }
     written = {}
@@ -200,7 +209,7 @@ def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype
         ids = ("flame_model", "flame_texture", "flame_head_template") if wid == "flame_model" else (wid,)
         for i in ids:
             written[i] = path(i)
-        print(f"{wid}: {path(wid)} ({path(wid).stat().st_size / 2**20:.0f} MiB, {time.perf_counter() - start:.1f} s)", flush=True)
+        print(f"{wid}: {path(wid)} ({_size(path(wid)) / 2**20:.0f} MiB, {time.perf_counter() - start:.1f} s)", flush=True)
     return written
 
 
