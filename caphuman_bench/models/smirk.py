@@ -26,8 +26,8 @@ mean/std normalisation, although the trunks are ImageNet MobileNets.
 Deviation, named: the landmarks come from MediaPipe's legacy face mesh (`faces/face_mesh.py`, bundled in
 the wheel) rather than the Tasks `FaceLandmarker` with `face_landmarker.task` (a separate download), with
 its 468 points rather than 478 (the 10 iris points lie inside the eye contours and never set the box) and
-detection confidence 0.5 rather than 0.1. Landmarks to crop to codes is what the authors' code computes
-(`tests/data/smirk/`).
+detection confidence 0.5 rather than 0.1. From the landmarks on, crop and codes are what the authors' code
+computes (`tests/data/smirk/`, `caphuman-bench conformance smirk`).
 
 Checkpoint `SMIRK_em1.pt`: one flat state dict of `smirk_encoder.*` (this encoder) and `smirk_generator.*`
 (the image-to-image generator used in training and the demo's optional re-rendering, not read here).
@@ -199,8 +199,8 @@ class SmirkReconstructor(Reconstructor):
         name="smirk", title="SMIRK (Retsinas et al., CVPR 2024)", weights=("smirk",), crop="own",
         groups=("shape", "exp", "pose", "cam"),
         source=f"{SOURCE} src/smirk_encoder.py, demo.py",
-        licence="SMIRK: MIT (code and released checkpoint); FLAME's licence (non-commercial research, "
-                "registration at flame.is.tue.mpg.de) to turn its codes into meshes")
+        licence="SMIRK: MIT (the repository's; the checkpoint states none of its own); its codes are FLAME "
+                "parameters, meshes need FLAME (non-commercial research, registration at flame.is.tue.mpg.de)")
 
     def __init__(self, encoder: SmirkEncoder, fingerprint: str, batch_size: int = 16) -> None:
         self.encoder, self._fingerprint, self.batch_size = encoder, fingerprint, batch_size
