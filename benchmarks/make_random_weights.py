@@ -12,6 +12,7 @@ random values: a full-size run anywhere, with no download and no licence. Never 
 | open_clip_vit_l14_openai.bin (clip_vit_l14_openai) | open_clip `ViT-L-14` state dict | `metrics/_clip.load_clip` |
 | deca_model.tar (deca_model) | `{"E_flame": ResnetEncoder(outsize=236) state dict}` (`tests/data/deca_encoder_layout.tsv`); the real file's `E_detail` / `D_detail` are not read by anything here and not written | `deca_encoder.load_deca_encoder` |
 | EMOCA_v2_lr_mse_20/ (emoca_v2) | the release folder: `cfg.yaml` and `detail/checkpoints/…/*.ckpt`, a Lightning checkpoint whose `state_dict` holds `deca.E_flame.*` and `deca.E_expression.*` (ExpDECA, jaw from E_expression); the real checkpoint's detail and loss networks are not read by anything here and not written | `emoca.load_emoca` |
+| SMIRK_em1.pt (smirk) | the release's flat state dict, `smirk_encoder.*` keys (timm MobileNetV3 trunks + heads, `models/smirk.random_smirk_checkpoint`: batch-norm statistics and scales drawn too); the release's `smirk_generator.*` are not read by anything here and not written | `smirk.load_smirk_encoder` |
 | 2DFAN4-cd938726ad.zip (fan_2dfan4) | TorchScript archive of face_alignment's 2DFAN-4 (`models/fan.py`: 4 stacks, 23.8 M parameters, ≈ 92 MiB), traced: [B, 3, 256, 256] → [B, 68, 64, 64] | `faces.landmarks.load_fan` |
 | generic_model.pkl, FLAME_texture.npz, head_template.obj (flame_*) | the FLAME-format synthetic head (`render/synthetic.py`) at FLAME's size: ≈5k vertices, ≈10k triangles, 512² texture | `render.flame_io` loaders |
 
@@ -182,6 +183,7 @@ def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype
     from caphuman_bench import weights
     from caphuman_bench.models.emoca import random_state_dict as random_emoca_state_dict
     from caphuman_bench.models.emoca import write_release as write_emoca_release
+    from caphuman_bench.models.smirk import write_random_smirk_checkpoint
     from caphuman_bench.render.synthetic import write_synthetic_flame
 
     out.mkdir(parents=True, exist_ok=True)
@@ -198,6 +200,7 @@ def write_all(out: Path, layout: str = "full", seed: int = 0, dtype: torch.dtype
         "deca_model": lambda: torch.save({"E_flame": deca_state_dict(seed + 4, device)}, path("deca_model")),
         "fan_2dfan4": lambda: write_fan(path("fan_2dfan4"), layout, seed + 6, device),
         "emoca_v2": lambda: write_emoca_release(path("emoca_v2"), random_emoca_state_dict(seed + 7)),
+        "smirk": lambda: write_random_smirk_checkpoint(path("smirk"), seed + 8),
         "flame_model": lambda: write_synthetic_flame(out, seed=seed + 5, **(FLAME_SIZE if layout == "full" else {})),
     }
     written = {}

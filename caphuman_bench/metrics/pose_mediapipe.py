@@ -34,9 +34,9 @@ from typing import ClassVar
 import numpy as np
 from PIL import Image
 
+from caphuman_bench.faces.face_mesh import FaceMeshReader
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreItem
 from caphuman_bench.metrics.geometry import kabsch_rotation, pose_errors
-from caphuman_bench.quiet import native_stderr_logged
 from caphuman_bench.registry import register_metric
 
 # Mirror pairs of the MediaPipe face mesh, subject's left first (image right in a frontal photo):
@@ -55,7 +55,6 @@ RIGHT_LANDMARKS = (
     61,
 )
 FOREHEAD_TOP, SUBNASALE = 10, 2
-N_LANDMARKS = 468
 
 
 def _rigid_landmarks() -> np.ndarray:
@@ -78,38 +77,6 @@ def face_frame_rotation(landmarks: np.ndarray) -> np.ndarray:
     y_axis -= x_axis * (x_axis @ y_axis)
     y_axis /= np.linalg.norm(y_axis)
     return np.stack([x_axis, y_axis, np.cross(x_axis, y_axis)], axis=1)
-
-
-class FaceMeshReader:
-    """MediaPipe's legacy face mesh on still images → [468, 3] landmarks in the FLAME camera frame."""
-
-    convention = {"model": "mediapipe 0.10.21 solutions.face_mesh", "static_image_mode": True,
-                  "refine_landmarks": False, "max_num_faces": 1, "min_detection_confidence": 0.5}
-
-    def __init__(self) -> None:
-        import mediapipe as mp
-
-        # MediaPipe's C++ side prints TFLite's "Created TensorFlow Lite XNNPACK delegate", absl's
-        # "All log messages before absl::InitializeLog()", and "Feedback manager requires a model with a single
-        # signature" / "Using NORM_RECT without IMAGE_DIMENSIONS" warnings about its own graph: none is about
-        # the image or the score, so they go to the run's log file, not the console.
-        with native_stderr_logged("mediapipe"):
-            self._mesh = mp.solutions.face_mesh.FaceMesh(
-                static_image_mode=True, refine_landmarks=False, max_num_faces=1, min_detection_confidence=0.5
-            )
-
-    def landmarks(self, image: Image.Image) -> np.ndarray | None:
-        pixels = np.ascontiguousarray(np.asarray(image.convert("RGB"), dtype=np.uint8))
-        with native_stderr_logged("mediapipe"):  # the graph's threads print on the first image and the first face
-            found = self._mesh.process(pixels).multi_face_landmarks
-        if not found:
-            return None
-        height, width = pixels.shape[:2]
-        points = np.array([(p.x, p.y, p.z) for p in found[0].landmark[:N_LANDMARKS]], dtype=np.float64)
-        return np.stack([points[:, 0] * width, -points[:, 1] * height, -points[:, 2] * width], axis=1)
-
-    def close(self) -> None:
-        self._mesh.close()
 
 
 _WORKER_READER: FaceMeshReader | None = None
