@@ -27,7 +27,7 @@ from caphuman_bench.report.breakdowns import AXIS_TITLES, run_spec
 from caphuman_bench.report.cache import AggregateCache
 from caphuman_bench.report.numbers import fmt, fmt_interval, fmt_p
 from caphuman_bench.report.paper import paper_table
-from caphuman_bench.report.reconstructors import ALL, YAW_LABELS, matrix_title
+from caphuman_bench.report.reconstructors import ALL, YAW_LABELS, condition_reconstructor, matrix_title
 from caphuman_bench.report.stats import (
     PairedResult,
     paired_sentence,
@@ -518,9 +518,13 @@ FEATURE_NAMES = {"global+local": "global + local features", "global": "global fe
                  "local": "local features only", "none": "no identity features"}
 
 
+def _params(res: dict) -> dict:
+    return res.get("provenance", {}).get("params", {})
+
+
 def _variant(res: dict) -> tuple[int, str]:
     """(τ, identity features) of an ablation run, from its resolved parameters."""
-    params = res.get("provenance", {}).get("params", {})
+    params = _params(res)
     use_global, use_local = params.get("use_global", True), params.get("use_local", True)
     features = "global+local" if use_global and use_local else "global" if use_global else "local" if use_local else "none"
     return int(params.get("tau", 0) or 0), features
@@ -530,15 +534,19 @@ def variant_name(res: dict) -> str:
     """A variant as the sweep's options name it ('τ = 300 · global feature only'), plus its base
     model when the sweep set one, instead of the run label's parameter list."""
     tau, features = _variant(res)
-    params = res.get("provenance", {}).get("params", {})
-    backbone, reconstructor = params.get("backbone"), params.get("reconstructor")
-    return (f"τ = {tau} · {FEATURE_NAMES[features]}" + (f" · base {Path(str(backbone)).name}" if backbone else "")
-            + (f" · condition by {reconstructor}" if reconstructor else ""))
+    backbone = _params(res).get("backbone")
+    return f"τ = {tau} · {FEATURE_NAMES[features]}" + (f" · base {Path(str(backbone)).name}" if backbone else "")
+
+
+def _conditions_by(results: list[dict]) -> list[str]:
+    """' · condition by NAME' per variant where the variants' condition reconstructors differ, else ''."""
+    names = [condition_reconstructor(r) for r in results]
+    return [f" · condition by {n}" if len(set(names)) > 1 else "" for n in names]
 
 
 def variant_names(results: list[dict]) -> list[str]:
     """Each variant's name; variants that read alike (other --param overrides) keep their run label beside it."""
-    names = [variant_name(r) for r in results]
+    names = [variant_name(r) + by for r, by in zip(results, _conditions_by(results))]
     return [n if names.count(n) == 1 else f"{n} ({r['method']})" for n, r in zip(names, results)]
 
 
@@ -588,10 +596,11 @@ def ablation_page(results: list[dict], labels: list[str], order: list[str], out_
             body.append(_figure(written[-2].read_bytes(), f"{name} by identity features"))
         body.append("</div>")
     if runs:
-        bench = run_spec(runs[0])
+        bench, by = run_spec(runs[0]), _conditions_by(results)
         for tau in taus:
             chosen = [k for k, (t, _) in enumerate(variants) if t == tau]
-            tasks = sample_tasks([runs[k] for k in chosen], [FEATURE_NAMES[variants[k][1]] for k in chosen], bench, grid_tasks)
+            tasks = sample_tasks([runs[k] for k in chosen], [FEATURE_NAMES[variants[k][1]] + by[k] for k in chosen], bench,
+                                 grid_tasks)
             if tasks:
                 body.append(render("samples.html", anchor=f"samples-tau-{tau}", heading=f"Images at τ = {tau}", tasks=tasks,
                                    note="The same tasks for each identity-feature setting at this τ: the reference photo "

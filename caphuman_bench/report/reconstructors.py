@@ -102,9 +102,9 @@ def method_name(label: str) -> str:
 
 
 def matrices(results: list[dict], labels: list[str], tables: list[pd.DataFrame | None]) -> list[dict]:
-    """Per method (its runs grouped by `method_name`), per value of `MATRIX_VALUES`: condition reconstructor ×
-    scoring reconstructor × (all, |yaw| bins) summaries. `tables[i]` is run i's per-image table with a
-    `target_yaw` column (None: the run is left out)."""
+    """Per method (its runs grouped by `method_name`) with more than one reconstructor, per value of
+    `MATRIX_VALUES`: condition reconstructor × scoring reconstructor × (all, |yaw| bins) summaries.
+    `tables[i]` is run i's per-image table with a `target_yaw` column (None: the run is left out)."""
     methods: dict[tuple[str, str], list[int]] = {}
     for i, (res, label) in enumerate(zip(results, labels)):
         if tables[i] is not None and scorers(res):
@@ -125,6 +125,6 @@ def matrices(results: list[dict], labels: list[str], tables: list[pd.DataFrame |
                         cells[(condition, judge)] = by_yaw(tables[i], column)
             if any(c[ALL]["n"] for c in cells.values()):
                 values[value] = cells
-        if values:
+        if values and (len(conditions) > 1 or len(judges) > 1):  # one cell is the leaderboard's number again
             out.append({"method": name, "split": split, "conditions": conditions, "scorers": judges, "values": values})
     return out
