@@ -146,6 +146,12 @@ def test_two_reconstructors_score_one_run_side_by_side(tmp_path, capsys, monkeyp
     tex = (reports / "leaderboard.tex").read_text()
     assert "scored by" in tex and "30--50$^\\circ$" in tex and tex.count(r"\begin{table}") == 3
 
+    monkeypatch.delitem(RECONSTRUCTORS, "bare")  # reported where a scorer is not installed: its rows still read
+    code, _, err = cli(capsys, monkeypatch, "report", run, "--out", tmp_path / "elsewhere")
+    assert code == 0, err
+    rows = json.loads((tmp_path / "elsewhere" / "leaderboard.json").read_text())["rows"]
+    assert {"rmse_exp", "rmse_exp[twin]", "rmse_exp[bare]"} <= {r["metric"] for r in rows}
+
 
 def test_an_unknown_reconstructor_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
     runs = tmp_path / "runs"

@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.detection import DETECTOR_CONVENTION
 from caphuman_bench.metrics.base import FAMILY_OPTIONS, BenchMetric, ItemScore, ScoreContext, ScoreItem
 from caphuman_bench.metrics.geometry import RMSE_GROUPS, coefficient_rmse, euler_differences, pose_errors
@@ -135,7 +136,10 @@ class HeadControl(BenchMetric):
         name = split_variant(family)[1]
         if name is None:
             return dict(cls.convention)
-        info = reconstructor_class(name).info
+        try:
+            info = reconstructor_class(name).info
+        except BenchError:  # scored where it is installed, reported where it is not: the rows still read
+            return {**cls.convention, "paper_metric": False, "reconstructor": f"{name} (not registered in this install)"}
         own = {"paper_metric": False, "reconstructor": f"{name}: {info.title}; row extra 'reconstructor' names it",
                "encoder": f"{info.title}, code after {info.source}; weights {', '.join(info.weights)}; groups {', '.join(info.groups)}"}
         if info.crop == "own":
