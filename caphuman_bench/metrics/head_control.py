@@ -50,7 +50,6 @@ from caphuman_bench.models.deca_encoder import (
     DecaEncoder,
     DecaReconstructor,
     bbox2point,
-    deca_crop_square,
     deca_crops,
     landmark_square,
 )
