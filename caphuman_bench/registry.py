@@ -101,10 +101,43 @@ def all_metrics() -> dict[str, type]:
     return dict(sorted(METRICS.items()))
 
 
+def split_variant(name: str) -> tuple[str, str | None]:
+    """'head_control[emoca_v2]' → ('head_control', 'emoca_v2'); a name without brackets → (name, None).
+
+    A metric scored by several models at once keeps one family per model: the default model's under
+    the plain names (the paper's columns), every other's as `family[model]` with values `value[model]`,
+    so their rows and columns coexist in scores.parquet, results.json and the leaderboard."""
+    if name.endswith("]") and "[" in name:
+        base, _, variant = name[:-1].partition("[")
+        if base and variant:
+            return base, variant
+    return name, None
+
+
+def variant_name(name: str, variant: str | None) -> str:
+    """`name[variant]`, or `name` for the default model (variant None)."""
+    return f"{name}[{variant}]" if variant else name
+
+
+def family_class(family: str) -> type | None:
+    """The registered class a stored family name (plain or `family[model]`) was scored by; None if unknown."""
+    return all_metrics().get(split_variant(family)[0])
+
+
+def family_values(family: str) -> dict[str, bool]:
+    """Value name → higher_is_better of a stored family name, variant suffix included; {} if unknown."""
+    cls = family_class(family)
+    if cls is None:
+        return {}
+    variant = split_variant(family)[1]
+    return {variant_name(value, variant): higher for value, higher in cls.info.higher_is_better.items()}
+
+
 def metric_direction(value_name: str) -> bool | None:
-    """higher_is_better of a reported value name, looked up across all metric families."""
+    """higher_is_better of a reported value name (a model's `value[model]` too), across all metric families."""
+    base = split_variant(value_name)[0]
     for cls in all_metrics().values():
         info: Any = cls.info
-        if value_name in info.higher_is_better:
-            return info.higher_is_better[value_name]
+        if base in info.higher_is_better:
+            return info.higher_is_better[base]
     return None

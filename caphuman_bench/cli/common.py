@@ -87,7 +87,23 @@ def weights_paths(values: list[str] | None) -> dict[str, str]:
     return paths
 
 
-def score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None, protocol: str = "fastcomposer") -> dict:
+HEAD_RECONSTRUCTOR_HELP = ("Score head_control with this FLAME reconstructor (repeat): deca (default, the paper's: "
+                           "head_control, rmse_pose, …), emoca_v2, smirk (head_control[NAME], rmse_pose[NAME], …); "
+                           "its weights must be present.")
+
+
+def reconstructor_names(values: list[str] | None, option: str) -> list[str]:
+    """Reconstructor names given to `option`, each registered (a one-line error lists the known ones), once each."""
+    from caphuman_bench.models.reconstructors import reconstructor_names as known
+
+    for name in values or []:
+        if name not in known():
+            raise BenchError(f"{option} {name!r}: unknown reconstructor; known: {', '.join(known())}")
+    return list(dict.fromkeys(values or []))
+
+
+def score_options(no_face: str, clip_model: Optional[str], weight_paths: list[str] | None, protocol: str = "fastcomposer",
+                  head_reconstructors: list[str] | None = None) -> dict:
     from caphuman_bench.metrics._clip import CLIP_CHECKPOINTS
 
     if no_face not in ("zero", "skip"):
@@ -99,6 +115,8 @@ def score_options(no_face: str, clip_model: Optional[str], weight_paths: list[st
         if clip_model not in CLIP_CHECKPOINTS:
             raise BenchError(f"--clip-model {clip_model!r}: expected one of {', '.join(CLIP_CHECKPOINTS)}")
         options["clip_model"] = clip_model
+    if head_reconstructors:
+        options["head_reconstructors"] = reconstructor_names(head_reconstructors, "--head-reconstructor")
     return options
 
 

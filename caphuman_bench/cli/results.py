@@ -11,6 +11,7 @@ import typer
 from rich.markup import escape
 
 from caphuman_bench.cli.common import (
+    HEAD_RECONSTRUCTOR_HELP,
     PROTOCOL_HELP,
     Device,
     RunsDir,
@@ -36,6 +37,7 @@ def score(
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
     protocol: Annotated[str, typer.Option("--protocol", help=PROTOCOL_HELP)] = "fastcomposer",
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+    head_reconstructor: Annotated[Optional[list[str]], typer.Option("--head-reconstructor", help=HEAD_RECONSTRUCTOR_HELP)] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="i/n (default: RANK/WORLD_SIZE).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Rescore pairs already in scores.parquet.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per metric batch.")] = 8,
@@ -44,6 +46,7 @@ def score(
     """Score the finished images of a run and write scores.parquet and results.json. Exit 1 if an image could not be scored.
 
     Example: caphuman-bench score runs/caphuman-demo-0123456789 --metrics face_detection,id_sim_dlib
+    Example: caphuman-bench score RUN --metrics head_control --head-reconstructor deca --head-reconstructor emoca_v2
     """
     from caphuman_bench.quiet import run_log
     from caphuman_bench.rundir import RunDir
@@ -54,7 +57,8 @@ def score(
     from caphuman_bench.stages.score import score as score_stage
 
     run_ = RunDir(run_dir).require()
-    names, options = metrics.split(",") if metrics else None, score_options(no_face, clip_model, weights_path, protocol)
+    names = metrics.split(",") if metrics else None
+    options = score_options(no_face, clip_model, weights_path, protocol, head_reconstructor)
     if diversity_groups:
         from caphuman_bench.metrics.face_diversity import DIVERSITY_GROUPS
 
@@ -108,7 +112,7 @@ def report(
     if html_report:
         console.print(f"wrote {write_html(results, found, out_dir, grid_tasks=grid_tasks, cache=cache)}")
     if latex:
-        console.print(f"wrote {write_latex(results, out_dir)}")
+        console.print(f"wrote {write_latex(results, out_dir, found)}")
     from caphuman_bench.stages.report import to_markdown
 
     out.print(to_markdown(wide), markup=False, highlight=False, soft_wrap=True)

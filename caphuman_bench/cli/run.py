@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 
 from caphuman_bench.cli.common import (
+    HEAD_RECONSTRUCTOR_HELP,
     PROTOCOL_HELP,
     Device,
     IdentitiesDir,
@@ -22,6 +23,7 @@ from caphuman_bench.cli.common import (
     print_results,
     print_scores,
     progress_bar,
+    reconstructor_names,
     report_failures,
     score_options,
 )
@@ -42,7 +44,7 @@ def preflight(card, bench, split: str, preset: Optional[str], overrides: dict, o
     _, resolved = method_weights(card, params, options["weights_paths"])
     if scoring:
         ready = metrics_to_run(metrics, options)
-        resolved = {**resolved, **{wid: path for _, found in ready.values() for wid, path in found.items()}}
+        resolved = {**resolved, **{wid: path for _, found, _ in ready.values() for wid, path in found.items()}}
     for weights_id, path in resolved.items():
         weights.verify_file(path, f"weights file {weights_id}")
     for identity_id in bench.split(split).identities:
@@ -116,6 +118,7 @@ def run(
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
     protocol: Annotated[str, typer.Option("--protocol", help=PROTOCOL_HELP)] = "fastcomposer",
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+    head_reconstructor: Annotated[Optional[list[str]], typer.Option("--head-reconstructor", help=HEAD_RECONSTRUCTOR_HELP)] = None,
     score_batch_size: Annotated[int, typer.Option("--score-batch-size", min=1, help="Images per metric batch when scoring.")] = 8,
     no_score: Annotated[bool, typer.Option("--no-score", help="Generate only.")] = False,
 ):
@@ -137,7 +140,7 @@ def run(
         overrides["use_global"] = False
     if no_local:
         overrides["use_local"] = False
-    options = score_options(no_face, clip_model, weights_path, protocol)
+    options = score_options(no_face, clip_model, weights_path, protocol, head_reconstructor)
     planned, gen, results, score_errors = execute(card, bench, split or default_split(preset), runs_dir, preset, overrides, seed,
                                      device, parse_shard(shard), force, no_score, metrics.split(",") if metrics else None,
                                      options, score_batch_size)
@@ -150,6 +153,7 @@ def ablate(
     tau: Annotated[Optional[list[int]], typer.Option("--tau", help="τ values to sweep (repeat).")] = None,
     features: Annotated[Optional[list[str]], typer.Option("--features", help="Identity features: global+local, global, local (repeat).")] = None,
     backbone: Annotated[Optional[list[str]], typer.Option("--backbone", help="Base models to sweep: caphuman, realistic_vision, or the path of any SD-1.5-family model, single file or diffusers folder (repeat).")] = None,
+    reconstructor: Annotated[Optional[list[str]], typer.Option("--reconstructor", help="FLAME reconstructors to sweep as the head condition's source (parameter 'reconstructor', repeat); every variant is scored by each of them (head_control, head_control[NAME]).")] = None,
     preset: Annotated[Optional[str], typer.Option("--preset", help="A preset of the card, e.g. smoke (tiny model, demo split, CPU).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help=f"{SPLITS}. Default: demo for --preset smoke, else full.")] = None,
     runs_dir: RunsDir = Path("runs"),
@@ -163,12 +167,14 @@ def ablate(
     no_face: Annotated[str, typer.Option("--no-face", help="No face in a generated image: zero (scores 0) or skip.")] = "zero",
     clip_model: Annotated[Optional[str], typer.Option("--clip-model", help="ViT-L-14 (default) or ViT-B-32.")] = None,
     weights_path: Annotated[Optional[list[str]], typer.Option("--weights", help="Explicit weights file: ID=PATH.")] = None,
+    head_reconstructor: Annotated[Optional[list[str]], typer.Option("--head-reconstructor", help=HEAD_RECONSTRUCTOR_HELP + " Added to the --reconstructor list.")] = None,
 ):
-    """Sweep τ, the global/local identity features and the base model; one resumable run per variant, one leaderboard.
+    """Sweep τ, the global/local identity features, the base model and the reconstructor; one resumable run per variant, one leaderboard.
 
     Each variant is labelled by its own overrides, e.g. caphuman[tau=0] (smoke). Exit 1 if a task failed.
 
     Example: caphuman-bench ablate --method caphuman --preset smoke --tau 0 --tau 500 --features global --features local
+    Example: caphuman-bench ablate --method caphuman --reconstructor deca --reconstructor emoca_v2 --split pose-extreme
     """
     from caphuman_bench.benchmark import Benchmark
     from caphuman_bench.cards import get_card
@@ -189,9 +195,12 @@ def ablate(
     card = get_card(method)
     bench = Benchmark.load(spec, identities_dir)
     common = parse_pairs(param, "--param")
-    options = score_options(no_face, clip_model, weights_path)
-    variants = [{**common, **({"backbone": b} if b is not None else {}), **({"tau": t} if t is not None else {}), **switches[f]}
-                for b in (backbone or [None]) for t in (tau or [None]) for f in (features or ["global+local"])]
+    sources = reconstructor_names(reconstructor, "--reconstructor")
+    options = score_options(no_face, clip_model, weights_path, head_reconstructors=sources + list(head_reconstructor or []))
+    variants = [{**common, **({"backbone": b} if b is not None else {}), **({"reconstructor": r} if r is not None else {}),
+                 **({"tau": t} if t is not None else {}), **switches[f]}
+                for b in (backbone or [None]) for r in (sources or [None]) for t in (tau or [None])
+                for f in (features or ["global+local"])]
     split = split or default_split(preset)
     for overrides in variants:  # every variant's parameters checked before the first run starts
         preflight(card, bench, split, preset, overrides, options, metrics.split(",") if metrics else None)

@@ -101,6 +101,24 @@ def head_inputs(params: dict) -> dict:
     }
 
 
+def target_sources(params: dict, head_inputs: dict | None) -> tuple[str | None, tuple[str, ...]]:
+    """For a run's stored head targets: the reconstructor that read the reference photo, and the parts of
+    the target it read there (the rest came from the head condition's FLAME parameters), as `head_target`
+    mixes them (`render.head_condition.mix_coefficients`): 'shape' always; 'rotation' (pose[:3]) unless
+    the mode takes `pose`; 'exp' and 'jaw' (pose[3:]) unless `expression`; 'light' unless `lighting`.
+    (None, ()) where no photo was read (the tiny setting's neutral code) or the method says nothing
+    of how it made its target (no `mixing` in run.json's head_inputs)."""
+    from caphuman_bench.models.reconstructors import DEFAULT_RECONSTRUCTOR
+    from caphuman_bench.render.head_condition import parse_mode
+
+    if not head_inputs or "mixing" not in head_inputs:
+        return None, ()
+    taken = parse_mode(str(head_inputs["mixing"]))
+    parts = ["shape"] + [part for part, mode in (("rotation", "pose"), ("exp", "expression"), ("jaw", "expression"),
+                                                  ("light", "lighting")) if mode not in taken]
+    return str(params.get("reconstructor", DEFAULT_RECONSTRUCTOR)), tuple(parts)
+
+
 RENDER_MEMO = 64  # a 512² render holds ~10 MB; tasks come identity by identity
 
 

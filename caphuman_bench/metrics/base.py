@@ -41,6 +41,11 @@ class ScoreItem:
     target: dict[str, np.ndarray] | None = None  # head-control target coefficients (shape, exp, pose, cam, light)
     references: tuple[Image.Image, ...] = ()  # every photo of a `references` split's "<id>@k" (k > 1); else empty
     siblings: tuple[tuple[str, str, Path], ...] = ()  # (task id, head condition, image) of the other finished samples of this identity and prompt
+    # The reconstructor that read the photos behind `target` (run.json params 'reconstructor'), None when no
+    # photo was read (the condition's own parameters, the tiny setting's neutral code), and the parts of
+    # `target` it read from the reference photo (`render.head_condition.reference_parts`).
+    target_reconstructor: str | None = None
+    target_from_reference: tuple[str, ...] = ()
 
 
 @dataclass
@@ -62,6 +67,11 @@ class ScoreContext:
     options: dict[str, Any] = field(default_factory=dict)  # e.g. no_face=zero|skip, clip_model=ViT-L-14
     weights: dict[str, Path] = field(default_factory=dict)  # resolved manifest id -> path
     prompts: list[str] = field(default_factory=list)  # the benchmark's prompt set, placeholder filled
+
+
+# Scoring options that choose which families run, not how one family scores: no family's own options
+# (its signature, its scoring.json entry) carry them.
+FAMILY_OPTIONS = ("head_reconstructors",)
 
 
 class BenchMetric(Metric):
@@ -90,8 +100,29 @@ class BenchMetric(Metric):
         """Manifest ids this metric needs under these scoring options (default: the registered ones)."""
         return cls.info.weights
 
+    @classmethod
+    def families(cls, options: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """Family name → the options its instance scores with. One family by default; a metric scored
+        by several models at once (head_control by several reconstructors) gives one per model, named
+        `registry.variant_name(metric, model)`."""
+        return {cls.metric_name: {k: v for k, v in options.items() if k not in FAMILY_OPTIONS}}
+
+    @classmethod
+    def named_families(cls, options: dict[str, Any]) -> list[str]:
+        """Families these options name explicitly (never skipped for missing weights, as a --metrics name)."""
+        return []
+
+    @classmethod
+    def family_convention(cls, family: str) -> dict[str, Any]:
+        """The convention results.json records for one of this metric's families."""
+        return dict(getattr(cls, "convention", {}) or {})
+
     def measure(self, items: list[ScoreItem]) -> list[ItemScore]:
         raise NotImplementedError
+
+    def record(self) -> dict[str, Any]:
+        """What scoring.json records about this family beside its numerics (e.g. the model it scored with)."""
+        return {}
 
     def numerics(self) -> dict[str, Any]:
         """Where and in what dtype the family computes (scoring.json `numerics`): the context's device

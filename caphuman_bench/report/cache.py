@@ -21,7 +21,7 @@ from caphuman_bench.benchmark import DEFAULT_SPEC_DIR, SPEC_ENV, spec_files_hash
 from caphuman_bench.registry import all_metrics
 from caphuman_bench.rundir import RunDir
 
-FORMAT = 1
+FORMAT = 2  # 2: families scored by other reconstructors (head_control[NAME]) and their conventions
 
 
 def run_key(run: RunDir) -> str:

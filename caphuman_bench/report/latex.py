@@ -13,7 +13,7 @@ from caphuman_bench.report.titles import best_index, grouped, ranked, title
 
 _SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
             "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "–": "--", "—": "---", "↑": r"$\uparrow$",
-            "↓": r"$\downarrow$", "×": r"$\times$", "±": r"$\pm$", "°": r"$^\circ$"}
+            "↓": r"$\downarrow$", "≥": r"$\geq$", "×": r"$\times$", "±": r"$\pm$", "°": r"$^\circ$"}
 
 
 def escape(text: str) -> str:
@@ -58,3 +58,34 @@ def latex_table(results: list[dict], labels: list[str], order: list[str]) -> str
               r"column in bold; $\uparrow$/$\downarrow$: higher/lower is better.}",
               r"\label{tab:caphuman-bench}", r"\end{table}", ""]
     return "\n".join(lines)
+
+
+def reconstructor_tables(matrices: list[dict]) -> str:
+    """The reconstructor matrices (`report.reconstructors.matrices`) as booktabs tables, one per method and
+    value: condition reconstructor × |yaw| bin of the target (rows), scoring reconstructor (columns),
+    each cell mean ± half its 95 % interval; empty without matrices."""
+    from caphuman_bench.registry import metric_direction
+    from caphuman_bench.report.reconstructors import ALL, YAW_LABELS, matrix_title
+
+    tables = []
+    for m in matrices:
+        for value, cells in m["values"].items():
+            lines = [r"\begin{table}[t]", r"\centering", r"\small",
+                     r"\begin{tabular}{ll" + "c" * len(m["scorers"]) + "}", r"\toprule",
+                     rf" & & \multicolumn{{{len(m['scorers'])}}}{{c}}{{scored by}} \\",
+                     rf"\cmidrule(lr){{3-{2 + len(m['scorers'])}}}",
+                     "condition by & target $|$yaw$|$ & " + " & ".join(escape(s) for s in m["scorers"]) + r" \\", r"\midrule"]
+            for k, condition in enumerate(m["conditions"]):
+                bins = [ALL] + [b for b in YAW_LABELS if any(b in cells.get((condition, s), {}) for s in m["scorers"])]
+                if k:
+                    lines.append(r"\midrule")
+                for b in bins:
+                    row = [escape(condition) if b == ALL else "", "all" if b == ALL else escape(b)]
+                    row += [_cell(cells.get((condition, s), {}).get(b), False) for s in m["scorers"]]
+                    lines.append(" & ".join(row) + r" \\")
+            caption = (f"{escape(matrix_title(value, metric_direction(value)))} of {escape(m['method'])}: head condition made by one "
+                       r"reconstructor (rows), images scored by another (columns); mean $\pm$ half the 95\,\% bootstrap "
+                       "interval over images, overall and per $|$yaw$|$ of the target.")
+            lines += [r"\bottomrule", r"\end{tabular}", rf"\caption{{{caption}}}", r"\end{table}", ""]
+            tables.append("\n".join(lines))
+    return "\n" + "\n".join(tables) if tables else ""

@@ -21,11 +21,13 @@ from markupsafe import Markup
 from PIL import Image
 
 from caphuman_bench.benchmark import Benchmark
+from caphuman_bench.registry import metric_direction
 from caphuman_bench.report import figures
 from caphuman_bench.report.breakdowns import AXIS_TITLES, run_spec
 from caphuman_bench.report.cache import AggregateCache
 from caphuman_bench.report.numbers import fmt, fmt_interval, fmt_p
 from caphuman_bench.report.paper import paper_table
+from caphuman_bench.report.reconstructors import ALL, YAW_LABELS, condition_reconstructor, matrix_title
 from caphuman_bench.report.stats import (
     PairedResult,
     paired_sentence,
@@ -336,6 +338,34 @@ def matrix_section(results: list[dict], labels: list[str], paired: dict[tuple[in
     return [render("matrix.html", matrices=matrices, pair_count=len(paired))]
 
 
+def reconstructor_section(matrices: list[dict]) -> list[str]:
+    """Per method the condition × scoring reconstructor tables (`report.reconstructors.matrices`): per value,
+    each condition reconstructor's overall row, then its rows per |yaw| bin of the target."""
+    if not matrices:
+        return []
+    shown = []
+    for m in matrices:
+        values = []
+        for value, cells in m["values"].items():
+            higher = metric_direction(value)
+            rows = []
+            for condition in m["conditions"]:
+                bins = [ALL] + [b for b in YAW_LABELS if any(b in cells.get((condition, s), {}) for s in m["scorers"])]
+                for b in bins:
+                    row = {"all": b == ALL, "span": len(bins), "condition": condition, "bin": "all images" if b == ALL else b,
+                           "cells": []}
+                    for judge in m["scorers"]:
+                        summary = cells.get((condition, judge), {}).get(b) or {}
+                        ci = summary.get("ci95")
+                        row["cells"].append({"mean": fmt(summary.get("mean"), 3),
+                                             "ci": f"[{fmt(ci[0], 3)}, {fmt(ci[1], 3)}]" if ci else "no interval",
+                                             "n": summary.get("n") or "", "cls": "home" if judge == condition else ""})
+                    rows.append(row)
+            values.append({"title": matrix_title(value), "direction": figures.direction(higher), "rows": rows})
+        shown.append({"method": m["method"], "split": m["split"], "scorers": m["scorers"], "tables": values})
+    return [render("reconstructors.html", matrices=shown)]
+
+
 def choose_tasks(runs: list[RunDir], count: int) -> list:
     """`count` tasks finished in every run, spread evenly over (identity, prompt, condition)."""
     if not runs or count <= 0:
@@ -449,7 +479,7 @@ def paper_section(results: list[dict], labels: list[str]) -> list[str]:
 
 def report_page(results: list[dict], runs: list[RunDir], labels: list[str], order: list[str],
                 paired: dict[tuple[int, int], list[PairedResult]], grid_tasks: int = 6,
-                cache: AggregateCache | None = None) -> str:
+                cache: AggregateCache | None = None, reconstructors: list[dict] = ()) -> str:
     names = _metric_names(results, order)
     headline = [n for _, members in grouped([n for n in names if n in HEADLINE] or names) for n in members]
     others = [n for n in names if n not in headline]
@@ -463,6 +493,7 @@ def report_page(results: list[dict], runs: list[RunDir], labels: list[str], orde
             "were not released). Every number is a mean over images with its 95 % bootstrap interval; "
             "<code>n</code> is shown where fewer images than finished carry a value.</p>",
             "<p class='note'><a href='#figures'>figures</a> · <a href='#breakdowns'>breakdowns</a> · "
+            + ("<a href='#reconstructors'>reconstructors</a> · " if reconstructors else "") +
             "<a href='#paired'>paired comparisons</a> · <a href='#samples'>samples</a> · <a href='#paper'>paper</a> · "
             "<a href='#provenance'>provenance</a></p>",
             "<h2 id='leaderboard'>Leaderboard</h2>", leaderboard_table(results, labels, order)]
@@ -473,6 +504,7 @@ def report_page(results: list[dict], runs: list[RunDir], labels: list[str], orde
         body += ["<details><summary>Every other reported value</summary><div class='figs'>",
                  *metric_figures(ranked_results, ranked_labels, others, cache), "</div></details>"]
     body += breakdown_section(results, labels, headline)
+    body += reconstructor_section(list(reconstructors))
     body += recogniser_section(results, labels)
     body += matrix_section(results, labels, paired)
     body += sample_grid([runs[i] for i in by_rank], ranked_labels, bench, grid_tasks)
@@ -486,9 +518,13 @@ FEATURE_NAMES = {"global+local": "global + local features", "global": "global fe
                  "local": "local features only", "none": "no identity features"}
 
 
+def _params(res: dict) -> dict:
+    return res.get("provenance", {}).get("params", {})
+
+
 def _variant(res: dict) -> tuple[int, str]:
     """(τ, identity features) of an ablation run, from its resolved parameters."""
-    params = res.get("provenance", {}).get("params", {})
+    params = _params(res)
     use_global, use_local = params.get("use_global", True), params.get("use_local", True)
     features = "global+local" if use_global and use_local else "global" if use_global else "local" if use_local else "none"
     return int(params.get("tau", 0) or 0), features
@@ -498,20 +534,26 @@ def variant_name(res: dict) -> str:
     """A variant as the sweep's options name it ('τ = 300 · global feature only'), plus its base
     model when the sweep set one, instead of the run label's parameter list."""
     tau, features = _variant(res)
-    backbone = res.get("provenance", {}).get("params", {}).get("backbone")
+    backbone = _params(res).get("backbone")
     return f"τ = {tau} · {FEATURE_NAMES[features]}" + (f" · base {Path(str(backbone)).name}" if backbone else "")
+
+
+def _conditions_by(results: list[dict]) -> list[str]:
+    """' · condition by NAME' per variant where the variants' condition reconstructors differ, else ''."""
+    names = [condition_reconstructor(r) for r in results]
+    return [f" · condition by {n}" if len(set(names)) > 1 else "" for n in names]
 
 
 def variant_names(results: list[dict]) -> list[str]:
     """Each variant's name; variants that read alike (other --param overrides) keep their run label beside it."""
-    names = [variant_name(r) for r in results]
+    names = [variant_name(r) + by for r, by in zip(results, _conditions_by(results))]
     return [n if names.count(n) == 1 else f"{n} ({r['method']})" for n, r in zip(names, results)]
 
 
 def ablation_page(results: list[dict], labels: list[str], order: list[str], out_dir: Path,
                   identity: list[str], head: list[str],
                   paired: list[tuple[str, str, list[PairedResult]]] = (), runs: list[RunDir] | None = None,
-                  grid_tasks: int = 4) -> tuple[str, list[Path]]:
+                  grid_tasks: int = 4, reconstructors: list[dict] = ()) -> tuple[str, list[Path]]:
     """The τ sweep as curves (identity similarity and head-control error against τ), the feature
     switches as grouped bars, each with its intervals (figures also written as PNG and SVG), and with
     the variants' `runs` an image grid per τ. Variants are named by what was swept (`variant_name`);
@@ -554,14 +596,16 @@ def ablation_page(results: list[dict], labels: list[str], order: list[str], out_
             body.append(_figure(written[-2].read_bytes(), f"{name} by identity features"))
         body.append("</div>")
     if runs:
-        bench = run_spec(runs[0])
+        bench, by = run_spec(runs[0]), _conditions_by(results)
         for tau in taus:
             chosen = [k for k, (t, _) in enumerate(variants) if t == tau]
-            tasks = sample_tasks([runs[k] for k in chosen], [FEATURE_NAMES[variants[k][1]] for k in chosen], bench, grid_tasks)
+            tasks = sample_tasks([runs[k] for k in chosen], [FEATURE_NAMES[variants[k][1]] + by[k] for k in chosen], bench,
+                                 grid_tasks)
             if tasks:
                 body.append(render("samples.html", anchor=f"samples-tau-{tau}", heading=f"Images at τ = {tau}", tasks=tasks,
                                    note="The same tasks for each identity-feature setting at this τ: the reference photo "
                                         "and the head render (grey), then each variant's image."))
+    body += reconstructor_section(list(reconstructors))
     body += paired_section(list(paired))
     body += ["<h2>Every variant</h2>", leaderboard_table(results, names_of, order),
              "<details><summary>Run labels</summary><ul>" + "".join(

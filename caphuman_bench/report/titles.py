@@ -8,6 +8,8 @@ Units follow the metrics' conventions (`metrics/*.py`): cosines and rates are un
 
 from __future__ import annotations
 
+from caphuman_bench.registry import split_variant
+
 GROUPS = ("identity", "text", "head control", "other")
 
 # value id -> (title, group)
@@ -46,22 +48,32 @@ SORT_BY = ("id_sim_facenet", "id_sim_arcface", "id_sim_curricularface", "id_sim_
 
 
 def title(name: str, higher: bool | None = None) -> str:
-    """'ID similarity (FaceNet cosine) ↑'; an unknown value (a plugin's) keeps its id."""
-    words = TITLES.get(name, (name, "other"))[0]
+    """'ID similarity (FaceNet cosine) ↑'; an unknown value (a plugin's) keeps its id. A value scored by
+    another model names it where the title names DECA: 'Pose error (emoca_v2, degrees)'."""
+    base, model = split_variant(name)
+    words = TITLES.get(base, (name, "other"))[0]
+    if model:
+        words = words.replace("DECA", model) if "DECA" in words else f"{words} [{model}]"
     return words + ("" if higher is None else " ↑" if higher else " ↓")
 
 
 def group(name: str) -> str:
-    return TITLES.get(name, (name, "other"))[1]
+    """The column group; a value scored by another model has its own ('head control · emoca_v2')."""
+    base, model = split_variant(name)
+    words = TITLES.get(base, (name, "other"))[1]
+    return f"{words} · {model}" if model and base in TITLES else words
 
 
 def grouped(names: list[str]) -> list[tuple[str, list[str]]]:
-    """`names` in the paper's column groups; in each, the detection rate, then the paper's ID similarity
-    and the other recognisers (`SORT_BY`'s order), then the rest in the names' order; empty groups left out."""
+    """`names` in the paper's column groups, each followed by its other models' groups; in each, the
+    detection rate, then the paper's ID similarity and the other recognisers (`SORT_BY`'s order), then
+    the rest in the names' order; empty groups left out."""
     def key(name):
         return (name != "face_detection", SORT_BY.index(name) if name in SORT_BY else len(SORT_BY))
 
-    return [(g, sorted((n for n in names if group(n) == g), key=key)) for g in GROUPS if any(group(n) == g for n in names)]
+    present = {group(n) for n in names}
+    order = [g for base in GROUPS for g in [base, *sorted(p for p in present if p.startswith(f"{base} · "))]]
+    return [(g, sorted((n for n in names if group(n) == g), key=key)) for g in order if g in present]
 
 
 def sort_value(results: list[dict]) -> str | None:

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import pandas as pd
 from caphuman_bench.atomic import write_json_atomic, write_text_atomic
 from caphuman_bench.errors import BenchError
 from caphuman_bench.numerics import precision_label
-from caphuman_bench.registry import all_metrics
+from caphuman_bench.registry import all_metrics, family_class, family_values, metric_direction, split_variant, variant_name
 from caphuman_bench.report.breakdowns import breakdowns_json, per_image, run_spec
 from caphuman_bench.report.cache import AggregateCache, run_key
 from caphuman_bench.report.numbers import fmt_interval, rounded
@@ -40,27 +41,34 @@ IDENTITY_FAMILIES = ("id_sim_facenet", "id_sim_arcface", "id_sim_dlib")
 PAIRED_FIELDS = [f.name for f in dataclasses.fields(PairedResult)]
 
 
-def value_order() -> list[str]:
+def value_order(present: Iterable[str] = ()) -> list[str]:
     """Reported values in the reader's order: the face-detection rate, then the identity metrics
-    beside it (a similarity means little without the rate it was computed on), then the rest."""
+    beside it (a similarity means little without the rate it was computed on), then the rest. The
+    values of a family scored by another model among `present` (`rmse_pose[emoca_v2]`) follow their
+    family's own, one model after another."""
     families = all_metrics()
-    names = [(0 if f == "face_detection" else 1 if f in IDENTITY_FAMILIES else 2, i, v)
-             for i, (f, cls) in enumerate(families.items()) for v in cls.info.higher_is_better]
-    return [v for _, _, v in sorted(names, key=lambda t: (t[0], t[1]))]
+    ranked = sorted(enumerate(families.items()), key=lambda t: (0 if t[1][0] == "face_detection" else
+                                                                1 if t[1][0] in IDENTITY_FAMILIES else 2, t[0]))
+    present = set(present)
+    variants = sorted({variant for name in present if (variant := split_variant(name)[1])})
+    order = []
+    for _, (_, cls) in ranked:
+        values = list(cls.info.higher_is_better)
+        order += values
+        for variant in variants:
+            order += [named for value in values if (named := variant_name(value, variant)) in present]
+    return order
 
 
 def scored_values(scores: pd.DataFrame) -> tuple[list[str], dict[str, tuple[bool, str]]]:
-    """Value names present in `scores` (reader's order) → (higher_is_better, family)."""
-    families = all_metrics()
+    """Value names present in `scores` (reader's order) → (higher_is_better, family); a family scored by
+    another model (`head_control[emoca_v2]`) brings its values under their own names (`rmse_pose[emoca_v2]`)."""
     found = {}
     for family in sorted(set(scores["metric"])) if len(scores) else []:
-        cls = families.get(family)
-        if cls is None:
-            continue
-        for value_name, higher in cls.info.higher_is_better.items():
+        for value_name, higher in family_values(family).items():
             if value_name in scores:
                 found[value_name] = (higher, family)
-    return [v for v in value_order() if v in found], found
+    return [v for v in value_order(found) if v in found], found
 
 
 def aggregate_run(run: RunDir) -> dict:
@@ -68,14 +76,13 @@ def aggregate_run(run: RunDir) -> dict:
     (`write_run_results` does, after `run` or `score`)."""
     run.require()
     info = run.info()
-    families = all_metrics()
     scores = read_scores(run)
     conventions, statuses = {}, {}
     for family, rows in scores.groupby("metric", sort=True):
-        cls = families.get(family)
+        cls = family_class(family)
         if cls is None:
             continue
-        conventions[family] = dict(getattr(cls, "convention", {}) or {})
+        conventions[family] = cls.family_convention(family)
         statuses[family] = {str(k): int(v) for k, v in rows["status"].value_counts().sort_index().items()}
     names, found = scored_values(scores)
     bench = run_spec(run)
@@ -169,7 +176,7 @@ def leaderboard_wide(board: pd.DataFrame) -> pd.DataFrame:
     with its n appended where fewer images than finished carry it (no face, not scored)."""
     if board.empty:
         return board
-    order = {v: i for i, v in enumerate(value_order())}
+    order = {v: i for i, v in enumerate(value_order(board["metric"]))}
     metrics = sorted(set(board["metric"]), key=lambda m: (order.get(m, len(order)), m))
     rows = []
     for (method, split), part in board.groupby(["method", "split"], sort=False):
@@ -192,9 +199,7 @@ def leaderboard_wide(board: pd.DataFrame) -> pd.DataFrame:
 def to_markdown(wide: pd.DataFrame) -> str:
     if wide.empty:
         return "(no scored runs)\n"
-    arrows = {}
-    for cls in all_metrics().values():
-        arrows.update({k: "↑" if v else "↓" for k, v in cls.info.higher_is_better.items()})
+    arrows = {c: "↑" if higher else "↓" for c in wide.columns if (higher := metric_direction(c)) is not None}
     header = [c if c not in arrows else f"{c} {arrows[c]}" for c in wide.columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, row in wide.iterrows():
@@ -286,19 +291,41 @@ def write_html(results: list[dict], runs: list[RunDir], out_dir: Path, grid_task
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = board_labels(results)
     out = out_dir / "report.html"
-    write_text_atomic(out, report_page(results, runs, labels, value_order(), paired_pairs(results, runs, labels, cache),
-                                       grid_tasks=grid_tasks, cache=cache))
+    order = value_order(name for res in results for name in res["metrics"])
+    write_text_atomic(out, report_page(results, runs, labels, order, paired_pairs(results, runs, labels, cache),
+                                       grid_tasks=grid_tasks, cache=cache,
+                                       reconstructors=reconstructor_matrices(results, runs, labels)))
     return out
 
 
-def write_latex(results: list[dict], out_dir: Path) -> Path:
-    """leaderboard.tex: the headline values as a booktabs table (mean ± half the 95 % interval)."""
-    from caphuman_bench.report.latex import latex_table
+def reconstructor_matrices(results: list[dict], runs: list[RunDir], labels: list[str]) -> list[dict]:
+    """Per method, head control by condition × scoring reconstructor, overall and per |yaw| bin of the
+    target (`report/reconstructors.py`); none unless more than one reconstructor made or scored it."""
+    from caphuman_bench.report.reconstructors import matrices, scorers, shown, target_yaws
+
+    if not runs or not shown(results):
+        return []
+    tables = []
+    for res, run in zip(results, runs):
+        table = None
+        if scorers(res):
+            table = per_image_scores(run)[0].reset_index()
+            table["target_yaw"] = target_yaws(run, table, run_spec(run))
+        tables.append(table)
+    return matrices(results, labels, tables)
+
+
+def write_latex(results: list[dict], out_dir: Path, runs: list[RunDir] | None = None) -> Path:
+    """leaderboard.tex: the headline values as a booktabs table (mean ± half the 95 % interval); with the
+    runs, and more than one reconstructor, the reconstructor matrices after it."""
+    from caphuman_bench.report.latex import latex_table, reconstructor_tables
     from caphuman_bench.report.pages import HEADLINE
 
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "leaderboard.tex"
-    write_text_atomic(out, latex_table(results, board_labels(results), [v for v in value_order() if v in HEADLINE]))
+    labels = board_labels(results)
+    text = latex_table(results, labels, [v for v in value_order() if v in HEADLINE])
+    write_text_atomic(out, text + reconstructor_tables(reconstructor_matrices(results, runs or [], labels)))
     return out
 
 
@@ -316,7 +343,8 @@ def write_ablation(results: list[dict], out_dir: Path, runs: list[RunDir] | None
     for run, name in zip((runs or [])[1:], names[1:]):
         if run.path != runs[0].path:  # variants with the same parameters share a run
             paired.append((name, names[0], [r for r in compare_paired(run, runs[0]) if r.metric in HEADLINE]))
-    page, _ = ablation_page(results, labels, value_order(), out_dir, identity, head, paired, runs)
+    page, _ = ablation_page(results, labels, value_order(name for res in results for name in res["metrics"]), out_dir,
+                            identity, head, paired, runs, reconstructors=reconstructor_matrices(results, runs or [], labels))
     out = out_dir / "ablation.html"
     write_text_atomic(out, page)
     return out
@@ -448,7 +476,7 @@ def paired_from_tables(a: tuple[pd.DataFrame, dict], b: tuple[pd.DataFrame, dict
                        metrics: list[str] | None = None) -> list[PairedResult]:
     """A − B per image from two runs' `per_image_scores` (runs already checked to share their tasks)."""
     (table_a, found_a), (table_b, found_b) = a, b
-    names = [v for v in value_order() if v in found_a and v in found_b]
+    names = [v for v in value_order(found_a) if v in found_a and v in found_b]
     if metrics:
         unknown = [m for m in metrics if m not in names]
         if unknown:

@@ -34,6 +34,7 @@ from caphuman_bench.benchmark import NEUTRAL_SUBJECT, Benchmark
 from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.memo import image_digest
 from caphuman_bench.images import ImageError, load_rgb
+from caphuman_bench.methods.head_renders import target_sources
 from caphuman_bench.metrics.base import BenchMetric, ItemScore, ScoreContext, ScoreItem
 from caphuman_bench.metrics.protocol import scoring_protocol
 from caphuman_bench.numerics import device_kind, device_label, strict_float32, tf32_state
@@ -78,29 +79,38 @@ def open_benchmark(run: RunDir) -> Benchmark:
     return bench
 
 
-def select_metrics(names: list[str] | None, options: dict) -> tuple[dict[str, tuple[type, dict]], dict[str, str]]:
-    """Metric classes whose weights resolve under these options, and the reasons the others are skipped."""
+def select_metrics(names: list[str] | None, options: dict) -> tuple[dict[str, tuple[type, dict, dict]], dict[str, str]]:
+    """Metric families whose weights resolve under these options — family → (class, weights found, the
+    family's own options; `BenchMetric.families`) — and the reasons the others are skipped. A family the
+    options name (`BenchMetric.named_families`, e.g. head_control by --head-reconstructor) joins `names`."""
     chosen = {name: get_metric(name) for name in names} if names else all_metrics()
+    chosen |= {name: cls for name, cls in all_metrics().items() if cls.named_families(options)}
     overrides = options.get("weights_paths") or {}
     ready, skipped = {}, {}
-    for name, cls in chosen.items():
-        missing, found = [], {}
-        for wid in cls.required_weights(options):
-            path = weights.locate(wid, overrides.get(wid))
-            if path is None:
-                missing.append(f"{weights.entry(wid).file} ({wid}: {weights.entry(wid).source})")
+    for cls in chosen.values():
+        for family, family_options in cls.families(options).items():
+            missing, found = [], {}
+            for wid in cls.required_weights(family_options):
+                path = weights.locate(wid, overrides.get(wid))
+                if path is None:
+                    missing.append(f"{weights.entry(wid).file} ({wid}: {weights.entry(wid).source})")
+                else:
+                    found[wid] = path
+            if missing:
+                skipped[family] = "missing weights: " + "; ".join(missing)
             else:
-                found[wid] = path
-        if missing:
-            skipped[name] = "missing weights: " + "; ".join(missing)
-        else:
-            ready[name] = (cls, found)
+                ready[family] = (cls, found, family_options)
     return ready, skipped
 
 
-def metrics_to_run(names: list[str] | None, options: dict) -> dict[str, tuple[type, dict]]:
-    """`select_metrics`, except that a metric the user named is never skipped: one error names each missing file."""
+def metrics_to_run(names: list[str] | None, options: dict) -> dict[str, tuple[type, dict, dict]]:
+    """`select_metrics`, except that a family the user named (--metrics, --head-reconstructor) is never
+    skipped: one error names each missing file."""
     ready, skipped = select_metrics(names, options)
+    named = {family for cls in all_metrics().values() for family in cls.named_families(options)}
+    by_option = {family: reason for family, reason in skipped.items() if family in named}
+    if by_option:
+        raise BenchError("--head-reconstructor: " + "; ".join(f"{family}: {reason}" for family, reason in by_option.items()))
     if names and skipped:
         raise BenchError("--metrics: " + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
     return ready
@@ -148,18 +158,22 @@ def _score(run: RunDir, metrics: list[str] | None, device: str, options: dict | 
         digests = dict(zip((t.task_id for t in tasks), pool.map(sha256_of, [run.image_path(t.task_id) for t in tasks])))
         prompts = [p.fill(NEUTRAL_SUBJECT) for p in bench.prompts.values()]
         instances: dict[str, BenchMetric] = {}
-        for name, (cls, found) in ready.items():
-            context = ScoreContext(device=device, cache_dir=run.cache_dir / "metrics", options=options, weights=found, prompts=prompts)
+        for name, (cls, found, family_options) in ready.items():
+            context = ScoreContext(device=device, cache_dir=run.cache_dir / "metrics", options=family_options, weights=found,
+                                   prompts=prompts)
             instances[name] = cls(context)
         numerics = {name: scoring_numerics(metric, batch_size) for name, metric in instances.items()}
-        signatures = {name: scoring_signature(name, options, found, numerics[name]) for name, (_, found) in ready.items()}
+        signatures = {name: scoring_signature(name, family_options, found, numerics[name])
+                      for name, (_, found, family_options) in ready.items()}
+        info = run.info()
+        target_source = target_sources(info.get("params") or {}, info.get("head_inputs"))
         done = set() if force else _up_to_date(run, signatures, digests)
 
         todo = [t for t in tasks if any((t.task_id, name) not in done for name in instances)]
         bar = progress.add_task("score", total=len(todo)) if progress and todo else None
         flushes = _Flushes()
         proven: set[str] = set()  # metrics that scored at least one image this pass
-        read = lambda t: _item(run, bench, t, groups[(t.identity_id, t.prompt_id)])  # noqa: E731
+        read = lambda t: _item(run, bench, t, groups[(t.identity_id, t.prompt_id)], target_source)  # noqa: E731
         for batch, items in _read_ahead([todo[i : i + batch_size] for i in range(0, len(todo), batch_size)], read, pool):
             for name, metric in instances.items():
                 pairs = [(t, it) for t, it in zip(batch, items) if (t.task_id, name) not in done]
@@ -183,8 +197,8 @@ def _score(run: RunDir, metrics: list[str] | None, device: str, options: dict | 
             if bar is not None:
                 progress.advance(bar, len(batch))
         flushes.merge(run)
-    _record_scoring(run, {name: (options, found, signatures[name], numerics[name]) for name, (_, found) in ready.items()}, skipped,
-                    kept_earlier=not force)
+    _record_scoring(run, {name: (family_options, found, signatures[name], numerics[name], instances[name].record())
+                          for name, (_, found, family_options) in ready.items()}, skipped, kept_earlier=not force)
     return summary
 
 
@@ -257,7 +271,8 @@ def _error_row(metric: BenchMetric, exc: Exception) -> ItemScore:
     return ItemScore({v: math.nan for v in metric.value_names}, "error", f"{type(exc).__name__}: {exc}")
 
 
-def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> ScoreItem:
+def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task],
+          target_source: tuple[str | None, tuple[str, ...]] = (None, ())) -> ScoreItem:
     try:
         image, error = load_rgb(run.image_path(task.task_id)), None
         image_digest(image)  # memoised for the metrics, computed here off the main thread
@@ -265,7 +280,7 @@ def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> Score
         image, error = None, str(exc)
     target = run.read_target(task.identity_id, task.condition_id)
     if target is None:  # the method knows no target: the condition's own parameters (no shape)
-        target = bench.conditions[task.condition_id].coefficients()
+        target, target_source = bench.conditions[task.condition_id].coefficients(), (None, ())
     return ScoreItem(
         task_id=task.task_id, identity_id=task.identity_id, prompt_id=task.prompt_id,
         condition_id=task.condition_id, sample=task.sample, image=image, image_error=error,
@@ -274,6 +289,7 @@ def _item(run: RunDir, bench: Benchmark, task: Task, group: list[Task]) -> Score
         prompt=bench.prompts[task.prompt_id].fill(NEUTRAL_SUBJECT), target=target,
         siblings=tuple((t.task_id, t.condition_id, run.image_path(t.task_id)) for t in group if t.task_id != task.task_id),
         subject_prompt=bench.prompts[task.prompt_id].fill(bench.identities[task.identity_id].subject),
+        target_reconstructor=target_source[0], target_from_reference=target_source[1],
     )
 
 
@@ -377,11 +393,12 @@ def _merge_scores(run: RunDir, rows: list[dict]) -> None:
         atomic_write(run.scores_file, lambda fh: new.to_parquet(fh, index=False))
 
 
-def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str, dict]], skipped: dict[str, str],
+def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str, dict, dict]], skipped: dict[str, str],
                     kept_earlier: bool = True) -> None:
-    """Per metric, what its rows were scored with (options, weights files, signature, numerics), and
-    the metrics the last pass skipped. Metrics not in this pass keep their earlier entry; a family
-    whose stored rows were kept from an earlier pass (same signature) lists every batch size used."""
+    """Per metric family, what its rows were scored with (options, weights files, signature, numerics, and
+    what the family adds: head_control's reconstructor), and the families the last pass skipped. Families
+    not in this pass keep their earlier entry; a family whose stored rows were kept from an earlier pass
+    (same signature) lists every batch size used."""
     with run.lock("scoring"):
         try:
             previous = run.scoring()
@@ -389,7 +406,7 @@ def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str, dict]]
             log.warning("%s; rewriting it", exc)
             previous = {}
         metrics = previous.get("metrics", {})
-        for name, (options, found, signature, numerics) in scored.items():
+        for name, (options, found, signature, numerics, record) in scored.items():
             earlier = metrics.get(name) or {}
             if kept_earlier and earlier.get("signature") == signature:  # rows of the earlier pass are kept beside this one's
                 sizes = (earlier.get("numerics") or {}).get("batch_size", [])
@@ -397,7 +414,8 @@ def _record_scoring(run: RunDir, scored: dict[str, tuple[dict, dict, str, dict]]
                 numerics = {**numerics, "batch_size": sizes[0] if len(sizes) == 1 else sizes}
             metrics[name] = {"signature": signature, "protocol": scoring_protocol(options).name,
                              "weights": {wid: str(path) for wid, path in sorted(found.items())},
-                             "options": {k: v for k, v in options.items() if k != "weights_paths"}, "numerics": numerics}
+                             "options": {k: v for k, v in options.items() if k != "weights_paths"}, "numerics": numerics,
+                             **record}
         write_json_atomic(run.scoring_file, {"metrics": dict(sorted(metrics.items())), "skipped_metrics": skipped})
 
 
@@ -407,7 +425,7 @@ def check_reference_faces(bench: Benchmark, identity_ids, metrics: list[str] | N
     from caphuman_bench.metrics.identity import IdentitySimilarity, photos_without_face
 
     ready, _ = select_metrics(metrics, options)
-    identity_metrics = {name: found for name, (cls, found) in ready.items() if issubclass(cls, IdentitySimilarity)}
+    identity_metrics = {name: found for name, (cls, found, _) in ready.items() if issubclass(cls, IdentitySimilarity)}
     if not identity_metrics:
         return
     owners = {bench.identities[i].photo_owner: i for i in identity_ids}  # "<id>@k" shares <id>'s first photo
