@@ -79,8 +79,8 @@ def import_authors(repo: Path):
     stub_module("decalib.utils.tensor_cropper", transform_points=None)
     original_resnet50 = torchvision.models.resnet50
     torchvision.models.resnet50 = lambda pretrained=False, **kwargs: original_resnet50(weights=None)
-    import decalib.datasets.datasets as datasets
-    import decalib.deca as deca
+    from decalib import deca
+    from decalib.datasets import datasets
     from decalib.utils.config import cfg
 
     deca.DECA._setup_renderer = lambda self, model_cfg: None
