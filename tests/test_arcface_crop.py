@@ -23,11 +23,41 @@ def _inputs(case) -> tuple[Image.Image, np.ndarray]:
     return Image.fromarray(STORED[f"image.{case['image']}"]), STORED[f"case{case['case']}.landmarks"]
 
 
+def _last_bit_alternatives(image: Image.Image, landmarks: np.ndarray, size: int, draws: int = 64) -> np.ndarray:
+    """Crops [draws, S, S, 3] from the same transform with each entry moved by up to two ulps of the
+    landmarks' dtype.
+
+    scikit-image estimates the transform in the landmarks' dtype, as insightface does, and in float32 the
+    SVD's last bits depend on the CPU's BLAS kernels; `warpAffine` quantises each source coordinate to
+    1/32 pixel, so where an exact coordinate sits on a step those bits pick the neighbouring step."""
+    import cv2
+    from skimage.transform import SimilarityTransform
+
+    from caphuman_bench.faces.arcface import ARCFACE_TEMPLATE
+
+    ratio, shift = (size / ARCFACE_SIZE, 0) if size % ARCFACE_SIZE == 0 else (size / 128.0, 8.0 * size / 128.0)
+    template = ARCFACE_TEMPLATE * ratio
+    template[:, 0] += shift
+    params = SimilarityTransform.from_estimate(np.asarray(landmarks), template).params[0:2, :]
+    ulps, rng = 2 * np.finfo(landmarks.dtype).eps, np.random.default_rng(0)
+    pixels = np.asarray(image.convert("RGB"))
+    return np.stack([cv2.warpAffine(pixels, params * (1 + rng.uniform(-ulps, ulps, params.shape)), (size, size), borderValue=0.0)
+                     for _ in range(draws)])
+
+
 @pytest.mark.parametrize(("case", "size"), CROPS, ids=[f"case{c['case']}-{s}" for c, s in CROPS])
 def test_crop_equals_insightface_norm_crop(case, size):
+    """Pixel for pixel, except where the CPU's last bits of a float32 transform decide the 1/32-pixel step:
+    there the stored pixel must be what a transform two ulps away gives. On the CPU the vectors were made on
+    every pixel is equal; on an AVX-512 EPYC, 18 of 37,632 pixels of a noise case sat on such a step."""
     image, landmarks = _inputs(case)
     assert landmarks.dtype == np.dtype(case["landmarks_dtype"])
-    np.testing.assert_array_equal(arcface_align(image, landmarks, size), STORED[f"case{case['case']}.crop{size}"])
+    ours, stored = arcface_align(image, landmarks, size), STORED[f"case{case['case']}.crop{size}"]
+    differ = [tuple(i) for i in np.argwhere(ours != stored)]
+    if differ:
+        alternatives = _last_bit_alternatives(image, landmarks, size)
+        assert len(differ) <= 0.001 * ours.size
+        assert all((alternatives[(slice(None), *i)] == stored[i]).any() for i in differ), "a pixel differs beyond the last bits"
 
 
 def _skimage_crop(image: Image.Image, landmarks: np.ndarray, size: int) -> np.ndarray:
