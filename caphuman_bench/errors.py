@@ -7,3 +7,7 @@ class BenchError(Exception):
 
 class MissingWeightsError(BenchError):
     """A weights file a method or metric needs is not present locally."""
+
+
+class FaceNotFoundError(BenchError):
+    """No face in a photo a head condition is made from: that identity's tasks fail, the run goes on."""

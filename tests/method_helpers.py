@@ -21,12 +21,19 @@ def generation_request(bench: Benchmark, identity_id: str = "nasa-astronaut", co
     )
 
 
-def generated_pixels(adapter, bench: Benchmark, overrides: dict | None = None, **request) -> np.ndarray:
-    """The image of one request with some parameters overridden for this call only."""
+def generated_pixels(adapter, bench: Benchmark, overrides: dict | None = None, *, head_of: str | None = None,
+                     **request) -> np.ndarray:
+    """The image of one request with some parameters overridden for this call only. `head_of`: a head-aware
+    adapter draws the head with that identity's code instead of the reference's (the reference photo still
+    reaches every other input), so a test can close the head's path from the photo."""
     saved = dict(adapter.params)
     adapter.params.update(overrides or {})
+    one = generation_request(bench, **request)
+    if head_of is not None:
+        one.identity_id = f"{one.identity_id}-with-the-head-of-{head_of}"
+        adapter._codes[one.identity_id] = adapter.photo_code(head_of, bench.reference_image(head_of))
     try:
-        (image,) = adapter.generate([generation_request(bench, **request)])
+        (image,) = adapter.generate([one])
     finally:
         adapter.params.clear()
         adapter.params.update(saved)

@@ -206,12 +206,14 @@ class ConstantDeca(torch.nn.Module):
 
 def _deca_adapter(tmp_path, size: int = 128):
     """The ControlNet adapter with a constant DECA encoder and the synthetic FLAME head (no weight files)."""
+    from caphuman_bench.models.deca_encoder import DecaReconstructor
     from caphuman_bench.render.head_condition import HeadConditionRenderer
 
     card = get_card("arc2face_controlnet")
     method = get_method(card.adapter)(card, card.resolve_params(None, {"height": size, "width": size}),
                                       MethodContext(device="cpu", workdir=tmp_path))
-    method.renderer, method.deca, method._codes = HeadConditionRenderer.synthetic(device="cpu"), ConstantDeca(), {}
+    method.renderer, method._codes = HeadConditionRenderer.synthetic(device="cpu"), {}
+    method.reconstructor = DecaReconstructor(ConstantDeca(), "deca:constant")
     return method
 
 
@@ -233,7 +235,7 @@ def test_head_is_drawn_into_the_ffhq_aligned_reference(tmp_path, bench):
     (aligned_points,) = dlib_landmarks([aligned])
     assert aligned_points is not None
     square = landmark_square(aligned_points)
-    (aligned_code,) = encode_crops(method.deca, deca_crop_square(aligned, square)[None])
+    (aligned_code,) = encode_crops(method.reconstructor.encoder, deca_crop_square(aligned, square)[None])
     shape_code = method.identity_code("nasa-astronaut", reference)
     expected = method.renderer.render(shape_code, {**condition.coefficients(), "cam": aligned_code["cam"]},
                                       "position,pose,expression", size, CropFrame(square.tform, size, size))

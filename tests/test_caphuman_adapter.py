@@ -122,13 +122,17 @@ def test_head_target_is_the_mixed_code(adapter, bench):
     from caphuman_bench.render.head_condition import neutral_identity_code
 
     condition = bench.conditions["yaw-r20"]
-    target = adapter.head_target("nasa-astronaut", bench.reference_image("nasa-astronaut"), condition)
-    neutral = neutral_identity_code()
-    # position,pose: camera and global rotation from the condition, the rest the reference's.
+    reference = bench.reference_image("nasa-astronaut")
+    target = adapter.head_target("nasa-astronaut", reference, condition)
+    neutral, code = neutral_identity_code(), adapter.identity_code("nasa-astronaut", reference)
+    # position,pose: camera and global rotation from the condition, the rest the reference's: in the tiny
+    # setting the tiny DECA's shape and expression, FLAME's neutral code otherwise.
     np.testing.assert_allclose(target["cam"], condition.cam)
     np.testing.assert_allclose(target["pose"][:3], condition.pose[:3])
     np.testing.assert_allclose(target["pose"][3:], neutral["pose"][3:])
-    np.testing.assert_allclose(target["exp"], neutral["exp"])
+    np.testing.assert_allclose(target["shape"], code["shape"])
+    np.testing.assert_allclose(target["exp"], code["exp"])
+    assert not np.allclose(target["exp"], neutral["exp"])
     np.testing.assert_allclose(target["light"], neutral["light"])
 
 

@@ -62,8 +62,10 @@ def test_identity_scale_and_head_condition_change_the_image(adapter, bench, base
     assert not np.array_equal(generated_pixels(adapter, bench, {"ip_adapter_scale": 0.6}), no_identity)
     assert not np.array_equal(base, no_identity)
     assert not np.array_equal(generated_pixels(adapter, bench, condition_id="yaw-l45"), base)
-    # with scale 0 the reference photo has no way in: another identity, same condition and seed, same image
-    assert np.array_equal(generated_pixels(adapter, bench, {"ip_adapter_scale": 0.0}, identity_id="grace-hopper"), no_identity)
+    # with scale 0 the reference photo's only way in is the head's shape and expression: another identity's photo
+    # under the astronaut's head, same condition and seed, same image
+    assert np.array_equal(generated_pixels(adapter, bench, {"ip_adapter_scale": 0.0}, identity_id="grace-hopper",
+                                           head_of="nasa-astronaut"), no_identity)
 
 
 def test_control_image_follows_normalbae_convention(adapter, bench):
@@ -109,10 +111,12 @@ def test_head_target_is_the_mixed_code(adapter, bench):
     from caphuman_bench.render.head_condition import neutral_identity_code
 
     condition = bench.conditions["yaw-r20"]
-    target = adapter.head_target("nasa-astronaut", bench.reference_image("nasa-astronaut"), condition)
+    reference = bench.reference_image("nasa-astronaut")
+    target = adapter.head_target("nasa-astronaut", reference, condition)
     np.testing.assert_allclose(target["cam"], condition.cam)
     np.testing.assert_allclose(target["pose"][:3], condition.pose[:3])
-    np.testing.assert_allclose(target["exp"], neutral_identity_code()["exp"])
+    np.testing.assert_allclose(target["exp"], adapter.identity_code("nasa-astronaut", reference)["exp"])  # the tiny DECA's
+    np.testing.assert_allclose(target["light"], neutral_identity_code()["light"])
 
 
 def test_full_run_without_files_names_every_file_first(card):

@@ -196,7 +196,7 @@ def test_detection_memo_hit_does_not_resize(monkeypatch):
 
 
 class _Host:
-    """The smallest adapter the head-render mixin needs: params, context, renderer, a (random) DECA encoder."""
+    """The smallest adapter the head-render mixin needs: params, context, renderer, a (random) DECA reconstructor."""
 
 
 @pytest.fixture(scope="module")
@@ -210,12 +210,13 @@ def random_deca():
 def _host(random_deca, tmp_path, **params):
     from caphuman_bench.methods.base import MethodContext
     from caphuman_bench.methods.head_renders import HeadRenderMixin
+    from caphuman_bench.models.deca_encoder import DecaReconstructor
 
     host = type("Host", (HeadRenderMixin, _Host), {})()
     host.params = {"height": 64, **params}
     host.context = MethodContext(device="cpu", workdir=tmp_path)
     host.renderer = HeadConditionRenderer.synthetic(device="cpu")
-    host.deca, host._codes = random_deca, {}
+    host.reconstructor, host._codes = DecaReconstructor(random_deca, "deca:random"), {}
     return host
 
 

@@ -26,8 +26,7 @@ from caphuman_bench.errors import BenchError
 from caphuman_bench.finetune.artefacts import ArtefactStore
 from caphuman_bench.finetune.training import SAVE_DTYPES, TRAIN_DTYPES
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
-from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
-from caphuman_bench.methods.ip_adapter_controlnet import HEAD_WEIGHTS
+from caphuman_bench.methods.head_renders import HeadRenderMixin, head_weights, normals_to_controlnet_image
 from caphuman_bench.weights import sha256_of
 
 BASE_WEIGHTS = ("stable_diffusion_v1_5",)
@@ -93,7 +92,7 @@ class FineTunedMethod(HeadRenderMixin, MethodAdapter):
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
         if params.get("tiny"):
             return []
-        return [*BASE_WEIGHTS, *((*CONTROLNET_WEIGHTS, *HEAD_WEIGHTS) if params.get("controlnet_head") else ())]
+        return [*BASE_WEIGHTS, *((*CONTROLNET_WEIGHTS, *head_weights(params)) if params.get("controlnet_head") else ())]
 
     @classmethod
     def artefacts(cls, card, params: dict[str, Any], bench, identity_ids: list[str], runs_dir: Path) -> dict[str, dict]:

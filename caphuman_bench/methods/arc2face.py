@@ -29,9 +29,10 @@ output size (`faces/ffhq_align.py`, the demo's `image_align(ref_img, lmks, outpu
 landmarks (the demo: EMOCA's FAN, face_alignment 2DFAN; here `faces/landmarks.py`, FAN when `fan_2dfan4`
 is present, else dlib's 68-point stand-in, same iBUG scheme), DECA's kpt68 crop of the aligned photo gives
 the camera and the frame, and the head is rendered into that aligned frame. The identity's shape comes
-from the reference as it is (the demo encodes the identity photo unaligned). One difference stays:
-EMOCA's coarse code there, DECA's here (the same FLAME and renderer; EMOCA retrains the expression
-branch).
+from the reference as it is (the demo encodes the identity photo unaligned). One difference stays by
+default: EMOCA's coarse code there, DECA's here (the same FLAME and renderer; EMOCA retrains the expression
+branch); `reconstructor: emoca_v2` closes it where that reconstructor is installed. A reconstructor that
+crops the face itself (SMIRK) reports no crop transform: no alignment, the head drawn in its crop frame.
 
 Defaults (README "Usage" and the ControlNet demo): DPMSolverMultistepScheduler from SD-1.5's
 scheduler config, 25 steps, guidance 3.0, no negative prompt, 512 × 512, ControlNet scale 1.0
@@ -55,12 +56,12 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size
-from caphuman_bench.methods.head_renders import HeadRenderMixin
+from caphuman_bench.methods.head_renders import HeadRenderMixin, chosen_reconstructor, head_weights
+from caphuman_bench.models.reconstructors import reconstructor_class
 from caphuman_bench.registry import register_method
 
 ARCFACE_WEIGHTS = {"arc2face": "arc2face_arcface", "antelopev2": "arcface_antelopev2"}
 MODEL_WEIGHTS = ("stable_diffusion_v1_5", "arc2face_unet", "arc2face_encoder")
-HEAD_WEIGHTS = ("arc2face_controlnet", "deca_model", "flame_model", "flame_texture", "flame_head_template")
 # What each folder-shaped weights entry must hold for `from_pretrained` with local files only.
 FOLDER_FILES = {
     "stable_diffusion_v1_5": ("model_index.json", "vae/config.json", "tokenizer/tokenizer_config.json",
@@ -179,7 +180,7 @@ class Arc2FaceMethod(MethodAdapter):
         require_onnxruntime()
         if params.get("tiny"):
             return []
-        heads = HEAD_WEIGHTS if cls.uses_controlnet else ()
+        heads = ("arc2face_controlnet", *head_weights(params)) if cls.uses_controlnet else ()
         return [*MODEL_WEIGHTS, ARCFACE_WEIGHTS[str(params.get("arcface", "arc2face"))], *heads]
 
     def load(self) -> None:
@@ -282,20 +283,8 @@ class Arc2FaceControlNetMethod(HeadRenderMixin, Arc2FaceMethod):
             raise BenchError(f"{where}: parameter 'mixing': {exc}") from None
 
     def load(self) -> None:
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
-
-        self._codes: dict[str, dict[str, np.ndarray]] = {}
         super().load()
-        if self.params.get("tiny"):
-            self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-            self.deca = None
-        else:
-            from caphuman_bench.models.deca_encoder import load_deca_encoder
-
-            paths = self.context.weights
-            self.renderer = HeadConditionRenderer.from_files(
-                paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
-            self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
+        self.load_head_models(self.device, tiny=bool(self.params.get("tiny")))
 
     def _load_pipeline(self, controlnet=None):
         from diffusers import ControlNetModel
@@ -307,15 +296,16 @@ class Arc2FaceControlNetMethod(HeadRenderMixin, Arc2FaceMethod):
     @classmethod
     def head_inputs(cls, params: dict) -> dict:
         recorded = super().head_inputs(params)
-        if params.get("tiny"):
+        if params.get("tiny") or reconstructor_class(chosen_reconstructor(params)).info.crop == "own":
             return recorded
         return {**recorded, "ffhq_align": "reference (and pose photo) FFHQ-aligned to height² from its 68 landmarks "
-                "before DECA, the head drawn in that frame (Arc2Face app_controlnet.py image_align)"}
+                "before the reconstructor, the head drawn in that frame (Arc2Face app_controlnet.py image_align)"}
 
     def frame_code(self, name: str, photo: Image.Image):
         """The pose demo's frame: `photo` FFHQ-aligned to the output size from its 68 landmarks, then DECA's code
-        and crop of the aligned photo as it is (the demo's `preprocess_for_emoca` does not resample it)."""
-        if self.deca is None:  # tiny: no DECA, no frame to align
+        and crop of the aligned photo as it is (the demo's `preprocess_for_emoca` does not resample it).
+        Not for tiny runs and reconstructors that crop the face themselves: they draw in the crop frame, no frame to align."""
+        if self.params.get("tiny") or self.reconstructor.info.crop == "own":
             return self.photo_code(name, photo)
         key = f"ffhq-{name}"
         if key not in self._codes:

@@ -2,9 +2,10 @@
 
 Per identity, once per run (cached under the run's `cache/method/` so a resumed run skips them):
 the identity tokens (`IdentityEncoder`: CLIP tokens of the face-parsed photo + FaceNet embedding) and
-the reference's DECA code. Per identity × head condition: the 9-channel head render of the
-reference's code mixed with the condition (`params["mixing"]`, the official `--modes`); DECA code and
-renders come from `HeadRenderMixin` (methods/head_renders.py), shared with `ip_adapter_controlnet`.
+the reference's FLAME code (DECA's, the official one, or another `reconstructor`'s). Per identity × head
+condition: the 9-channel head render of the reference's code mixed with the condition (`params["mixing"]`,
+the official `--modes`); code and renders come from `HeadRenderMixin` (methods/head_renders.py), shared
+with `ip_adapter_controlnet`.
 
 Switches (passed to the pipeline; see `CapFaceModel`): `tau` zeroes CapFace's whole identity context
 at DDIM steps with t > tau (0 = never; any tau >= 999 also never drops, so tau = 0 and tau >= 1000
@@ -19,7 +20,8 @@ the run's configuration (`artefacts.backbone` in run.json), so another file neve
 
 With `tiny: true` (the smoke preset) every network has random weights and needs no file: the tiny
 CapHuman of `build_tiny_caphuman_pipeline`, a tiny CLIP / full-size random FaceNet and BiSeNet with
-the real MTCNN, and the synthetic FLAME-format head from FLAME's neutral code (no DECA).
+the real MTCNN, and the synthetic FLAME-format head from FLAME's neutral code with the shape and
+expression the reconstructor's tiny random model reads from the reference.
 """
 
 from __future__ import annotations
@@ -38,14 +40,13 @@ from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.errors import BenchError
 from caphuman_bench.faces.memo import BoundedMemo
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter
-from caphuman_bench.methods.head_renders import HeadRenderMixin
+from caphuman_bench.methods.head_renders import HeadRenderMixin, head_weights
 from caphuman_bench.pipelines.acceleration import FAST, accelerate_pipeline, attention_backend, resolve_levers
 from caphuman_bench.registry import register_method
 
 log = logging.getLogger(__name__)
 BACKBONES = ("caphuman", "realistic_vision")
-BASE_WEIGHTS = ("caphuman_ckpt", "facenet_vggface2", "face_parser_bisenet", "deca_model",
-                "flame_model", "flame_texture", "flame_head_template")
+BASE_WEIGHTS = ("caphuman_ckpt", "facenet_vggface2", "face_parser_bisenet")
 OVERLAY_WEIGHTS = ("realistic_vision_v3", "vae_ft_mse")
 DEVICE_MEMO = 32  # head conditions (4.7 MB each at 512² in bf16) and identities kept on the device; tasks come identity by identity
 
@@ -84,7 +85,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         if params.get("tiny"):
             return []
         extra = OVERLAY_WEIGHTS if params.get("backbone") == "realistic_vision" else ()
-        return [*BASE_WEIGHTS, *extra]
+        return [*BASE_WEIGHTS, *head_weights(params), *extra]
 
     @classmethod
     def artefacts(cls, card, params: dict[str, Any], bench, identity_ids: list[str], runs_dir: Path) -> dict[str, dict]:
@@ -129,7 +130,6 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
     def _load_tiny(self) -> None:
         from caphuman_bench.models.identity_encoder import IdentityEncoder
         from caphuman_bench.pipelines.tiny import build_tiny_caphuman_pipeline
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
 
         self.pipe = build_tiny_caphuman_pipeline(seed=0)
         if self._backbone_path() is not None:  # a tiny SD-1.5-layout model, in the tests
@@ -139,16 +139,13 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
         self.pipe = self.pipe.to(self.device, self.dtype)
         token_dim = self.pipe.capface.config.image_token_dim
         self.identity_encoder = IdentityEncoder.random(image_token_dim=token_dim, seed=0, device=self.device)
-        self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-        self.deca = None
+        self.load_head_models(self.device, tiny=True)
 
     def _load_full(self) -> None:
         from caphuman_bench.loaders.convert_caphuman import load_caphuman_components
-        from caphuman_bench.models.deca_encoder import load_deca_encoder
         from caphuman_bench.models.face_parser import FaceParser
         from caphuman_bench.models.identity_encoder import IdentityEncoder, load_facenet
         from caphuman_bench.pipelines.pipeline_caphuman import CapHumanPipeline
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
 
         paths = self.context.weights
         overlay = self.params.get("backbone") == "realistic_vision"
@@ -165,10 +162,7 @@ class CapHumanMethod(HeadRenderMixin, MethodAdapter):
             load_facenet(paths["facenet_vggface2"]).to(dtype=self.dtype), clip_vision,
             FaceParser.from_file(paths["face_parser_bisenet"]), self.device,
         )
-        self.renderer = HeadConditionRenderer.from_files(
-            paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device
-        )
-        self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
+        self.load_head_models(self.device, tiny=False)
 
     # ------------------------------------------------------------------------------------------
     # per-run pre-computation, cached in the run directory

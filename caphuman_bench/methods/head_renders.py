@@ -1,26 +1,43 @@
 """Per-run head renders shared by the methods steered by a rendered 3D head (CapHuman, IP-Adapter + ControlNet).
 
-Per identity, once per run (cached under the run's `cache/method/`): the reference's DECA code (FLAME's
-neutral code when the adapter has no DECA encoder, i.e. the tiny setting) and its crop frame. Per
-identity × head condition: the head render of that code mixed with the condition (`params["mixing"]`,
-CapHuman's `--modes`), whose mixed code is also the head-control target the method was steered to.
+Per identity, once per run (cached under the run's `cache/method/`): the reference's FLAME code, made by
+the run's reconstructor (`params["reconstructor"]`, default `deca`, the paper's; any name of
+`models.reconstructors`, issue 26), and its crop frame. Per identity × head condition: the head render of
+that code mixed with the condition (`params["mixing"]`, CapHuman's `--modes`), whose mixed code is also the
+head-control target the method was steered to.
 
-What DECA sees, as CapHuman's inference.py (`TestData(iscrop=True, size=image_resolution)`):
+What a reconstructor with DECA's crop (`info.crop == "deca"`: DECA, EMOCA v2) sees, as CapHuman's
+inference.py (`TestData(iscrop=True, size=image_resolution)`):
 1. the photo resized to size × size without keeping its aspect ratio, anti-aliased, truncated to uint8
    (`deca_encoder.resize_as_testdata`);
 2. the crop (`deca_crop`): "kpt68" (default, official) — DECA's `bbox2point(type='kpt68')` square of 68
    landmarks (`faces.landmarks`: FAN when `fan_2dfan4` is present, dlib's 68-point predictor otherwise);
    "mtcnn" — DECA's 'bbox' rule on MTCNN's most confident box. No face: DECA's whole-image fallback.
+A reconstructor that crops the face itself (`info.crop == "own"`: SMIRK) gets the photo as given
+(`encode_images`; TestData's resize is DECA's loader, not part of it). It reports no crop transform, so
+its camera places the head in its own crop only: the head is drawn in the crop frame (`head_frame: crop`
+semantics, whatever `head_frame` says). No face found: there is no whole-image fallback to copy, so that
+photo's tasks fail with the reason (`FaceNotFoundError`) and the run goes on.
+
+A group the reconstructor does not estimate (SMIRK has no light; only DECA gives an albedo `tex`) is
+taken from the head condition's explicit value (its `light`; `pose`, `exp`, `cam` likewise), else from
+FLAME's neutral code (`tex`: the mean albedo); `head_inputs` records which.
 
 Where the head is drawn (`head_frame`): "reference" (default, official `position` semantics with the
 reference as the pose photo) — into the size² frame of the resized reference through its crop transform,
-at the reference's own DECA camera, with the condition's rotation, expression and light as `mixing` says;
+at the reference's own camera, with the condition's rotation, expression and light as `mixing` says;
 "crop" — the condition's explicit camera in the crop frame (the output is the crop). A condition with a
 `pose_image` is the official run with a pose photo: that photo goes through the same steps and its code
 (and, with `position`, its camera and crop frame) is mixed in.
 
-A subclass sets `self.renderer` (a `HeadConditionRenderer`), `self.deca` (DECA encoder or None) and
-`self._codes = {}` in its `load`; one steered by landmarks also sets `self.landmarks` (a `render.landmarks.HeadLandmarks`).
+Tiny setting (`tiny: true`, smoke runs): the reconstructor's `tiny(seed=0)` random model reads the
+reference as above; its shape and expression replace FLAME's neutral ones, the rest stays neutral and
+the head is drawn in the crop frame at the condition's camera (no frame), so `reconstructor` changes the
+smoke run's heads too.
+
+A subclass calls `load_head_models` in its `load` (it sets `self.renderer`, a `HeadConditionRenderer`,
+`self.reconstructor`, a loaded `Reconstructor`, and `self._codes = {}`); one steered by landmarks also sets
+`self.landmarks` (a `render.landmarks.HeadLandmarks`).
 
 Normal map convention: ControlNet 1.1's normalbae annotator (lllyasviel/ControlNet-v1-1-nightly,
 commit e2b4415, `annotator/normalbae/__init__.py`) writes BAE's camera-space unit normal n as
@@ -42,8 +59,9 @@ import numpy as np
 from PIL import Image
 
 from caphuman_bench.atomic import atomic_write, read_cached
-from caphuman_bench.errors import BenchError
+from caphuman_bench.errors import BenchError, FaceNotFoundError
 from caphuman_bench.faces.memo import BoundedMemo
+from caphuman_bench.models.reconstructors import FLAME_GROUPS, reconstructor_class, reconstructor_names
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -67,8 +85,12 @@ def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
 
 DECA_CROPS = ("kpt68", "mtcnn")
 HEAD_FRAMES = ("reference", "crop")
-HEAD_PARAM_TYPES = {"deca_crop": str, "head_frame": str}
+HEAD_PARAM_TYPES = {"deca_crop": str, "head_frame": str, "reconstructor": str}
+DEFAULT_RECONSTRUCTOR = "deca"
 FAN_WEIGHTS = "fan_2dfan4"
+FLAME_WEIGHTS = ("flame_model", "flame_texture", "flame_head_template")
+CONDITION_GROUPS = ("pose", "exp", "cam", "light")  # what a head condition gives explicitly
+TINY_GROUPS = ("shape", "exp")  # what the tiny model's code contributes to the smoke run's head
 
 
 def check_head_params(params: dict, where: str) -> None:
@@ -76,6 +98,34 @@ def check_head_params(params: dict, where: str) -> None:
     for name, allowed, default in (("deca_crop", DECA_CROPS, "kpt68"), ("head_frame", HEAD_FRAMES, "reference")):
         if params.get(name, default) not in allowed:
             raise BenchError(f"{where}: parameter {name!r} must be one of {', '.join(allowed)}, got {params[name]!r}")
+    try:
+        reconstructor_class(chosen_reconstructor(params))
+    except BenchError as exc:
+        raise BenchError(f"{where}: parameter 'reconstructor': {exc}") from None
+
+
+def chosen_reconstructor(params: dict) -> str:
+    return str(params.get("reconstructor", DEFAULT_RECONSTRUCTOR))
+
+
+def reconstructor_weights(params: dict) -> list[str]:
+    """The manifest entries of the chosen reconstructor only (another one's are not needed)."""
+    return list(reconstructor_class(chosen_reconstructor(params)).info.weights)
+
+
+def head_weights(params: dict) -> list[str]:
+    """What a head-aware adapter loads for the head condition: the reconstructor's weights and FLAME's files."""
+    return [*reconstructor_weights(params), *FLAME_WEIGHTS]
+
+
+def with_chosen_reconstructor(needed: list[str], params: dict) -> list[str]:
+    """A card's weights list with every reconstructor's entries ("only with reconstructor: <name>") swapped
+    for the chosen one's; a list that names no reconstructor's entry is left as it is."""
+    every = {w for name in reconstructor_names() for w in reconstructor_class(name).info.weights}
+    if not every & set(needed):
+        return needed
+    kept = [w for w in needed if w not in every]
+    return [*kept, *(w for w in reconstructor_weights(params) if w not in kept)]
 
 
 def landmark_source() -> str:
@@ -87,16 +137,32 @@ def landmark_source() -> str:
 
 def head_inputs(params: dict) -> dict:
     """How the head condition was made, for run.json (`head_inputs`) and the leaderboard's provenance."""
-    if params.get("tiny"):
-        return {"tiny": "FLAME's neutral code in the crop frame at the condition's camera (no DECA: no resize, crop or frame)"}
-    crop = params.get("deca_crop", "kpt68")
+    info = reconstructor_class(chosen_reconstructor(params)).info
+    tiny = bool(params.get("tiny"))
+    reconstructor = {"name": info.name, "title": info.title,
+                     "weights": "random (its tiny model, seed 0)" if tiny else list(info.weights),
+                     "crop": info.crop,
+                     "not_estimated": {g: "the head condition's value" if g in CONDITION_GROUPS else "FLAME's neutral"
+                                       for g in FLAME_GROUPS if g not in info.groups} or None,
+                     "tex": "the reconstructor's albedo where it gives one, else FLAME's mean albedo"}
     size = int(params.get("height", 512))
-    landmarks = {"fan": "FAN 2DFAN-4 (official)", "dlib": "dlib 68-point predictor (stand-in for FAN)"}
+    if info.crop == "own":
+        seen = {"crop": f"{info.name}'s own face detection and crop on the photo as given (no TestData resize)"}
+    else:
+        crop = params.get("deca_crop", "kpt68")
+        landmarks = {"fan": "FAN 2DFAN-4 (official)", "dlib": "dlib 68-point predictor (stand-in for FAN)"}
+        seen = {"resize": f"{size}x{size}, aspect not kept, skimage anti-aliased, uint8 truncation (official TestData)",
+                "deca_crop": crop,
+                "landmarks": landmarks[landmark_source()] if crop == "kpt68" else None}
+    if tiny:
+        return {"tiny": f"the tiny {info.name}'s shape and expression on FLAME's neutral code, in the crop frame at the "
+                        "condition's camera (no frame)",
+                "reconstructor": reconstructor, **seen}
+    own = "crop (the reconstructor crops the face itself and reports no crop transform: the condition's camera in the crop frame)"
     return {
-        "resize": f"{size}x{size}, aspect not kept, skimage anti-aliased, uint8 truncation (official TestData)",
-        "deca_crop": crop,
-        "landmarks": landmarks[landmark_source()] if crop == "kpt68" else None,
-        "head_frame": params.get("head_frame", "reference"),
+        "reconstructor": reconstructor,
+        **seen,
+        "head_frame": own if info.crop == "own" else params.get("head_frame", "reference"),
         "mixing": params.get("mixing", "position,pose"),
     }
 
@@ -123,8 +189,8 @@ RENDER_MEMO = 64  # a 512² render holds ~10 MB; tasks come identity by identity
 
 
 class HeadRenderMixin:
-    """Gives an adapter the head-input parameters (`deca_crop`, `head_frame`: declared, checked, and
-    recorded in run.json as `head_inputs`) and the renders; list it before `MethodAdapter`."""
+    """Gives an adapter the head-input parameters (`reconstructor`, `deca_crop`, `head_frame`: declared,
+    checked, and recorded in run.json as `head_inputs`) and the renders; list it before `MethodAdapter`."""
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -138,6 +204,12 @@ class HeadRenderMixin:
     @classmethod
     def head_inputs(cls, params: dict) -> dict:
         return head_inputs(params)
+
+    @classmethod
+    def required_weights(cls, card, params: dict) -> list[str]:
+        """The card's list (an adapter that names its own list uses `head_weights`), with the chosen
+        reconstructor's weights in place of the card's default one's."""
+        return with_chosen_reconstructor(super().required_weights(card, params), params)
 
     def _cache_path(self, folder: str, *parts: str) -> Path | None:
         """`<workdir>/<folder>/<parts...>` with its parent folder created; None without a workdir."""
@@ -153,12 +225,15 @@ class HeadRenderMixin:
         h.update(f"{reference.size}|tiny={bool(self.params.get('tiny'))}|{self.params.get('backbone')}".encode())
         return h.hexdigest()[:16]
 
-    def _deca_fingerprint(self, photo: Image.Image) -> str:
-        """`_fingerprint` plus what DECA's input depends on: size, crop rule, landmark source."""
-        crop = self.params.get("deca_crop", "kpt68")
-        source = self._landmarks().source if crop == "kpt68" else ""
+    def _code_fingerprint(self, photo: Image.Image) -> str:
+        """`_fingerprint` plus the reconstructor's identity and, for DECA's crop, what its input depends on:
+        size, crop rule, landmark source."""
         h = hashlib.sha256(self._fingerprint(photo).encode())
-        h.update(f"{self.params.get('height', 512)}|{crop}|{source}".encode())
+        h.update(self.reconstructor.fingerprint().encode())
+        if self.reconstructor.info.crop == "deca":
+            crop = self.params.get("deca_crop", "kpt68")
+            source = self._landmarks().source if crop == "kpt68" else ""
+            h.update(f"{self.params.get('height', 512)}|{crop}|{source}".encode())
         return h.hexdigest()[:16]
 
     def _landmarks(self):
@@ -185,38 +260,62 @@ class HeadRenderMixin:
         return bbox2point(left, right, top, bottom, "bbox")
 
     def photo_code(self, name: str, photo: Image.Image, resize: bool = True):
-        """(DECA code, CropFrame) of a photo as CapHuman's inference computes them; cached as `deca/<name>.*.npz`.
-        `resize=False`: the photo is already the frame (size², e.g. FFHQ-aligned) and DECA sees it unresampled.
-        Without a DECA encoder (tiny): FLAME's neutral code and no frame, i.e. the condition's explicit camera."""
-        from caphuman_bench.models.deca_encoder import deca_crop_square, encode_crops, resize_as_testdata
-        from caphuman_bench.render.head_condition import CropFrame, check_code, neutral_identity_code
+        """(code, CropFrame or None) of a photo as the module doc says; cached as `codes/<name>.*.npz`.
+        Groups the reconstructor does not estimate are absent (`head_render` fills them). `resize=False`:
+        the photo is already the frame (size², e.g. FFHQ-aligned) and DECA's crop is cut from it unresampled.
+        Tiny: the tiny model's shape and expression on FLAME's neutral code, and no frame."""
+        from caphuman_bench.render.head_condition import CODE_SIZES, CropFrame, check_code, neutral_identity_code
 
-        if name in self._codes:
-            return self._codes[name]
-        if self.deca is None:  # tiny: FLAME's neutral code has no camera for any photo, so no frame either
-            self._codes[name] = (neutral_identity_code(), None)
-            return self._codes[name]
-        path = self._cache_path("deca", f"{name}.{self._deca_fingerprint(photo)}.npz")
+        known = self._codes.get(name)
+        if isinstance(known, FaceNotFoundError):
+            raise known
+        if known is not None:
+            return known
+        path = self._cache_path("codes", f"{name}.{self._code_fingerprint(photo)}.npz")
         stored = read_cached(path, _load_npz) if path is not None else None  # an unreadable entry is a miss
         if stored is None:
-            size = int(self.params.get("height", 512))
-            resized = resize_as_testdata(photo, size) if resize else photo.convert("RGB")
-            square = self.deca_square(resized)
-            code = encode_crops(self.deca, deca_crop_square(resized, square)[None])[0]
-            stored = {**code, "frame_tform": square.tform, "frame_size": np.array([size, size])}
+            try:
+                stored = self._reconstruct(name, photo, resize)
+            except FaceNotFoundError as exc:
+                self._codes[name] = exc
+                raise
             if path is not None:
                 atomic_write(path, lambda fh: np.savez(fh, **stored))
-        code = check_code(stored, f"{name!r} DECA code")
-        width, height = (int(v) for v in stored["frame_size"])
-        self._codes[name] = (code, CropFrame(np.asarray(stored["frame_tform"], dtype=np.float64), width, height))
+        code = check_code(stored, f"{name!r} {self.reconstructor.info.name} code", keys=[k for k in CODE_SIZES if k in stored])
+        frame = None
+        if self.params.get("tiny"):
+            code = {**neutral_identity_code(), **{k: code[k] for k in TINY_GROUPS}}
+        elif "frame_tform" in stored:
+            width, height = (int(v) for v in stored["frame_size"])
+            frame = CropFrame(np.asarray(stored["frame_tform"], dtype=np.float64), width, height)
+        self._codes[name] = (code, frame)
         return self._codes[name]
 
+    def _reconstruct(self, name: str, photo: Image.Image, resize: bool) -> dict[str, np.ndarray]:
+        """The reconstructor's code of a photo, with DECA's crop frame where it takes DECA's crop."""
+        from caphuman_bench.models.deca_encoder import deca_crop_square, resize_as_testdata
+        from caphuman_bench.models.reconstructors import checked_code
+
+        info = self.reconstructor.info
+        if info.crop == "own":
+            (code,) = self.reconstructor.encode_images([photo.convert("RGB")])
+            if code is None:
+                raise FaceNotFoundError(f"{name!r}: {info.name} found no face in the photo, so there is no head "
+                                        "condition (it crops the face itself: DECA's whole-image fallback has no equivalent)")
+            return checked_code(code, f"{info.name} code of {name!r}")
+        size = int(self.params.get("height", 512))
+        resized = resize_as_testdata(photo, size) if resize else photo.convert("RGB")
+        square = self.deca_square(resized)
+        (code,) = self.reconstructor.encode_crops(deca_crop_square(resized, square)[None])
+        return {**checked_code(code, f"{info.name} code of {name!r}"), "frame_tform": square.tform,
+                "frame_size": np.array([size, size])}
+
     def identity_code(self, identity_id: str, reference: Image.Image) -> dict[str, np.ndarray]:
-        """The reference's DECA code (FLAME's neutral code in the tiny setting)."""
+        """The reference's code (groups the reconstructor does not estimate absent)."""
         return self.photo_code(identity_id, reference)[0]
 
     def frame_code(self, name: str, photo: Image.Image):
-        """(DECA code, CropFrame) of a photo the head is drawn into (the reference, a pose photo): `photo_code`;
+        """(code, CropFrame or None) of a photo the head is drawn into (the reference, a pose photo): `photo_code`;
         a method whose authors re-frame that photo first (Arc2Face's FFHQ alignment) overrides this."""
         return self.photo_code(name, photo)
 
@@ -226,15 +325,16 @@ class HeadRenderMixin:
         from caphuman_bench.render.head_condition import parse_mode
 
         code, frame = self.frame_code(identity_id, reference)
+        explicit = condition.coefficients()
         if condition.pose_image:
             pose_code, pose_frame = self.frame_code(f"pose-{condition.id}", load_rgb(condition.pose_image))
-            coefficients = {k: pose_code[k] for k in ("pose", "exp", "cam", "light")}
+            coefficients = {k: pose_code.get(k, explicit[k]) for k in CONDITION_GROUPS}
             if "position" in parse_mode(str(self.params.get("mixing", "position,pose"))):
                 frame = pose_frame
         elif frame is not None and self.params.get("head_frame", "reference") == "reference":
-            coefficients = {**condition.coefficients(), "cam": code["cam"]}
+            coefficients = {**explicit, "cam": code["cam"]}
         else:
-            coefficients, frame = condition.coefficients(), None
+            coefficients, frame = explicit, None
         return {**coefficients, "id": condition.id}, frame
 
     def render_key(self, identity_id: str, condition, size: int) -> tuple:
@@ -246,7 +346,10 @@ class HeadRenderMixin:
 
         Kept in memory too (the last RENDER_MEMO): every task of an identity × condition needs the
         same render, and reading the compressed file back costs ~0.1 s, seconds per batch of 32."""
-        code = self.identity_code(identity_id, reference)
+        from caphuman_bench.render.head_condition import neutral_identity_code
+
+        # groups the reconstructor does not estimate: the condition's explicit value, else FLAME's neutral one
+        code = {**neutral_identity_code(), **condition.coefficients(), **self.identity_code(identity_id, reference)}
         coefficients, frame = self._condition_and_frame(identity_id, reference, condition)
         mixing = str(self.params.get("mixing", "position,pose"))
         if not hasattr(self, "_renders"):
@@ -272,18 +375,17 @@ class HeadRenderMixin:
         return dict(self.head_render(identity_id, reference, condition, size).target)
 
     def load_head_models(self, device, *, tiny: bool) -> None:
-        """What the mixin needs: the synthetic FLAME head without DECA (tiny), or FLAME + DECA from
-        the run's weights (`flame_model`, `flame_texture`, `flame_head_template`, `deca_model`)."""
+        """What the mixin needs: the synthetic FLAME head and the reconstructor's tiny random model (tiny),
+        or FLAME (`flame_model`, `flame_texture`, `flame_head_template`) and the reconstructor from the
+        run's weights (its `info.weights`)."""
         from caphuman_bench.render.head_condition import HeadConditionRenderer
 
+        chosen = reconstructor_class(chosen_reconstructor(self.params))
         self._codes = {}
         if tiny:
             self.renderer = HeadConditionRenderer.synthetic(device=device)
-            self.deca = None
+            self.reconstructor = chosen.tiny(seed=0, device=device)
             return
-        from caphuman_bench.models.deca_encoder import load_deca_encoder
-
         paths = self.context.weights
-        self.renderer = HeadConditionRenderer.from_files(
-            paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=device)
-        self.deca = load_deca_encoder(paths["deca_model"], device=device)
+        self.renderer = HeadConditionRenderer.from_files(*(paths[w] for w in FLAME_WEIGHTS), device=device)
+        self.reconstructor = chosen.from_weights({w: paths[w] for w in chosen.info.weights}, device=device)

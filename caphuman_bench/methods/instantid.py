@@ -5,7 +5,7 @@ onnxruntime ArcFace on antelopev2's `glintr100.onnx`, the model the authors' `Fa
 'antelopev2')` loads) through InstantID's IP-Adapter, and as IdentityNet's cross-attention context.
 
 Head: where the authors draw the keypoints of the *reference* face (insightface's `face_info['kps']`),
-this adapter draws the five keypoints of the **target head**: the reference's DECA code mixed with
+this adapter draws the five keypoints of the **target head**: the reference's FLAME code (by `reconstructor`) mixed with
 the head condition (`HeadRenderMixin`, as CapHuman and `ip_adapter_controlnet`), its 68 FLAME
 landmarks projected with the render's orthographic camera (`render.landmarks`), reduced to
 InsightFace's five (eye centres, nose tip, mouth corners), drawn by InstantID's `draw_kps` convention
@@ -14,7 +14,7 @@ framing as CapHuman, and head-control scoring compares against that same target.
 
 Weights: SDXL base 1.0 (`infer.py`'s base model), `ControlNetModel/` and `ip-adapter.bin` of
 InstantX/InstantID (torch pickle of tensors, read with weights_only=True), `glintr100.onnx`, and the
-FLAME / DECA files of the head target.
+FLAME files and the reconstructor's (DECA's by default) of the head target.
 """
 
 from __future__ import annotations
@@ -29,13 +29,12 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
-from caphuman_bench.methods.head_renders import HeadRenderMixin
+from caphuman_bench.methods.head_renders import HeadRenderMixin, head_weights
 from caphuman_bench.methods.photomaker import SDXL_FOLDER, sdxl_folder
 from caphuman_bench.methods.reference_faces import ReferenceFaces, require_onnxruntime
 from caphuman_bench.registry import register_method
 
 MODEL_WEIGHTS = (SDXL_FOLDER, "instantid_controlnet", "instantid_ip_adapter", "arcface_antelopev2")
-HEAD_WEIGHTS = ("deca_model", "flame_model", "flame_texture", "flame_head_template", "flame_landmark_embedding")
 
 log = logging.getLogger(__name__)
 
@@ -77,10 +76,9 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
         if params.get("tiny"):
             return []
         require_onnxruntime(card.name)
-        return [*MODEL_WEIGHTS, *HEAD_WEIGHTS]
+        return [*MODEL_WEIGHTS, *head_weights(params), "flame_landmark_embedding"]
 
     def load(self) -> None:
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
         from caphuman_bench.render.landmarks import HeadLandmarks
 
         self.device = torch.device(self.context.device)
@@ -90,9 +88,8 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
             self.pipe = build_tiny_instantid_pipeline()
             if self.dtype != torch.float32:
                 self.pipe.to(dtype=self.dtype)
-            self.renderer = HeadConditionRenderer.synthetic(device=self.device)
+            self.load_head_models(self.device, tiny=True)
             self.landmarks = HeadLandmarks.synthetic(self.renderer)
-            self.deca = None
             self.faces = ReferenceFaces("instantid")
         else:
             self._load_full()
@@ -113,16 +110,12 @@ class InstantIDMethod(HeadRenderMixin, MethodAdapter):
 
     def _load_full(self) -> None:
         from caphuman_bench.faces.arcface import load_arcface
-        from caphuman_bench.models.deca_encoder import load_deca_encoder
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
         from caphuman_bench.render.landmarks import HeadLandmarks, LandmarkEmbedding
 
         paths = self.context.weights
         self.pipe = self._load_pipeline(paths)
-        self.renderer = HeadConditionRenderer.from_files(
-            paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
+        self.load_head_models(self.device, tiny=False)
         self.landmarks = HeadLandmarks(self.renderer, LandmarkEmbedding.from_file(paths["flame_landmark_embedding"]))
-        self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
         self.faces = ReferenceFaces("instantid", load_arcface(paths["arcface_antelopev2"], str(self.device)))
 
     def _load_pipeline(self, paths: dict[str, Path]):

@@ -3,7 +3,7 @@
 Identity: the reference photo through IP-Adapter `ip-adapter-plus-face_sd15` (CLIP ViT-H/14 image
 encoder, penultimate hidden states → Resampler → 16 tokens in decoupled cross-attention), loaded with
 diffusers' own `load_ip_adapter`. Head: ControlNet `control_v11p_sd15_normalbae` on the surface normals
-of the same head render CapHuman is steered by (`HeadRenderMixin`: the reference's DECA code mixed with
+of the same head render CapHuman is steered by (`HeadRenderMixin`: the reference's FLAME code, by `reconstructor`, mixed with
 the condition), so head-control scoring compares both methods with the same target.
 
 Normal map: `head_renders.normals_to_controlnet_image` (normalbae's convention).
@@ -25,8 +25,8 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
-from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
-from caphuman_bench.methods.sd15 import HEAD_WEIGHTS, SD15_DDIM, build_tiny_sd15_pipeline, weights_folder
+from caphuman_bench.methods.head_renders import HeadRenderMixin, head_weights, normals_to_controlnet_image
+from caphuman_bench.methods.sd15 import SD15_DDIM, build_tiny_sd15_pipeline, weights_folder
 from caphuman_bench.registry import register_method
 
 MODEL_WEIGHTS = ("stable_diffusion_v1_5", "ip_adapter_plus_face_sd15", "ip_adapter_image_encoder_sd15",
@@ -106,11 +106,9 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
 
     @classmethod
     def required_weights(cls, card, params: dict[str, Any]) -> list[str]:
-        return [] if params.get("tiny") else [*MODEL_WEIGHTS, *HEAD_WEIGHTS]
+        return [] if params.get("tiny") else [*MODEL_WEIGHTS, *head_weights(params)]
 
     def load(self) -> None:
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
-
         self.device = torch.device(self.context.device)
         self.dtype = self.compute_dtype(self.device)
         self._codes: dict[str, dict[str, np.ndarray]] = {}
@@ -119,8 +117,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
             self.pipe = self.build_tiny_pipeline()
             if self.dtype != torch.float32:
                 self.pipe.to(dtype=self.dtype)
-            self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-            self.deca = None
+            self.load_head_models(self.device, tiny=True)
         else:
             self._load_full()
         self.pipe.to(self.device)
@@ -133,9 +130,6 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
     def _load_full(self) -> None:
         from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
         from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
-
-        from caphuman_bench.models.deca_encoder import load_deca_encoder
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
 
         paths = self.context.weights
         folders = {wid: weights_folder(wid, Path(paths[wid])) for wid in FOLDERS}
@@ -154,9 +148,7 @@ class IPAdapterControlNetMethod(HeadRenderMixin, MethodAdapter):
         # image_encoder_folder=None: the encoder is already registered from its own manifest entry.
         self.pipe.load_ip_adapter(str(adapter_file.parent), subfolder="", weight_name=adapter_file.name,
                                   image_encoder_folder=None, local_files_only=True)
-        self.renderer = HeadConditionRenderer.from_files(
-            paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
-        self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
+        self.load_head_models(self.device, tiny=False)
 
     def control_image(self, request: GenerationRequest) -> Image.Image:
         render = self.head_render(request.identity_id, request.reference, request.condition, request.height)

@@ -3,7 +3,8 @@
 
 - `controlnet: none`: diffusers' `StableDiffusionPipeline`, the prompt alone.
 - `controlnet: normals`: `lllyasviel/control_v11p_sd15_normalbae` on the normals of the head render
-  CapHuman is steered by (`HeadRenderMixin`: the reference's DECA code mixed with the condition), in
+  CapHuman is steered by (`HeadRenderMixin`: the reference's FLAME code, DECA's unless `reconstructor`
+  says otherwise, mixed with the condition), in
   normalbae's convention (`head_renders.normals_to_controlnet_image`). The reference photo enters only
   through that render's FLAME shape; there is no identity embedding.
 - `controlnet: landmarks`: `lllyasviel/control_v11p_sd15_openpose` on the 68 FLAME landmarks of the
@@ -30,7 +31,7 @@ from PIL import Image
 
 from caphuman_bench.errors import BenchError
 from caphuman_bench.methods.base import GenerationRequest, MethodAdapter, check_latent_size, consecutive_batches
-from caphuman_bench.methods.head_renders import HeadRenderMixin, normals_to_controlnet_image
+from caphuman_bench.methods.head_renders import HeadRenderMixin, head_weights, normals_to_controlnet_image
 from caphuman_bench.registry import register_method
 
 # SD-1.5's scheduler_config.json as DDIM (what CompVis' txt2img, ControlNet's demos and IP-Adapter's
@@ -47,7 +48,6 @@ FOLDER_FILES = {
     "controlnet_openpose_sd15": ("config.json",),
 }
 CONTROLNET_WEIGHTS = {"none": None, "normals": "controlnet_normalbae_sd15", "landmarks": "controlnet_openpose_sd15"}
-HEAD_WEIGHTS = ("deca_model", "flame_model", "flame_texture", "flame_head_template")
 
 
 def weights_folder(weights_id: str, path: Path) -> Path:
@@ -127,7 +127,7 @@ class StableDiffusion15Method(HeadRenderMixin, MethodAdapter):
         controlnet = str(params.get("controlnet", "none"))
         needed = ["stable_diffusion_v1_5"]
         if controlnet != "none":
-            needed += [CONTROLNET_WEIGHTS[controlnet], *HEAD_WEIGHTS]
+            needed += [CONTROLNET_WEIGHTS[controlnet], *head_weights(params)]
         if controlnet == "landmarks":
             needed.append("flame_landmark_embedding")
         return needed
@@ -176,20 +176,11 @@ class StableDiffusion15Method(HeadRenderMixin, MethodAdapter):
         return pipe
 
     def _load_head(self, tiny: bool) -> None:
-        """The head renderer (and landmark embedding) the ControlNet's condition image is drawn from."""
-        from caphuman_bench.render.head_condition import HeadConditionRenderer
+        """The head renderer, reconstructor (and landmark embedding) the ControlNet's condition image is drawn from."""
         from caphuman_bench.render.landmarks import HeadLandmarks, LandmarkEmbedding
 
         paths = self.context.weights
-        if tiny:
-            self.renderer = HeadConditionRenderer.synthetic(device=self.device)
-            self.deca = None
-        else:
-            from caphuman_bench.models.deca_encoder import load_deca_encoder
-
-            self.renderer = HeadConditionRenderer.from_files(
-                paths["flame_model"], paths["flame_texture"], paths["flame_head_template"], device=self.device)
-            self.deca = load_deca_encoder(paths["deca_model"], device=self.device)
+        self.load_head_models(self.device, tiny=tiny)
         if self.controlnet == "landmarks":
             embedding = LandmarkEmbedding.synthetic() if tiny else LandmarkEmbedding.from_file(paths["flame_landmark_embedding"])
             self.landmarks = HeadLandmarks(self.renderer, embedding)

@@ -18,7 +18,7 @@ import torch
 from caphuman_bench import weights
 from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
-from caphuman_bench.errors import BenchError
+from caphuman_bench.errors import BenchError, FaceNotFoundError
 from caphuman_bench.methods.base import GenerationRequest, MethodContext
 from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
@@ -76,7 +76,11 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
 
     for identity_id, condition_id in dict.fromkeys((t.identity_id, t.condition_id) for t in todo):
         if _stored_target(run, identity_id, condition_id) is None:
-            target = adapter.head_target(identity_id, references[identity_id], bench.conditions[condition_id])
+            try:
+                target = adapter.head_target(identity_id, references[identity_id], bench.conditions[condition_id])
+            except FaceNotFoundError as exc:  # no head condition: its tasks fail with this reason below
+                log.warning("%s", exc)
+                continue
             if target is not None:
                 run.write_target(identity_id, condition_id, target)
 

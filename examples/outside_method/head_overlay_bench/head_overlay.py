@@ -22,7 +22,8 @@ class HeadOverlay(HeadRenderMixin, MethodAdapter):
     param_types = {**MethodAdapter.param_types, "mixing": str, "opacity": float, "tiny": bool}
 
     def load(self) -> None:
-        # tiny: the synthetic FLAME head, no files; else FLAME + DECA from the card's weights
+        # tiny: the synthetic FLAME head and the reconstructor's tiny model, no files; else FLAME and the
+        # card's `reconstructor` (DECA by default) from the card's weights
         self.load_head_models(self.context.device, tiny=bool(self.params.get("tiny")))
 
     def generate(self, requests: list[GenerationRequest]) -> list[Image.Image]:
