@@ -15,7 +15,7 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import all_cards, get_card
 from caphuman_bench.errors import BenchError, FaceNotFoundError
 from caphuman_bench.methods.base import MethodContext
-from caphuman_bench.methods.head_renders import HeadRenderMixin, with_chosen_reconstructor
+from caphuman_bench.methods.head_renders import HeadRenderMixin, target_sources, with_chosen_reconstructor
 from caphuman_bench.models.reconstructors import RECONSTRUCTORS, Reconstructor, ReconstructorInfo, reconstructor_names
 from caphuman_bench.registry import get_method
 from tests.cli_helpers import cli, only_run
@@ -105,6 +105,10 @@ def test_param_reaches_run_json_and_the_configuration_hash(stand_in, bench, tmp_
     assert full["stand_in"]["reconstructor"]["weights"] == ["stand_in_weights"]
     assert full["stand_in"]["reconstructor"]["not_estimated"] == {"light": "the head condition's value"}
     assert full["stand_in"]["head_frame"].startswith("crop") and "deca_crop" not in full["stand_in"]
+    # scoring reads which target parts the reference gave: not the light the stand-in never estimated
+    assert target_sources({"reconstructor": "stand_in"}, full["stand_in"]) == ("stand_in", ("shape", "exp", "jaw"))
+    assert target_sources({}, full["deca"]) == ("deca", ("shape", "exp", "jaw", "light"))
+    assert target_sources({"tiny": True}, info["deca"]["head_inputs"]) == (None, ())  # a random tiny model read it
 
 
 def test_unknown_reconstructor_stops_the_run_before_any_image(capsys, monkeypatch, tmp_path):
@@ -233,3 +237,19 @@ def test_cached_codes_are_keyed_by_the_reconstructor(stand_in, bench, tmp_path):
     assert not np.allclose(codes["deca"]["shape"], codes["deca-1"]["shape"])
     again = _Host(tmp_path, DecaReconstructor.tiny(seed=0), tiny=True).identity_code("nasa-astronaut", reference)  # from the cache
     np.testing.assert_array_equal(again["shape"], codes["deca"]["shape"])
+
+
+def test_every_registered_reconstructor_makes_its_own_smoke_head(bench, tmp_path):
+    """The built-in ones (deca, emoca_v2, smirk where installed) through their tiny models: one shape per reconstructor."""
+    card = get_card("controlnet_head")
+    reference, condition = bench.reference_image("nasa-astronaut"), bench.conditions["yaw-r20"]
+    shapes = {}
+    for name in reconstructor_names():
+        params = get_method(card.adapter).validated_params(card, "smoke", {"reconstructor": name})
+        method = get_method(card.adapter)(card, params, MethodContext(device="cpu", workdir=tmp_path / name))
+        method.load_head_models("cpu", tiny=True)
+        target = method.head_target("nasa-astronaut", reference, condition)
+        np.testing.assert_allclose(target["cam"], condition.cam)
+        shapes[name] = target["shape"]
+    assert "deca" in shapes
+    assert all(not np.allclose(shapes[a], shapes[b]) for a in shapes for b in shapes if a < b)

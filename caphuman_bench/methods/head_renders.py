@@ -61,7 +61,7 @@ from PIL import Image
 from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.errors import BenchError, FaceNotFoundError
 from caphuman_bench.faces.memo import BoundedMemo
-from caphuman_bench.models.reconstructors import FLAME_GROUPS, reconstructor_class, reconstructor_names
+from caphuman_bench.models.reconstructors import DEFAULT_RECONSTRUCTOR, FLAME_GROUPS, reconstructor_class, reconstructor_names
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -86,7 +86,6 @@ def normals_to_controlnet_image(normal: np.ndarray) -> Image.Image:
 DECA_CROPS = ("kpt68", "mtcnn")
 HEAD_FRAMES = ("reference", "crop")
 HEAD_PARAM_TYPES = {"deca_crop": str, "head_frame": str, "reconstructor": str}
-DEFAULT_RECONSTRUCTOR = "deca"
 FAN_WEIGHTS = "fan_2dfan4"
 FLAME_WEIGHTS = ("flame_model", "flame_texture", "flame_head_template")
 CONDITION_GROUPS = ("pose", "exp", "cam", "light")  # what a head condition gives explicitly
@@ -171,17 +170,19 @@ def target_sources(params: dict, head_inputs: dict | None) -> tuple[str | None, 
     """For a run's stored head targets: the reconstructor that read the reference photo, and the parts of
     the target it read there (the rest came from the head condition's FLAME parameters), as `head_target`
     mixes them (`render.head_condition.mix_coefficients`): 'shape' always; 'rotation' (pose[:3]) unless
-    the mode takes `pose`; 'exp' and 'jaw' (pose[3:]) unless `expression`; 'light' unless `lighting`.
-    (None, ()) where no photo was read (the tiny setting's neutral code) or the method says nothing
-    of how it made its target (no `mixing` in run.json's head_inputs)."""
-    from caphuman_bench.models.reconstructors import DEFAULT_RECONSTRUCTOR
+    the mode takes `pose`; 'exp' and 'jaw' (pose[3:]) unless `expression`; 'light' unless `lighting`; less
+    the groups the reconstructor does not estimate (head_inputs' `reconstructor.not_estimated`: they came
+    from the condition too). (None, ()) where no real reconstructor read the photo (the tiny setting: a
+    random tiny model) or the method says nothing of how it made its target (no `mixing` in head_inputs)."""
     from caphuman_bench.render.head_condition import parse_mode
 
     if not head_inputs or "mixing" not in head_inputs:
         return None, ()
     taken = parse_mode(str(head_inputs["mixing"]))
-    parts = ["shape"] + [part for part, mode in (("rotation", "pose"), ("exp", "expression"), ("jaw", "expression"),
-                                                  ("light", "lighting")) if mode not in taken]
+    missing = (head_inputs.get("reconstructor") or {}).get("not_estimated") or {}
+    parts = ["shape"] + [part for part, group, mode in (("rotation", "pose", "pose"), ("exp", "exp", "expression"),
+                                                        ("jaw", "pose", "expression"), ("light", "light", "lighting"))
+                         if mode not in taken and group not in missing]
     return str(params.get("reconstructor", DEFAULT_RECONSTRUCTOR)), tuple(parts)
 
 
