@@ -46,11 +46,13 @@ def test_kpt68_square_is_decas_bbox2point_of_the_landmark_box(seed):
 def test_bbox_square_and_no_face_fallback_follow_testdata():
     square = bbox2point(10.0, 110.0, 20.0, 160.0, "bbox")
     centre, side = official_bbox2point(10.0, 110.0, 20.0, 160.0, "bbox")
-    np.testing.assert_allclose(square.centre, centre) and square.side == side
+    np.testing.assert_allclose(square.centre, centre)
+    assert square.side == side
     # no face: left = 0, right = h - 1, top = 0, bottom = w - 1 (h and w swapped as in TestData), detector's kind
     fallback = no_face_square(width=300, height=200, kind="kpt68")
     centre, side = official_bbox2point(0, 199, 0, 299, "kpt68")
-    np.testing.assert_allclose(fallback.centre, centre) and fallback.side == side
+    np.testing.assert_allclose(fallback.centre, centre)
+    assert fallback.side == side
 
 
 def test_resize_as_testdata_stretches_and_truncates():
@@ -235,7 +237,8 @@ def test_reference_code_and_frame_are_the_official_inputs(random_deca, tmp_path)
     square = landmark_square(dlib_landmarks([resized])[0])
     (expected,) = encode_crops(random_deca, deca_crop_square(resized, square)[None])
     np.testing.assert_allclose(code["shape"], expected["shape"], atol=1e-6)
-    np.testing.assert_allclose(frame.tform, square.tform) and (frame.width, frame.height) == (64, 64)
+    np.testing.assert_allclose(frame.tform, square.tform)
+    assert (frame.width, frame.height) == (64, 64)
 
     render = host.head_render("nasa-astronaut", reference, condition, 64)
     np.testing.assert_allclose(render.target["cam"], code["cam"])
