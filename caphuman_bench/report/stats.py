@@ -33,11 +33,15 @@ def bootstrap_ci95(values: np.ndarray, seed: int = 0) -> list[float] | None:
 
 
 def summarise(values) -> dict:
-    """mean, std (ddof 1), n and the 95 % interval of the finite values (NaN = not scored)."""
+    """mean, std (ddof 1), n and the 95 % interval of the finite values (NaN = not scored).
+
+    Equal values have std 0 exactly: computed, it is the rounding residue of their mean (1e-16), whose
+    last bits depend on the CPU's SIMD summation and would make a report differ between machines."""
     values = np.asarray(values, dtype=np.float64)
     values = values[~np.isnan(values)]
+    equal = len(values) > 1 and bool(np.all(values == values[0]))
     return {"mean": float(values.mean()) if len(values) else None,
-            "std": float(values.std(ddof=1)) if len(values) > 1 else None,
+            "std": (0.0 if equal else float(values.std(ddof=1))) if len(values) > 1 else None,
             "n": int(len(values)),
             "ci95": bootstrap_ci95(values)}
 
