@@ -141,8 +141,9 @@ class HeadControl(BenchMetric):
             return {**cls.convention, "paper_metric": False, "reconstructor": f"{name} (not registered in this install)"}
         own = {"paper_metric": False, "reconstructor": f"{name}: {info.title}; row extra 'reconstructor' names it",
                "encoder": f"{info.title}, code after {info.source}; weights {', '.join(info.weights)}; groups {', '.join(info.groups)}"}
-        if info.crop == "own":
+        if info.crop == "own":  # neither MTCNN nor the 68 landmarks decide its crop
             own["crop"] = f"{name}'s own face detection and crop (the DECA square rules do not apply)"
+            return {k: v for k, v in {**cls.convention, **own}.items() if k not in ("detector", "landmarks")}
         return {**cls.convention, **own}
 
     def record(self) -> dict[str, Any]:
