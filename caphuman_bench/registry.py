@@ -101,6 +101,9 @@ def all_metrics() -> dict[str, type]:
     return dict(sorted(METRICS.items()))
 
 
+DEFAULT_RECONSTRUCTOR = "deca"  # the paper's: head conditions and head_control's plain columns unless another is named
+
+
 def split_variant(name: str) -> tuple[str, str | None]:
     """'head_control[emoca_v2]' → ('head_control', 'emoca_v2'); a name without brackets → (name, None).
 

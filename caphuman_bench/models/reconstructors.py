@@ -31,11 +31,11 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
+from caphuman_bench.registry import DEFAULT_RECONSTRUCTOR  # noqa: F401 - named here too: the registry's default
 
 FLAME_GROUPS = ("shape", "exp", "pose", "cam", "light")
 SHAPE_SIZE = 100  # DECA's n_shape; a reconstructor estimating more keeps FLAME's first 100 (ordered by variance)
 CROP_KINDS = ("deca", "own")
-DEFAULT_RECONSTRUCTOR = "deca"  # the paper's: head conditions and head_control's plain columns unless another is named
 
 RECONSTRUCTORS: dict[str, type["Reconstructor"]] = {}
 

@@ -19,8 +19,7 @@ import pandas as pd
 
 from caphuman_bench.benchmark import Benchmark, axis_angle_to_euler
 from caphuman_bench.errors import BenchError
-from caphuman_bench.models.reconstructors import DEFAULT_RECONSTRUCTOR
-from caphuman_bench.registry import split_variant, variant_name
+from caphuman_bench.registry import DEFAULT_RECONSTRUCTOR, split_variant, variant_name
 from caphuman_bench.report.stats import summarise
 from caphuman_bench.report.titles import title
 from caphuman_bench.rundir import RunDir
