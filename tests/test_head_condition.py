@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,3 +288,24 @@ def test_unknown_condition_exits_2_with_one_line(tmp_path, capsys, monkeypatch):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "yaw-r99" in lines[0] and "head_conditions.yaml" in lines[0], err
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_render_reads_an_identity_with_the_named_reconstructor(tmp_path, capsys, monkeypatch):
+    """`render --reconstructor`: the identity's photo read by DECA, EMOCA v2 or SMIRK (random weights in their
+    release layouts); each draws another head, SMIRK's without a light of its own (FLAME's neutral one)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import make_random_weights as mrw
+
+    written = mrw.write_all(tmp_path / "w", layout="tiny", seed=0, only=["deca_model", "emoca_v2", "smirk"])
+    pinned = [arg for wid, path in written.items() for arg in ("--weights", f"{wid}={path}")]
+    normals = {}
+    for name in ("deca", "emoca_v2", "smirk"):
+        code, _, err = cli(capsys, monkeypatch, "render", "--synthetic", "--condition", "frontal", "--identity", "nasa-astronaut",
+                           "--reconstructor", name, *pinned, "--out", tmp_path / name, "--size", SIZE, "--device", "cpu")
+        assert code == 0, err
+        normals[name] = read_rgb(tmp_path / name / "frontal" / "normal.png").astype(np.int16)
+    assert np.abs(normals["deca"] - normals["smirk"]).mean() > 0 and np.abs(normals["deca"] - normals["emoca_v2"]).mean() > 0
+    code, _, err = cli(capsys, monkeypatch, "render", "--synthetic", "-c", "frontal", "--identity", "nasa-astronaut",
+                       "--reconstructor", "nobody", "--out", tmp_path / "x", "--device", "cpu")
+    assert code == 2 and "unknown reconstructor 'nobody'" in err and len(err.strip().splitlines()) == 1

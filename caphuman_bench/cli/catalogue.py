@@ -205,7 +205,8 @@ def conformance(
 @app.command()
 def render(
     condition: Annotated[list[str], typer.Option("--condition", "-c", help="Head condition id(s) of the spec (repeat).")],
-    identity: Annotated[Optional[str], typer.Option("--identity", help="Identity id whose DECA code is rendered (default: FLAME's neutral head).")] = None,
+    identity: Annotated[Optional[str], typer.Option("--identity", help="Identity id or photo whose FLAME code is rendered, or a saved DECA code .npz/.json (default: FLAME's neutral head).")] = None,
+    reconstructor: Annotated[str, typer.Option("--reconstructor", help="Who reads a photo's FLAME code: deca (default, the paper's), emoca_v2, smirk.")] = "deca",
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for <condition>/normal.png, albedo.png, rendered.png per condition and grid.png of them all.")] = Path("renders"),
     synthetic: Annotated[bool, typer.Option("--synthetic", help="Use the synthetic FLAME-format head (no FLAME files needed).")] = False,
     mode: Annotated[str, typer.Option("--mode", help="Coefficient mixing: position,pose | expression | lighting | all.")] = "position,pose",
@@ -224,6 +225,6 @@ def render(
 
     written = render_command(condition, out_dir, identity=identity, synthetic=synthetic, mode=mode, size=size,
                              device=pick_device(device), spec_root=spec, identities_dir=identities_dir,
-                             weight_paths=weights_paths(weights_path))
+                             weight_paths=weights_paths(weights_path), reconstructor=reconstructor)
     for name, path in written.items():
         out.print(f"{name}: {path}", soft_wrap=True)  # a path is never wrapped

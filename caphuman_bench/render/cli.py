@@ -47,9 +47,10 @@ def _grid(rows: list[tuple[str, dict[str, Image.Image]]]) -> Image.Image:
     return grid
 
 
-def load_identity_code(identity: str | None, bench: Benchmark, device: str) -> dict[str, np.ndarray]:
+def load_identity_code(identity: str | None, bench: Benchmark, device: str, reconstructor: str = "deca",
+                       weight_paths: dict[str, str] | None = None) -> dict[str, np.ndarray]:
     """`identity`: None or 'mean' (FLAME's mean head), a saved DECA code (.npz / .json with shape, tex,
-    exp, pose, cam, light), or a photo — a benchmark identity id or an image path — encoded by DECA."""
+    exp, pose, cam, light), or a photo — a benchmark identity id or an image path — read by `reconstructor`."""
     if identity in (None, "mean"):
         return neutral_identity_code()
     path = Path(identity)
@@ -75,24 +76,32 @@ def load_identity_code(identity: str | None, bench: Benchmark, device: str) -> d
         photo = bench.reference_image(identity)
     else:
         raise BenchError(f"--identity {identity!r}: not 'mean', a .npz/.json DECA code, an image file or an identity of {bench.root}")
-    return _encode_photo(photo, str(identity), device)
+    return _encode_photo(photo, str(identity), device, reconstructor, weight_paths or {})
 
 
-def _encode_photo(photo: Image.Image, name: str, device: str) -> dict[str, np.ndarray]:
-    from caphuman_bench.models.deca_encoder import encode_images, load_deca_encoder, mtcnn_box_detector
+def _encode_photo(photo: Image.Image, name: str, device: str, reconstructor: str, weight_paths: dict[str, str]) -> dict[str, np.ndarray]:
+    """The photo's FLAME code by the named reconstructor: DECA's `bbox` square of MTCNN's face where it takes
+    DECA's crop, its own crop otherwise. A group it does not estimate (SMIRK: light) is FLAME's neutral one."""
+    from caphuman_bench.models.deca_encoder import box_square, deca_crops, mtcnn_box_detector
+    from caphuman_bench.models.reconstructors import checked_code, reconstructor_class
     from caphuman_bench.weights import resolve
 
-    encoder = load_deca_encoder(resolve("deca_model"), device)
-    (code,) = encode_images(encoder, [photo], mtcnn_box_detector(device))
+    model_class = reconstructor_class(reconstructor)
+    model = model_class.from_weights({w: resolve(w, weight_paths.get(w)) for w in model_class.info.weights}, device)
+    if model_class.info.crop == "deca":
+        box = mtcnn_box_detector(device)(photo)
+        code = None if box is None else model.encode_crops(deca_crops([photo], [box_square(box)]))[0]
+    else:
+        (code,) = model.encode_images([photo])
     if code is None:
-        raise BenchError(f"identity {name}: no face found in the photo")
-    return code
+        raise BenchError(f"identity {name}: {reconstructor} found no face in the photo")
+    return {**neutral_identity_code(), **checked_code(code, f"{reconstructor} code of {name}")}
 
 
 def render_command(condition_ids: list[str], out_dir: str | os.PathLike, identity: str | None = None,
                    synthetic: bool = False, mode: str = DEFAULT_MODE, size: int = 512, device: str | None = None,
                    spec_root: str | os.PathLike | None = None, identities_dir: str | os.PathLike | None = None,
-                   weight_paths: dict[str, str] | None = None, seed: int = 0) -> dict[str, Path]:
+                   weight_paths: dict[str, str] | None = None, seed: int = 0, reconstructor: str = "deca") -> dict[str, Path]:
     """Render `identity` under each condition and write the PNGs; return {"<condition>/<render>" or "grid": path}.
 
     `synthetic` uses the synthetic FLAME-format head (no FLAME files needed); otherwise the FLAME
@@ -106,7 +115,7 @@ def render_command(condition_ids: list[str], out_dir: str | os.PathLike, identit
     device = device or ("cuda" if __import__("torch").cuda.is_available() else "cpu")
     renderer = (HeadConditionRenderer.synthetic(device, seed) if synthetic
                 else HeadConditionRenderer.from_weights(device, weight_paths))
-    code = load_identity_code(identity, bench, device)
+    code = load_identity_code(identity, bench, device, reconstructor, weight_paths)
 
     requested = list(dict.fromkeys(condition_ids))
     renders = renderer.render_batch(code, [bench.conditions[c] for c in requested], mode, size)
