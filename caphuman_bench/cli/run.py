@@ -18,7 +18,6 @@ from caphuman_bench.cli.common import (
     Spec,
     app,
     console,
-    out,
     parse_pairs,
     print_results,
     print_scores,
@@ -180,13 +179,7 @@ def ablate(
     from caphuman_bench.cards import get_card
     from caphuman_bench.runner import default_split, run_label
     from caphuman_bench.stages.plan import Shard
-    from caphuman_bench.stages.report import (
-        leaderboard,
-        leaderboard_wide,
-        to_markdown,
-        write_ablation,
-        write_leaderboard,
-    )
+    from caphuman_bench.stages.report import write_ablation, write_leaderboard
 
     switches = {"global+local": {}, "global": {"use_local": False}, "local": {"use_global": False}}
     unknown = [f for f in features or [] if f not in switches]
@@ -217,7 +210,7 @@ def ablate(
             failed += gen.failed
             status_files.append(planned.run.status_file)
     write_leaderboard(results, out_dir)
-    out.print(to_markdown(leaderboard_wide(leaderboard(results))), markup=False, highlight=False, soft_wrap=True)
+    print_results(results)
     console.print(f"wrote {write_ablation(results, out_dir, variant_runs)}")
     if failed:
         report_failures(failed, status_files)
