@@ -61,7 +61,8 @@ from PIL import Image
 from caphuman_bench.atomic import atomic_write, read_cached
 from caphuman_bench.errors import BenchError, FaceNotFoundError
 from caphuman_bench.faces.memo import BoundedMemo
-from caphuman_bench.models.reconstructors import DEFAULT_RECONSTRUCTOR, FLAME_GROUPS, reconstructor_class, reconstructor_names
+from caphuman_bench.models.reconstructors import FLAME_GROUPS, reconstructor_class, reconstructor_names
+from caphuman_bench.registry import DEFAULT_RECONSTRUCTOR
 
 
 def _load_npz(path: Path) -> dict[str, np.ndarray]:
@@ -183,7 +184,7 @@ def target_sources(params: dict, head_inputs: dict | None) -> tuple[str | None, 
     parts = ["shape"] + [part for part, group, mode in (("rotation", "pose", "pose"), ("exp", "exp", "expression"),
                                                         ("jaw", "pose", "expression"), ("light", "light", "lighting"))
                          if mode not in taken and group not in missing]
-    return str(params.get("reconstructor", DEFAULT_RECONSTRUCTOR)), tuple(parts)
+    return chosen_reconstructor(params), tuple(parts)
 
 
 RENDER_MEMO = 64  # a 512² render holds ~10 MB; tasks come identity by identity

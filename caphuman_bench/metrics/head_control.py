@@ -53,8 +53,8 @@ from caphuman_bench.models.deca_encoder import (
     deca_crops,
     landmark_square,
 )
-from caphuman_bench.models.reconstructors import DEFAULT_RECONSTRUCTOR, Reconstructor, checked_code, reconstructor_class
-from caphuman_bench.registry import register_metric, split_variant, variant_name
+from caphuman_bench.models.reconstructors import Reconstructor, checked_code, reconstructor_class
+from caphuman_bench.registry import DEFAULT_RECONSTRUCTOR, register_metric, split_variant, variant_name
 
 VALUE_NAMES = ("rmse_shape", "rmse_pose", "rmse_exp", "rmse_light",
                "pose_error_deg", "yaw_error_deg", "pitch_error_deg", "roll_error_deg")

@@ -31,7 +31,6 @@ import torch
 from PIL import Image
 
 from caphuman_bench.errors import BenchError
-from caphuman_bench.registry import DEFAULT_RECONSTRUCTOR  # noqa: F401 - named here too: the registry's default
 
 FLAME_GROUPS = ("shape", "exp", "pose", "cam", "light")
 SHAPE_SIZE = 100  # DECA's n_shape; a reconstructor estimating more keeps FLAME's first 100 (ordered by variance)
@@ -93,14 +92,8 @@ def register_reconstructor(cls: type[Reconstructor]) -> type[Reconstructor]:
 
 
 def _load_builtin() -> None:
-    # The built-in reconstructors register themselves on import.
-    from caphuman_bench.models import deca_encoder  # noqa: F401
-    for module in ("emoca", "smirk"):
-        try:
-            __import__(f"caphuman_bench.models.{module}")
-        except ModuleNotFoundError as exc:  # not written yet on this branch
-            if exc.name != f"caphuman_bench.models.{module}":
-                raise
+    # The built-in reconstructors register themselves on import (their modules import this one).
+    from caphuman_bench.models import deca_encoder, emoca, smirk  # noqa: F401
 
 
 def reconstructor_class(name: str) -> type[Reconstructor]:
