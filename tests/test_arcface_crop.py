@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from safetensors.numpy import load_file
 
-from caphuman_bench.faces.arcface import ARCFACE_SIZE, ARCFACE_TEMPLATE, arcface_align
+from caphuman_bench.faces.arcface import ARCFACE_SIZE, ARCFACE_TEMPLATE, arcface_align, arcface_transform
 from tests.conftest import DATA
 
 VECTORS = DATA / "arcface_norm_crop"
@@ -31,14 +31,8 @@ def _last_bit_alternatives(image: Image.Image, landmarks: np.ndarray, size: int,
     SVD's last bits depend on the CPU's BLAS kernels; `warpAffine` quantises each source coordinate to
     1/32 pixel, so where an exact coordinate sits on a step those bits pick the neighbouring step."""
     import cv2
-    from skimage.transform import SimilarityTransform
 
-    from caphuman_bench.faces.arcface import ARCFACE_TEMPLATE
-
-    ratio, shift = (size / ARCFACE_SIZE, 0) if size % ARCFACE_SIZE == 0 else (size / 128.0, 8.0 * size / 128.0)
-    template = ARCFACE_TEMPLATE * ratio
-    template[:, 0] += shift
-    params = SimilarityTransform.from_estimate(np.asarray(landmarks), template).params[0:2, :]
+    params = arcface_transform(landmarks, size)
     ulps, rng = 2 * np.finfo(landmarks.dtype).eps, np.random.default_rng(0)
     pixels = np.asarray(image.convert("RGB"))
     return np.stack([cv2.warpAffine(pixels, params * (1 + rng.uniform(-ulps, ulps, params.shape)), (size, size), borderValue=0.0)

@@ -38,6 +38,14 @@ def arcface_align(image: Image.Image, landmarks: np.ndarray, size: int = ARCFACE
     Returns size × size × 3 uint8 RGB.
     """
     import cv2
+
+    params = arcface_transform(landmarks, size)
+    return cv2.warpAffine(np.asarray(image.convert("RGB")), params, (size, size), borderValue=0.0)
+
+
+def arcface_transform(landmarks: np.ndarray, size: int = ARCFACE_SIZE) -> np.ndarray:
+    """insightface's `estimate_norm`: the 2 × 3 similarity from the landmarks (estimated in their own dtype)
+    onto the template for a size² crop, as `arcface_align` warps with it."""
     from skimage.transform import SimilarityTransform
 
     ratio, shift = (size / ARCFACE_SIZE, 0) if size % ARCFACE_SIZE == 0 else (size / 128.0, 8.0 * size / 128.0)
@@ -46,7 +54,7 @@ def arcface_align(image: Image.Image, landmarks: np.ndarray, size: int = ARCFACE
     transform = SimilarityTransform.from_estimate(np.asarray(landmarks), template)
     if not transform:
         raise ValueError(f"cannot align landmarks {np.asarray(landmarks).tolist()}: {transform}")
-    return cv2.warpAffine(np.asarray(image.convert("RGB")), transform.params[0:2, :], (size, size), borderValue=0.0)
+    return transform.params[0:2, :]
 
 
 _ARCFACES: dict[tuple[str, str], object] = {}
