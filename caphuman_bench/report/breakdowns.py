@@ -40,11 +40,12 @@ def run_spec(run: RunDir) -> Benchmark:
     return _SPECS[key]
 
 
-def yaw_bin(yaw: float) -> str | None:
+def yaw_bin(yaw: float, edges: tuple[float, ...] = YAW_BINS, labels: tuple[str, ...] = YAW_LABELS) -> str | None:
+    """The label of |yaw|'s bin (bin i is [edges[i], edges[i + 1]), the last open-ended); None for no yaw."""
     if yaw is None or np.isnan(yaw):
         return None
-    index = int(np.searchsorted(YAW_BINS, abs(yaw), side="right")) - 1
-    return YAW_LABELS[min(max(index, 0), len(YAW_LABELS) - 1)]
+    index = int(np.searchsorted(edges, abs(float(yaw)), side="right")) - 1
+    return labels[min(max(index, 0), len(labels) - 1)]
 
 
 def per_image(run: RunDir, scores: pd.DataFrame, value_names: list[str], bench: Benchmark | None) -> pd.DataFrame:

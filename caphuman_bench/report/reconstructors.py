@@ -20,6 +20,7 @@ import pandas as pd
 from caphuman_bench.benchmark import Benchmark, axis_angle_to_euler
 from caphuman_bench.errors import BenchError
 from caphuman_bench.registry import DEFAULT_RECONSTRUCTOR, split_variant, variant_name
+from caphuman_bench.report import breakdowns
 from caphuman_bench.report.stats import summarise
 from caphuman_bench.report.titles import title
 from caphuman_bench.rundir import RunDir
@@ -55,11 +56,8 @@ def matrix_title(value: str, higher: bool | None = None) -> str:
 
 
 def yaw_bin(yaw: float) -> str | None:
-    """The bin of a target's |yaw| in degrees (None for none)."""
-    if yaw is None or np.isnan(yaw):
-        return None
-    index = int(np.searchsorted(YAW_EDGES, abs(float(yaw)), side="right")) - 1
-    return YAW_LABELS[min(max(index, 0), len(YAW_LABELS) - 1)]
+    """The bin of a target's |yaw| in degrees (None for none): the breakdowns' rule on this section's edges."""
+    return breakdowns.yaw_bin(yaw, YAW_EDGES, YAW_LABELS)
 
 
 def target_yaws(run: RunDir, table: pd.DataFrame, bench: Benchmark | None) -> list[float]:
