@@ -65,7 +65,7 @@ def reconstructor_tables(matrices: list[dict]) -> str:
     value: condition reconstructor × |yaw| bin of the target (rows), scoring reconstructor (columns),
     each cell mean ± half its 95 % interval; empty without matrices."""
     from caphuman_bench.registry import metric_direction
-    from caphuman_bench.report.reconstructors import ALL, YAW_LABELS, matrix_title
+    from caphuman_bench.report.reconstructors import ALL, matrix_title, row_bins
 
     tables = []
     for m in matrices:
@@ -76,7 +76,7 @@ def reconstructor_tables(matrices: list[dict]) -> str:
                      rf"\cmidrule(lr){{3-{2 + len(m['scorers'])}}}",
                      "condition by & target $|$yaw$|$ & " + " & ".join(escape(s) for s in m["scorers"]) + r" \\", r"\midrule"]
             for k, condition in enumerate(m["conditions"]):
-                bins = [ALL] + [b for b in YAW_LABELS if any(b in cells.get((condition, s), {}) for s in m["scorers"])]
+                bins = row_bins(cells, condition, m["scorers"])
                 if k:
                     lines.append(r"\midrule")
                 for b in bins:

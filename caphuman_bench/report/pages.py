@@ -27,7 +27,7 @@ from caphuman_bench.report.breakdowns import AXIS_TITLES, run_spec
 from caphuman_bench.report.cache import AggregateCache
 from caphuman_bench.report.numbers import fmt, fmt_interval, fmt_p
 from caphuman_bench.report.paper import paper_table
-from caphuman_bench.report.reconstructors import ALL, YAW_LABELS, condition_reconstructor, matrix_title
+from caphuman_bench.report.reconstructors import ALL, condition_reconstructor, matrix_title, row_bins
 from caphuman_bench.report.stats import (
     PairedResult,
     paired_sentence,
@@ -350,7 +350,7 @@ def reconstructor_section(matrices: list[dict]) -> list[str]:
             higher = metric_direction(value)
             rows = []
             for condition in m["conditions"]:
-                bins = [ALL] + [b for b in YAW_LABELS if any(b in cells.get((condition, s), {}) for s in m["scorers"])]
+                bins = row_bins(cells, condition, m["scorers"])
                 for b in bins:
                     row = {"all": b == ALL, "span": len(bins), "condition": condition, "bin": "all images" if b == ALL else b,
                            "cells": []}

@@ -92,6 +92,11 @@ def by_yaw(table: pd.DataFrame, value: str) -> dict[str, dict]:
     return out
 
 
+def row_bins(cells: dict, condition: str, judges: list[str]) -> list[str]:
+    """A condition's rows of a matrix: all images, then each |yaw| bin some scorer has images in."""
+    return [ALL] + [b for b in YAW_LABELS if any(b in cells.get((condition, judge), {}) for judge in judges)]
+
+
 def method_name(label: str) -> str:
     """A run label without its reconstructor override: the rows of one method's matrix share it."""
     name = re.sub(r"reconstructor=[^,\]]*,?", "", label).replace(",]", "]").replace("[]", "")
