@@ -97,10 +97,18 @@ class RunDir:
         else:
             write_text_atomic(self.tasks_file, lines)
 
-    def record_levers(self, device: str, levers: dict) -> None:
+    def record_levers(self, device: str, levers: dict, fixed: tuple[str, ...] = ()) -> None:
         """Note in run.json the speed levers a generating process used on `device` (`acceleration` field,
-        one entry per device; outside the configuration hash: they change kernels, not the model)."""
+        one entry per device; outside the configuration hash: they change kernels, not the model).
+        The `fixed` ones change the numbers (float8): BenchError if an earlier process of this run used
+        another setting, so one run never mixes images of both."""
         info = self.info()
+        for earlier_device, earlier in info.get("acceleration", {}).items():
+            for name in fixed:
+                if bool(earlier.get(name, False)) != bool(levers.get(name, False)):
+                    raise BenchError(f"{self.run_json}: its images were made with {name}={int(bool(earlier.get(name)))} on "
+                                     f"{earlier_device}, this process has {name}={int(bool(levers.get(name)))}, which changes the "
+                                     f"numbers: resume with the same $CAPHUMAN_BENCH_LEVERS, or start a new run")
         if info.get("acceleration", {}).get(device) != levers:
             info["acceleration"] = {**info.get("acceleration", {}), device: levers}
             write_json_atomic(self.run_json, info)

@@ -67,3 +67,40 @@ def test_writer_reraises_a_failed_write(tmp_path):
     writer.submit(Image.new("RGB", (8, 8)), tmp_path / "not-a-folder" / "x.png")
     with pytest.raises(BenchError, match=r"not-a-folder/x.png: .*check the path and the disk"):  # one line, as inline writes
         writer.close()
+
+
+def test_fa4_lever_without_flash_attention_4_is_one_clear_error(monkeypatch):
+    import importlib.util
+
+    import caphuman_bench.pipelines.acceleration as acceleration
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name.startswith("flash_attn") else real_find_spec(name, *a))
+    with pytest.raises(BenchError, match=r"flash-attn-4 package is not installed") as caught:
+        with attention_backend(FAST.with_(sdpa="fa4")):
+            pass
+    assert "\n" not in str(caught.value)
+    monkeypatch.setattr(importlib.util, "find_spec", real_find_spec)
+    monkeypatch.setattr(acceleration.torch.cuda, "is_available", lambda: False)
+    if real_find_spec("flash_attn") is not None and real_find_spec("flash_attn.cute") is not None:
+        with pytest.raises(BenchError, match=r"SM90 or SM100"):
+            acceleration.check_flash_attention_4("cpu")
+
+
+def test_fa4_lever_activates_flash_attention_4_only_while_entered(monkeypatch):
+    """Scoring in the same process keeps PyTorch's own flash kernels: FA4 is scoped to generation."""
+    from torch.nn import attention
+
+    import caphuman_bench.pipelines.acceleration as acceleration
+
+    active = []
+    monkeypatch.setattr(acceleration, "check_flash_attention_4", lambda device=None: None)
+    monkeypatch.setattr(attention, "current_flash_attention_impl", lambda: active[-1] if active else None)
+    monkeypatch.setattr(attention, "activate_flash_attention_impl", lambda impl: active.append(impl))
+    monkeypatch.setattr(attention, "restore_flash_attention_impl", lambda: active.clear())
+    with attention_backend(FAST.with_(sdpa="fa4")):
+        assert active == ["FA4"]
+    assert active == []
+    from torch.nn.attention import SDPBackend
+
+    assert acceleration._sdpa_order(FAST.with_(sdpa="fa4"))[:2] == [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]

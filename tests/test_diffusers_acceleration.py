@@ -20,6 +20,7 @@ from caphuman_bench.methods.sd15 import build_tiny_sd15_pipeline
 from caphuman_bench.pipelines.acceleration import (
     DIFFUSERS_FAST,
     EAGER,
+    FAST,
     accelerate_diffusers_pipeline,
     compile_cache_dir,
     diffusers_networks,
@@ -144,6 +145,16 @@ def test_the_run_records_its_levers(tmp_path, monkeypatch, capsys):
     assert code == 0, err
     info = json.loads((only_run(tmp_path) / "run.json").read_text())
     assert info["acceleration"]["cpu"] == EAGER.with_(channels_last=True).as_dict()
+
+    # float8 changes the numbers: a later process of this run must use the setting its images were made with
+    from caphuman_bench.pipelines.acceleration import NUMERIC_LEVERS
+    from caphuman_bench.rundir import RunDir
+
+    run = RunDir(only_run(tmp_path))
+    with pytest.raises(BenchError, match=r"made with fp8=0 on cpu, this process has fp8=1, which changes the numbers"):
+        run.record_levers("cuda", FAST.with_(fp8=True).as_dict(), fixed=NUMERIC_LEVERS)
+    run.record_levers("cuda", FAST.as_dict(), fixed=NUMERIC_LEVERS)  # other kernels, same numbers: recorded
+    assert json.loads(run.run_json.read_text())["acceleration"]["cuda"] == FAST.as_dict()
 
 
 def test_attention_order_is_set_for_the_process():

@@ -8,6 +8,11 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
   diffusers' `FusedAttnProcessor2_0`, for every `Attention` of the three networks (diffusers only
   offers it on the UNet).
 * `sdpa`: the scaled-dot-product-attention backend order (`cudnn` first on Hopper, else flash).
+  `fa4` puts flash first and has PyTorch run its flash backend with FlashAttention-4's kernels
+  (`torch.nn.attention.activate_flash_attention_impl("FA4")`, which needs the `flash-attn-4` package
+  and an SM90/SM100 GPU; `pip install caphuman-bench[fa4]`): the same exact attention with another
+  kernel, timed against cuDNN's on CapHuman's shapes by `benchmarks/bench_attention.py`. FA4 stays
+  active only while `attention_backend` is entered, so scoring in the same process keeps PyTorch's.
 * `compile`: `torch.compile` of UNet, CapFace and the VAE decoder (`default`, `max-autotune-no-cudagraphs`,
   `reduce-overhead` = CUDA graphs) with inductor's `conv_1x1_as_mm` and no epilogue fusion, as
   diffusers' speed guide for SD recommends (`epilogue_fusion` turns inductor's own default back on;
@@ -22,6 +27,13 @@ Each lever is measured on its own by `benchmarks/bench_run.py` (table in `report
   and lays them out for its kernels once (inference only; `torch._inductor.config.freezing`).
 * `share_guidance_prefix`: the UNet's modules before the text first enters run once for both halves
   of classifier-free guidance (`GuidancePrefix`): the same arithmetic on half the rows.
+* `fp8` (opt-in, off in every default): the linear layers of the denoising networks (UNet, CapFace,
+  ControlNets; attention projections, feed-forwards, the 1x1 `proj_in/out` stay convolutions) run as
+  float8 e4m3 GEMMs with per-row scales for activations (computed each call) and weights, through
+  torchao's `Float8DynamicActivationFloat8WeightConfig` (`pip install caphuman-bench[fp8]`; SM89 or
+  newer). It changes the numbers beyond bf16 noise: the conformance vectors do not pass with it (their
+  tolerances are float32's), and `bench_run.py generation` reports its difference from eager bf16.
+  torchao's float8 convolution needs Meta's `mslk` kernels, so the 3x3 convolutions stay bf16.
 
 `accelerate_diffusers_pipeline` applies the same levers to any stock diffusers SD-1.5 / SDXL pipeline
 (UNet, ControlNet(s), VAE decoder; text encoders compiled only with `compile_text_encoders`); adapters
@@ -46,12 +58,15 @@ from pathlib import Path
 
 import torch
 
+from caphuman_bench.errors import BenchError
+
 log = logging.getLogger(__name__)
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead")
-SDPA_ORDERS = ("auto", "cudnn", "flash", "efficient", "math")
+SDPA_ORDERS = ("auto", "cudnn", "flash", "fa4", "efficient", "math")
 EAGER_ENV = "CAPHUMAN_BENCH_EAGER"  # =1: run CUDA eagerly (no lever), e.g. to compare or debug
 LEVERS_ENV = "CAPHUMAN_BENCH_LEVERS"  # "compile=off,fuse_qkv=0": changes to the device's default levers
 COMPILE_CACHE_ENV = "CAPHUMAN_BENCH_COMPILE_CACHE"  # the persistent compile cache folder (see compile_cache_dir)
+NUMERIC_LEVERS = ("fp8",)  # levers that change the numbers beyond bf16 noise: one setting per run (RunDir.record_levers)
 
 
 @dataclass(frozen=True)
@@ -68,6 +83,7 @@ class Levers:
     epilogue_fusion: bool = False  # inductor fuses pointwise epilogues into its GEMM templates
     aggressive_fusion: bool = False  # inductor also fuses kernels that share no input (fewer, larger kernels)
     share_guidance_prefix: bool = False  # see GuidancePrefix (CapHumanPipeline only)
+    fp8: bool = False  # float8 linear layers (torchao): changes the numbers, so never on by default
     compile_text_encoders: bool = False  # they run once per batch, not per step: compiling costs more than it saves
 
     def __post_init__(self):
@@ -177,6 +193,28 @@ def fuse_attention_projections(model: torch.nn.Module) -> int:
     return count
 
 
+def float8_linears(networks: list[torch.nn.Module]) -> int:
+    """The `fp8` lever: every linear layer of `networks` whose sizes the float8 GEMM takes (multiples
+    of 16) becomes float8 e4m3 with per-row scales (torchao); returns how many. BenchError when torchao
+    or a float8 GPU (compute capability 8.9 or newer) is missing."""
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+    except ImportError:
+        raise BenchError("fp8=1: torchao is not installed (pip install 'caphuman-bench[fp8]')") from None
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+        raise BenchError("fp8=1: float8 GEMMs need a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper)")
+
+    def takes_float8(module: torch.nn.Module, name: str) -> bool:
+        return isinstance(module, torch.nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    count = 0
+    for net in networks:
+        count += sum(takes_float8(m, n) for n, m in net.named_modules())
+        quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=takes_float8)
+    log.info("float8 linear layers: %d", count)
+    return count
+
+
 class GuidancePrefix:
     """Runs the UNet's text-free prefix once for both halves of classifier-free guidance.
 
@@ -245,6 +283,8 @@ def _inductor_knobs(levers: Levers) -> None:
 def accelerate_pipeline(pipe, levers: Levers):
     """Apply `levers` in place to the pipeline's UNet, CapFace and VAE; returns the pipeline."""
     networks = [pipe.unet, pipe.capface] + ([pipe.vae] if getattr(pipe, "vae", None) is not None else [])
+    if levers.sdpa == "fa4":
+        check_flash_attention_4(pipe.unet.device)
     if levers.fuse_qkv:
         fused = sum(fuse_attention_projections(net) for net in networks)
         log.info("fused the projections of %d attention modules", fused)
@@ -252,6 +292,8 @@ def accelerate_pipeline(pipe, levers: Levers):
         torch.backends.cudnn.benchmark = levers.cudnn_benchmark
     if levers.share_guidance_prefix:
         pipe.guidance_prefix = GuidancePrefix(pipe.unet)
+    if levers.fp8:
+        float8_linears([pipe.unet, pipe.capface])
     if levers.channels_last:
         for net in networks:
             net.to(memory_format=torch.channels_last)
@@ -293,6 +335,8 @@ def accelerate_diffusers_pipeline(pipe, levers: Levers):
     if torch.cuda.is_available():
         torch.backends.cudnn.benchmark = levers.cudnn_benchmark
         set_attention_order(levers)
+    if levers.fp8:
+        float8_linears([net for name, net in networks.items() if name != "vae"])
     if levers.channels_last:
         for net in networks.values():
             net.to(memory_format=torch.channels_last)
@@ -316,12 +360,51 @@ def accelerate_diffusers_pipeline(pipe, levers: Levers):
 def _sdpa_order(levers: Levers) -> list:
     from torch.nn.attention import SDPBackend
 
+    flash_first = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return {
-        "cudnn": [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
-        "flash": [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
+        "cudnn": [SDPBackend.CUDNN_ATTENTION, *flash_first],
+        "flash": flash_first,
+        # shapes the flash backend refuses (the VAE's head dim 512) go to cuDNN, as in the default order
+        "fa4": [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "efficient": [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH],
         "math": [SDPBackend.MATH],
     }[levers.sdpa]
+
+
+class FlashAttention4Unavailable(BenchError):
+    """The `fa4` lever on a stack without FlashAttention-4 (package, PyTorch hook or GPU): one line, exit 2."""
+
+
+def check_flash_attention_4(device: torch.device | str | None = None) -> None:
+    """Raise FlashAttention4Unavailable with one line saying what is missing for the `fa4` lever."""
+    import importlib.util
+
+    from torch.nn import attention
+
+    if "FA4" not in getattr(attention, "list_flash_attention_impls", lambda: [])():
+        raise FlashAttention4Unavailable(f"sdpa=fa4: PyTorch {torch.__version__} has no FA4 hook for its flash backend (2.11 or newer)")
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        raise FlashAttention4Unavailable("sdpa=fa4: the flash-attn-4 package is not installed (pip install 'caphuman-bench[fa4]')")
+    on_cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    if not on_cuda or torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        raise FlashAttention4Unavailable("sdpa=fa4: FlashAttention-4 runs on SM90 or SM100 GPUs (H100, H200, B200) only")
+
+
+@contextlib.contextmanager
+def _flash_attention_4():
+    """PyTorch's flash backend runs FlashAttention-4 within; the previous implementation after."""
+    from torch.nn import attention
+
+    check_flash_attention_4()
+    previous = attention.current_flash_attention_impl()
+    attention.activate_flash_attention_impl("FA4")
+    try:
+        yield
+    finally:
+        if previous is None:
+            attention.restore_flash_attention_impl()
+        else:
+            attention.activate_flash_attention_impl(previous)
 
 
 _PROCESS_ATTENTION_ORDER = contextlib.ExitStack()
@@ -341,4 +424,10 @@ def attention_backend(levers: Levers):
         return contextlib.nullcontext()
     from torch.nn.attention import sdpa_kernel
 
-    return sdpa_kernel(_sdpa_order(levers), set_priority=True)
+    order = sdpa_kernel(_sdpa_order(levers), set_priority=True)
+    if levers.sdpa != "fa4":
+        return order
+    stack = contextlib.ExitStack()
+    stack.enter_context(_flash_attention_4())
+    stack.enter_context(order)
+    return stack

@@ -20,6 +20,7 @@ from caphuman_bench.benchmark import Benchmark
 from caphuman_bench.cards import MethodCard
 from caphuman_bench.errors import BenchError, FaceNotFoundError
 from caphuman_bench.methods.base import GenerationRequest, MethodContext
+from caphuman_bench.pipelines.acceleration import NUMERIC_LEVERS
 from caphuman_bench.registry import get_method
 from caphuman_bench.rundir import RunDir
 from caphuman_bench.stages.plan import Shard, Task
@@ -72,7 +73,7 @@ def generate(run: RunDir, bench: Benchmark, card: MethodCard, params: dict, *, d
                                                       artefacts=artefacts))
     adapter.load()
     if getattr(adapter, "levers", None) is not None:
-        run.record_levers(device, adapter.levers.as_dict())
+        run.record_levers(device, adapter.levers.as_dict(), fixed=NUMERIC_LEVERS)
 
     for identity_id, condition_id in dict.fromkeys((t.identity_id, t.condition_id) for t in todo):
         if _stored_target(run, identity_id, condition_id) is None:
