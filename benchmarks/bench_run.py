@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # method_pipelines
 
 H200_BF16_DENSE_FLOPS = 989e12  # datasheet, SXM; the measured matmul ceiling is reported beside it
 PROMPT = "a photo of a person wearing a red hat"
+CONFORMANCE_VECTORS = ROOT / "tests" / "data" / "caphuman_tiny"
 
 
 def environment(device: torch.device) -> dict:
@@ -361,6 +362,9 @@ def lever_plan(batches: list[int], fast_batches: list[int], large_batches: list[
              ("sdpa-efficient", "all + torch.compile, memory-efficient attention first", FAST.with_(sdpa="efficient"), fast_batches[0]),
              ("sdpa-flash", "all + torch.compile, flash attention first", FAST.with_(sdpa="flash"), fast_batches[0]),
              ("sdpa-auto", "all + torch.compile, PyTorch's attention order", FAST.with_(sdpa="auto"), fast_batches[0]),
+             ("sdpa-fa4", "all + torch.compile, FlashAttention-4 under the flash backend", FAST.with_(sdpa="fa4"), fast_batches[0]),
+             ("fp8", "all + torch.compile + float8 linear layers (opt-in, changes the numbers)", FAST.with_(fp8=True), fast_batches[0]),
+             ("fp8-fa4", "all + torch.compile + float8 linear layers + FlashAttention-4", FAST.with_(fp8=True, sdpa="fa4"), fast_batches[0]),
              ("epilogue", "all + torch.compile with epilogue fusion", FAST.with_(epilogue_fusion=True), fast_batches[0]),
              ("aggressive", "all + torch.compile with aggressive fusion", FAST.with_(aggressive_fusion=True), fast_batches[0]),
              ("no-prefix", "all + torch.compile, each guidance half runs the UNet's text-free prefix",
@@ -485,6 +489,45 @@ def part_method_generation(args) -> None:
         if key == "ours":
             del pipe
         report.add(row)
+
+
+def part_conformance_levers(args) -> None:
+    """The CapHuman conformance vectors (tests/data/caphuman_tiny) on this device: float32 as the test
+    suite runs them, then the port in bfloat16, then bfloat16 with float8 linear layers (the `fp8`
+    lever; eager, compile off): max |port - official| and max relative error per case output, beside
+    the float32 tolerance, so each opt-in's effect on the vectors is stated in numbers."""
+    import caphuman_bench.conformance.caphuman as conformance
+    from caphuman_bench.pipelines.acceleration import float8_linears
+
+    device = torch.device(args.device)
+    build, tensor = conformance.build_reference_pipeline, conformance._tensor
+    report = Report(args.out, {"part": "conformance-levers", **environment(device), "vectors": str(CONFORMANCE_VECTORS)})
+    for label, dtype, fp8 in (("float32", torch.float32, False), ("bfloat16", torch.bfloat16, False),
+                              ("bfloat16 + float8 linear layers", torch.bfloat16, True)):
+        def built(reference_dir, device_name="cpu", dtype=dtype, fp8=fp8):
+            pipe = build(reference_dir, device_name).to(dtype=dtype)
+            if fp8:
+                float8_linears([pipe.unet, pipe.capface])
+            return pipe
+
+        def cast(tensors, name, case, device_name, dtype=dtype):
+            value = tensor(tensors, name, case, device_name)
+            return value.to(dtype) if value.is_floating_point() else value
+
+        conformance.build_reference_pipeline, conformance._tensor = built, cast
+        try:
+            result = conformance.run_conformance(CONFORMANCE_VECTORS, device=str(device))
+            report.add({"label": label, "passed": result.passed,
+                        "rows": [{"case": r.case, "output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel,
+                                  "tolerance": r.tolerance, "passed": r.passed} for r in result.rows]})
+        except Exception as exc:  # the row says why, the next one runs
+            report.add({"label": label, "error": f"{type(exc).__name__}: {str(exc)[:400]}"})
+        finally:
+            conformance.build_reference_pipeline, conformance._tensor = build, tensor
+    for row in report.data["rows"]:  # the two outputs a reader compares: one denoiser call, a whole guided DDIM run
+        worst = {out: max((r["max_rel"] for r in row.get("rows", []) if r["output"] == out), default=float("nan")) for out in ("eps", "samples")}
+        said = row.get("error") or f"passed={row['passed']}, max_rel eps {worst['eps']:.2e}, DDIM samples {worst['samples']:.2e}"
+        print(f"{row['label']:34} {said}")
 
 
 def part_compile_cache(args) -> None:
@@ -1041,7 +1084,8 @@ def main() -> None:
     cache.add_argument("--cache-dir", type=Path, help="default: a fresh temporary folder")
     cache.add_argument("--tiny", action="store_true")
     cache.add_argument("--with-stock", action="store_true", help="the cold process also times stock diffusers first (<out>.cold.json)")
-    for p in (gen, e2e, sc, scale, thr, cache):
+    sub.add_parser("conformance-levers", help="the CapHuman conformance vectors in float32, bfloat16 and with float8 linear layers")
+    for p in (gen, e2e, sc, scale, thr, cache, sub.choices["conformance-levers"]):
         p.add_argument("--out", type=Path, required=True)
         p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     argv = sys.argv[1:]
@@ -1052,7 +1096,7 @@ def main() -> None:
     if args.part == "scoring" and args.invariance:
         return part_scoring_invariance(args)
     {"generation": part_generation, "scoring": part_scoring, "scaling": part_scaling, "throughput": part_throughput,
-     "compile-cache": part_compile_cache}.get(args.part, lambda a: part_e2e(a, run_args))(args)
+     "compile-cache": part_compile_cache, "conformance-levers": part_conformance_levers}.get(args.part, lambda a: part_e2e(a, run_args))(args)
 
 
 if __name__ == "__main__":
