@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # FlashAttention-4 and float8 on one Hopper GPU (issue 24). Results go to $OUT.
-#   PART=attention (default): CapHuman's attention shapes kernel by kernel (bench_attention.py), then the
-#       default fast path and the same with `sdpa=fa4`, batch 64, in one process (bench_run.py generation)
-#   PART=fp8: the default fast path, with float8 linear layers, and with both float8 and FA4 (batch 64,
-#       one process), then the conformance vectors in float32, bfloat16 and with float8 linear layers
+#   CapHuman's attention shapes kernel by kernel (bench_attention.py); the default fast path, the same
+#   with `sdpa=fa4` and with float8 linear layers (`fp8`), batch 64, in one process (bench_run.py
+#   generation; ROWS to change them); the conformance vectors in float32, bfloat16 and with float8.
 #
 # flash-attn-4 needs nvidia-cutlass-dsl-libs-cu13, a 92 MB wheel: with this repository's 39 MB it does
 # not fit one device call's 64 MiB. Its files travel as an xz tar split over the calls before this one
@@ -13,7 +12,6 @@
 # Wheels in .whl: diffusers, flash-attn-4, nvidia-cutlass-dsl-libs-base/-core, apache-tvm-ffi,
 # torch-c-dlpack-ext, quack-kernels, torchao (cuda-bindings, cuda-pathfinder, einops are in the image).
 set -u
-PART=${PART:-attention}
 START=$(date +%s)
 mkdir -p /tmp/fa4parts && cp .whl/*.part* /tmp/fa4parts/ 2>/dev/null
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -24,16 +22,9 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor CAPHUMAN_BENCH_COMPILE_CACHE=/tmp/i
 quiet() { grep -v -e "should be kept in float32" -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "is_torch_version"; }
 nvidia-smi --query-gpu=index,name,clocks.sm,temperature.gpu --format=csv,noheader
 echo "installed in $(( $(date +%s) - START )) s"
-if [ "$PART" = attention ]; then
-  timeout 170 python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | quiet | tee $OUT/attention.log
-  ROWS="compile sdpa-fa4"
-else
-  ROWS="compile fp8 fp8-fa4"
-fi
-timeout ${GEN_LIMIT_S:-380} python3 benchmarks/bench_run.py generation --batch 64 --fast-batch 64 --repeats 3 \
-  --only $ROWS --budget-s 330 --out $OUT/generation_$PART.json 2>&1 | quiet > $OUT/gen_$PART.log
-tail -n 12 $OUT/gen_$PART.log
-if [ "$PART" = fp8 ]; then
-  timeout 120 python3 benchmarks/bench_run.py conformance-levers --out $OUT/conformance_levers.json 2>&1 | quiet | tail -n 4
-fi
+timeout 150 python3 benchmarks/bench_attention.py --out $OUT/attention.json 2>&1 | quiet | tee $OUT/attention.log
+timeout ${GEN_LIMIT_S:-340} python3 benchmarks/bench_run.py generation --batch 64 --fast-batch 64 --repeats 2 \
+  --only ${ROWS:-compile sdpa-fa4 fp8} --budget-s 300 --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log
+tail -n 8 $OUT/gen.log
+timeout 60 python3 benchmarks/bench_run.py conformance-levers --out $OUT/conformance_levers.json 2>&1 | quiet | tail -n 3
 echo "done in $(( $(date +%s) - START )) s"
