@@ -15,7 +15,11 @@ set -u
 START=$(date +%s)
 mkdir -p /tmp/fa4parts && cp .whl/*.part* /tmp/fa4parts/ 2>/dev/null
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-cat /tmp/fa4parts/cu13.tar.xz.* | xz -d | tar -x -C /tmp/site || exit 1
+if [ "$(ls /tmp/fa4parts | wc -l)" -ge "${FA4_PARTS:-4}" ]; then  # all parts here: FA4's library
+  cat /tmp/fa4parts/cu13.tar.xz.* | xz -d | tar -x -C /tmp/site || exit 1
+else
+  echo "FA4's library did not travel (parts: $(ls /tmp/fa4parts | tr '\n' ' ')): its rows say it is missing"
+fi
 # the cutlass DSL's own .pth adds this folder; --target installs are not site folders
 export PYTHONPATH=/tmp/site:/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor CAPHUMAN_BENCH_COMPILE_CACHE=/tmp/inductor
