@@ -26,10 +26,10 @@ export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor CAPHUMAN_BENCH_COMPILE_CACHE=/tmp/i
 quiet() { grep -v -e "should be kept in float32" -e "UserWarning" -e "warn_once" -e "^$" -e "This call originates" -e "is_torch_version"; }
 nvidia-smi --query-gpu=index,name,clocks.sm,temperature.gpu --format=csv,noheader
 echo "installed in $(( $(date +%s) - START )) s"
+timeout 60 python3 benchmarks/bench_run.py conformance-levers --out $OUT/conformance_levers.json 2>&1 | quiet | tail -n 3
 ATTN_BACKENDS=${ATTN_BACKENDS-cudnn flash efficient fa4 flex}  # empty: no kernel timings
 [ -n "$ATTN_BACKENDS" ] && timeout 150 python3 benchmarks/bench_attention.py --backends $ATTN_BACKENDS --out $OUT/attention.json 2>&1 | quiet | tee $OUT/attention.log
 timeout ${GEN_LIMIT_S:-340} python3 benchmarks/bench_run.py generation --batch 64 --fast-batch 64 --repeats 2 \
-  --only ${ROWS:-compile sdpa-fa4 fp8} --budget-s 300 --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log
+  --only ${ROWS:-compile sdpa-fa4 fp8} --budget-s ${GEN_BUDGET_S:-300} --out $OUT/generation.json 2>&1 | quiet > $OUT/gen.log
 tail -n 8 $OUT/gen.log
-timeout 60 python3 benchmarks/bench_run.py conformance-levers --out $OUT/conformance_levers.json 2>&1 | quiet | tail -n 3
 echo "done in $(( $(date +%s) - START )) s"
