@@ -4,13 +4,10 @@
 #   with `sdpa=fa4` and with float8 linear layers (`fp8`), batch 64, in one process (bench_run.py
 #   generation; ROWS to change them); the conformance vectors in float32, bfloat16 and with float8.
 #
-# flash-attn-4 needs nvidia-cutlass-dsl-libs-cu13, a 92 MB wheel: with this repository's 39 MB it does
-# not fit one device call's 64 MiB. Its files travel as an xz tar split over the calls before this one
-# (each copies its part to /tmp/fa4parts on the warm machine), the last part in .whl/ with the other wheels:
-#   here:  tar -C <unzipped libs-cu13 wheel> -cf - . | xz -9 | split -b 27M - cu13.tar.xz.
-#   calls: cp .fa4a/* /tmp/fa4parts/  (carry .fa4a), then .fa4b, then this script (carry .whl)
-# Wheels in .whl: diffusers, flash-attn-4, nvidia-cutlass-dsl-libs-base/-core, apache-tvm-ffi,
-# torch-c-dlpack-ext, quack-kernels, torchao (cuda-bindings, cuda-pathfinder, einops are in the image).
+# flash-attn-4 needs nvidia-cutlass-dsl-libs-cu13, a 92 MB wheel that does not fit one call beside this
+# repository: benchmarks/carry_fa4.sh splits it into parts that three calls before this one leave in
+# /tmp/fa4parts on the warm machine (its header says how); the last part and the wheels
+# (benchmarks/device_wheels_fa4.txt, diffusers) travel in .whl with this call.
 set -u
 START=$(date +%s)
 mkdir -p /tmp/fa4parts && cp .whl/*.part* /tmp/fa4parts/ 2>/dev/null
