@@ -23,6 +23,7 @@ spends in attention with that backend.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -88,6 +89,37 @@ def time_call(fn, repeats: int) -> list[float]:
     return times
 
 
+def shape_rows(shape: tuple, args, generator: torch.Generator) -> list[dict]:
+    """One row per backend for one attention shape of `SHAPES`."""
+    from caphuman_bench.pipelines.acceleration import EAGER, attention_backend
+
+    name, halves, heads, nq, nk, dim, per_step = shape
+    rows = halves * args.batch
+    q = diffusers_layout(rows, heads, nq, dim, generator)
+    k, v = (diffusers_layout(rows, heads, nk, dim, generator) for _ in range(2))
+    reference = torch.nn.functional.scaled_dot_product_attention(*(t[:2].float() for t in (q, k, v)))
+    flops = 4 * rows * heads * nq * nk * dim
+    results = []
+    for backend in args.backends:
+        row = {"shape": name, "backend": backend, "rows": rows, "heads": heads, "q_tokens": nq, "k_tokens": nk,
+               "head_dim": dim, "calls_per_step": per_step}
+        results.append(row)
+        try:
+            call = backend_call(backend)
+            with attention_backend(EAGER.with_(sdpa="fa4")) if backend == "fa4" else contextlib.nullcontext():
+                out = call(q, k, v)
+                times = time_call(lambda: call(q, k, v), args.repeats)
+        except Exception as exc:  # a backend that cannot take the shape is a result
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            print(f"{name:42} {backend:9} {row['error'][:80]}", flush=True)
+            continue
+        ms = statistics.median(times)
+        row.update(ms=round(ms, 4), spread_ms=round(max(times) - min(times), 4), tflops=round(flops / ms / 1e9, 1),
+                   max_abs_error_vs_fp32=float((out[:2].float() - reference).abs().max()), step_ms=round(ms * per_step, 3))
+        print(f"{name:42} {backend:9} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  err {row['max_abs_error_vs_fp32']:.2e}", flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -96,8 +128,6 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--backends", nargs="+", default=["cudnn", "flash", "efficient", "fa4", "flex"])
     args = parser.parse_args()
-
-    from caphuman_bench.pipelines.acceleration import _flash_attention_4
 
     props = torch.cuda.get_device_properties(0)
     report = {"device": props.name, "torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
@@ -109,37 +139,8 @@ def main() -> None:
     except ImportError:
         report["flash_attn_4"] = None
     generator = torch.Generator().manual_seed(0)
-    for name, halves, heads, nq, nk, dim, per_step in SHAPES:
-        rows = halves * args.batch
-        q = diffusers_layout(rows, heads, nq, dim, generator)
-        k, v = (diffusers_layout(rows, heads, nk, dim, generator) for _ in range(2))
-        reference = torch.nn.functional.scaled_dot_product_attention(*(t[:2].float() for t in (q, k, v)))
-        flops = 4 * rows * heads * nq * nk * dim
-        for backend in args.backends:
-            row = {"shape": name, "backend": backend, "rows": rows, "heads": heads, "q_tokens": nq, "k_tokens": nk,
-                   "head_dim": dim, "calls_per_step": per_step}
-            try:
-                call = backend_call(backend)
-                if backend == "fa4":
-                    with _flash_attention_4():
-                        out = call(q, k, v)
-                        times = time_call(lambda: call(q, k, v), args.repeats)
-                else:
-                    out = call(q, k, v)
-                    times = time_call(lambda: call(q, k, v), args.repeats)
-            except Exception as exc:  # a backend that cannot take the shape is a result
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                report["rows"].append(row)
-                print(f"{name:42} {backend:9} {row['error'][:80]}", flush=True)
-                continue
-            ms = statistics.median(times)
-            row.update(ms=round(ms, 4), spread_ms=round(max(times) - min(times), 4), tflops=round(flops / ms / 1e9, 1),
-                       max_abs_error_vs_fp32=float((out[:2].float() - reference).abs().max()),
-                       step_ms=round(ms * per_step, 3))
-            report["rows"].append(row)
-            print(f"{name:42} {backend:9} {ms:8.3f} ms {row['tflops']:7.1f} TFLOP/s  err {row['max_abs_error_vs_fp32']:.2e}", flush=True)
-            del out
-        del q, k, v, reference
+    for shape in SHAPES:
+        report["rows"] += shape_rows(shape, args, generator)
         torch.cuda.empty_cache()
     for backend in args.backends:
         rows = [r for r in report["rows"] if r["backend"] == backend]
