@@ -10,7 +10,7 @@
 # Without steps 1-3 device_fa4.sh still runs; its FA4 rows then say the library is missing.
 set -eu
 for d in .whl .fa4a .fa4b .fa4c; do grep -qx "/$d/" .git/info/exclude || echo "/$d/" >> .git/info/exclude; done
-rm -rf .fa4a .fa4b .fa4c && mkdir -p .whl .fa4a .fa4b .fa4c
+rm -rf .fa4a .fa4b .fa4c && rm -f .whl/cu13.tar.xz.* && mkdir -p .whl .fa4a .fa4b .fa4c
 get() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d "$@"; }
